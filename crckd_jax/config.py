@@ -1,0 +1,236 @@
+"""The configuration: every knob with its default, and the schema that checks a config.
+
+`default_config()` holds every key with a one-line comment; `configs/*.py` override values and
+lock the result. `validate(config)` names the dotted key and what was expected for an unknown
+key, a missing key, a wrong type or an out-of-range value, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+SOURCES = ("synthetic", "ham10000", "isic2018", "aptos", "csv")
+MODELS = ("densenet121", "densenet_small")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing, of the wrong type or out of range."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All keys with their defaults (the reference protocol on HAM10000), unlocked."""
+    c = ml_collections.ConfigDict()
+    c.seed = 2020  # seed of parameter init, shuffling and augmentation
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "ham10000"  # layout of data.dir: synthetic | ham10000 | isic2018 | aptos | csv
+    c.data.dir = ""  # folder as downloaded; for 'synthetic' '' = generate into <workdir>/data
+    c.data.tfds_dir = ""  # where prepared array_record data sets live; '' = <workdir>/data/tfds
+    c.data.image_size = 224  # model input side in pixels (square)
+    c.data.store_size = 0  # side of the stored images in pixels; 0 = data.image_size
+    c.data.num_folds = 5  # k of the stratified (grouped) k-fold cross-validation
+    c.data.fold = 0  # which fold is the test fold (0-based)
+    c.data.split_seed = 2020  # seed of the fold assignment (2020 as the reference's APTOS split)
+    c.data.val_fraction = 0.0  # share of each training fold held out as validation; 0 = none
+    c.data.csv_file = "labels.csv"  # 'csv' source: the CSV, relative to data.dir or absolute
+    c.data.image_column = "image"  # 'csv' source: column with image paths (relative to the CSV)
+    c.data.label_column = "label"  # 'csv' source: column with class names or integer labels
+    c.data.group_column = ""  # 'csv' source: column with group ids (e.g. patient); '' = none
+    c.data.class_names = ""  # 'csv' source: comma-separated class order; '' = from the labels
+    c.data.skip_bad_images = False  # skip (and list) missing/undecodable images instead of failing
+    c.data.synthetic_num_images = 500  # 'synthetic' source: number of images generated
+    c.data.synthetic_image_size = 64  # 'synthetic' source: side of the generated JPEGs in pixels
+    c.data.synthetic_seed = 0  # 'synthetic' source: generator seed
+    c.data.read_threads = 4  # grain read threads (beat worker processes on 2 cores, see docs)
+    c.data.worker_count = 0  # grain worker processes; 0 = threads only
+    c.data.prefetch_batches = 4  # batches prepared ahead per process
+    c.data.build_threads = 4  # threads decoding/resizing images while preparing
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "densenet121"  # backbone: densenet121 | densenet_small
+    c.model.pretrained = ""  # path of ImageNet weights to start from; '' = random init
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 80  # training epochs per fold
+    c.train.batch_size = 32  # global batch size (all processes and devices together)
+    c.train.steps_per_epoch = 0  # steps per epoch; 0 = one pass over the training fold
+    c.train.checkpoint_every_steps = 500  # checkpoint period in steps; 0 = at epoch ends only
+    c.train.ema_decay = 0.99  # mean-teacher EMA decay
+
+    c.memory = ml_collections.ConfigDict()
+    c.memory.kind = "bank"  # class memory: bank (one row per training item) | queue (per class)
+    c.memory.num_positives = 20  # P positives per anchor
+    c.memory.num_negatives = 4096  # K negatives per anchor
+    c.memory.temperature = 0.07  # tau of the NCE softmax
+    c.memory.momentum = 0.5  # momentum of the bank's row updates
+    c.memory.queue_size = 256  # rows per class of the queue memory
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.preset = "reference"  # loss schedule: reference (authors' code) | paper
+    c.loss.ccd_weight = 0.1  # weight of the class-guided contrastive distillation term
+    c.loss.crp_weight = 1.0  # weight of the categorical relation preserving term
+    c.loss.consistency = 1.0  # weight of the mean-teacher consistency term (after ramp-up)
+    c.loss.rampup_epochs = 30  # sigmoid ramp-up length of the consistency weight in epochs
+    c.loss.begin_epoch = 20  # epoch from which the distillation terms are on (reference preset)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-4  # Adam base learning rate
+    c.optim.max_lr = 3e-4  # OneCycle peak learning rate
+    c.optim.weight_decay = 5e-4  # coupled L2 weight decay
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    kind: type
+    ok: Callable[[Any], bool]
+    expected: str
+
+
+def _int(lo: int, hi: int | None = None) -> _Rule:
+    if hi is None:
+        return _Rule(int, lambda v: v >= lo, f"an integer >= {lo}")
+    return _Rule(int, lambda v: lo <= v <= hi, f"an integer in [{lo}, {hi}]")
+
+
+def _float(lo: float, hi: float | None = None, *, open_lo: bool = False) -> _Rule:
+    low = (lambda v: v > lo) if open_lo else (lambda v: v >= lo)
+    bracket = "(" if open_lo else "["
+    if hi is None:
+        return _Rule(float, low, f'a number {">" if open_lo else ">="} {lo}')
+    return _Rule(float, lambda v: low(v) and v <= hi, f"a number in {bracket}{lo}, {hi}]")
+
+
+def _choice(*options: str) -> _Rule:
+    return _Rule(str, lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
+
+
+_ANY_STR = _Rule(str, lambda v: True, "a string")
+_BOOL = _Rule(bool, lambda v: True, "True or False")
+
+RULES: dict[str, _Rule] = {
+    "seed": _int(0, 2**32 - 1),
+    "data.source": _choice(*SOURCES),
+    "data.dir": _ANY_STR,
+    "data.tfds_dir": _ANY_STR,
+    "data.image_size": _int(16, 4096),
+    "data.store_size": _int(0, 4096),
+    "data.num_folds": _int(2),
+    "data.fold": _int(0),
+    "data.split_seed": _int(0, 2**32 - 1),
+    "data.val_fraction": _float(0.0, 0.5),
+    "data.csv_file": _ANY_STR,
+    "data.image_column": _ANY_STR,
+    "data.label_column": _ANY_STR,
+    "data.group_column": _ANY_STR,
+    "data.class_names": _ANY_STR,
+    "data.skip_bad_images": _BOOL,
+    "data.synthetic_num_images": _int(20),
+    "data.synthetic_image_size": _int(16, 1024),
+    "data.synthetic_seed": _int(0, 2**32 - 1),
+    "data.read_threads": _int(1),
+    "data.worker_count": _int(0),
+    "data.prefetch_batches": _int(1),
+    "data.build_threads": _int(1),
+    "model.name": _choice(*MODELS),
+    "model.pretrained": _ANY_STR,
+    "train.epochs": _int(1),
+    "train.batch_size": _int(1),
+    "train.steps_per_epoch": _int(0),
+    "train.checkpoint_every_steps": _int(0),
+    "train.ema_decay": _float(0.0, 1.0),
+    "memory.kind": _choice("queue", "bank"),
+    "memory.num_positives": _int(1),
+    "memory.num_negatives": _int(1),
+    "memory.temperature": _float(0.0, open_lo=True),
+    "memory.momentum": _float(0.0, 1.0),
+    "memory.queue_size": _int(1),
+    "loss.preset": _choice("reference", "paper"),
+    "loss.ccd_weight": _float(0.0),
+    "loss.crp_weight": _float(0.0),
+    "loss.consistency": _float(0.0),
+    "loss.rampup_epochs": _int(0),
+    "loss.begin_epoch": _int(0),
+    "optim.learning_rate": _float(0.0, open_lo=True),
+    "optim.max_lr": _float(0.0, open_lo=True),
+    "optim.weight_decay": _float(0.0),
+}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first bad dotted key and what was expected."""
+    flat = _flatten(config)
+    for key in flat:
+        if key not in RULES:
+            raise ConfigError(f'unknown config key {key!r}; known keys: {", ".join(RULES)}')
+    for key, rule in RULES.items():
+        if key not in flat:
+            raise ConfigError(f"missing config key {key!r}: expected {rule.expected}")
+        value = flat[key]
+        if not _type_ok(value, rule.kind) or not rule.ok(value):
+            raise ConfigError(f"config key {key!r} is {value!r}: expected {rule.expected}")
+    if flat["data.fold"] >= flat["data.num_folds"]:
+        raise ConfigError(
+            f"config key 'data.fold' is {flat['data.fold']}: expected an integer in "
+            f"[0, {flat['data.num_folds'] - 1}] (data.num_folds={flat['data.num_folds']})"
+        )
+    if flat["memory.kind"] == "queue" and flat["memory.num_positives"] > flat["memory.queue_size"]:
+        raise ConfigError(
+            f"config key 'memory.num_positives' is {flat['memory.num_positives']}: expected at "
+            f"most memory.queue_size={flat['memory.queue_size']} for the queue memory"
+        )
+    if flat["data.source"] == "csv" and not flat["data.dir"]:
+        raise ConfigError(
+            "config key 'data.dir' is '': expected the folder of the CSV for " "data.source='csv'"
+        )
+    if flat["data.source"] in ("ham10000", "isic2018", "aptos") and not flat["data.dir"]:
+        raise ConfigError(
+            f"config key 'data.dir' is '': expected the downloaded folder for "
+            f"data.source={flat['data.source']!r}"
+        )
+
+
+# Loss weights (consistency, ccd_weight, crp_weight) of the paper's ablations.
+ABLATIONS = {
+    "baseline": (0.0, 0.0, 0.0),
+    "mt": (1.0, 0.0, 0.0),
+    "mt_ccd": (1.0, 0.1, 0.0),
+    "crckd": (1.0, 0.1, 1.0),
+}
+
+
+def apply_ablation(config: ml_collections.ConfigDict, arg: str) -> None:
+    """Sets the loss weights of ablation `arg` (a key of ABLATIONS; '' = crckd)."""
+    arg = arg or "crckd"
+    if arg not in ABLATIONS:
+        raise ConfigError(
+            f'unknown config argument {arg!r}: expected one of {", ".join(ABLATIONS)}'
+        )
+    config.loss.consistency, config.loss.ccd_weight, config.loss.crp_weight = ABLATIONS[arg]
+
+
+def store_size(config: ml_collections.ConfigDict) -> int:
+    """Side in pixels of the stored images: data.store_size, or data.image_size when 0."""
+    return config.data.store_size or config.data.image_size

@@ -1,0 +1,204 @@
+"""grain input pipelines over a prepared data set, one slice of each global batch per process.
+
+Training batches (dict of numpy arrays, B = global batch / process count):
+  image_student, image_teacher  float32 [B, s, s, 3]  two independent views, ImageNet-normalised
+  label                         int32 [B]
+  index                         int32 [B]  position in the fold's training list, 0..N_train-1
+Evaluation batches: image float32 [B, s, s, 3], label int32 [B], index int32 [B] (position in
+the evaluated list; -1 on padding), mask bool [B] (False on padding).
+
+Training order: the stream of training indices is a concatenation of passes; pass q is a
+permutation of 0..N_train-1 (seeded by seed + q) cut to whole global batches, so every
+batch is full and the N_train mod global_batch items cut from one pass are seen in the
+others. An epoch is `steps_per_epoch` consecutive global batches of the stream (default:
+one pass). Global position p of the stream is augmented with an RNG seeded by (seed, p), so
+batches do not depend on the number of processes or threads. Each process takes positions
+p = process_index (mod process_count) of every global batch: every example is read once per
+pass across all processes. The iterator's get_state()/set_state() resume the exact stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from crckd_jax.data import augment, splits
+from crckd_jax.data.sources import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldData:
+    """A prepared data set (random access by record number) and one fold of it."""
+
+    source: Sequence[dict]  # tfds ArrayRecordDataSource: image uint8 [S, S, 3], label, ids
+    fold: splits.Fold
+    class_names: tuple[str, ...]
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """[N_train] int32, aligned with the training batches' `index`."""
+        return self.fold.train_labels
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """[C] int64 images per class in the training part of the fold."""
+        return np.bincount(self.fold.train_labels, minlength=len(self.class_names))
+
+
+class _ReadRecord(grain.transforms.Map):
+    """List position i -> {'image' uint8, 'label', 'index'} read from the data source."""
+
+    def __init__(self, source: Sequence[dict], records: np.ndarray, labels: np.ndarray):
+        self.source, self.records, self.labels = source, records, labels
+
+    def map(self, i: int) -> dict:
+        example = self.source[int(self.records[i])]
+        if example["label"] != self.labels[i]:
+            raise DataError(
+                f'record {self.records[i]} has label {example["label"]} in the data set '
+                f"but {self.labels[i]} in the fold file; run --mode prepare again"
+            )
+        return {"image": example["image"], "label": np.int32(self.labels[i]), "index": np.int32(i)}
+
+
+class _PassStream(grain.MapDataset):
+    """Position p -> training index: pass q = p // (full * B), the first full * B entries of
+    the permutation of pass q (grain's shuffle reseeds every pass)."""
+
+    def __init__(self, num_items: int, per_pass: int, length: int, seed: int):
+        super().__init__(grain.MapDataset.range(num_items).shuffle(seed))
+        self.num_items, self.per_pass, self.length = num_items, per_pass, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, p):
+        if isinstance(p, slice):
+            return self.slice(p)
+        q, j = divmod(p, self.per_pass)
+        return self._parent[q * self.num_items + j]
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the "
+            f"{process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        return jax.process_index(), jax.process_count()
+    return process_index, process_count
+
+
+def steps_per_pass(num_train: int, global_batch_size: int) -> int:
+    """Full global batches in one pass over the training items (DataError if none)."""
+    if num_train < global_batch_size:
+        raise DataError(
+            f"the training fold has {num_train} items, fewer than the global batch "
+            f"size {global_batch_size}"
+        )
+    return num_train // global_batch_size
+
+
+def _to_iter(
+    ds: grain.MapDataset,
+    local_batch: int,
+    read_threads: int,
+    prefetch_batches: int,
+    worker_count: int,
+) -> grain.IterDataset:
+    options = grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=prefetch_batches * local_batch
+    )
+    it = ds.to_iter_dataset(options).batch(local_batch, drop_remainder=True)
+    if worker_count:
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=prefetch_batches
+            )
+        )
+    return it
+
+
+def train_dataset(
+    data: FoldData,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    num_epochs: int,
+    seed: int,
+    steps_per_epoch: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_threads: int = 4,
+    prefetch_batches: int = 4,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """`num_epochs * steps` training batches of this process (see the module doc); `steps` =
+    `steps_per_epoch` or, when 0, `steps_per_pass`. `iter()` it; the iterator's state can be
+    saved and restored."""
+    index, count = _processes(process_index, process_count)
+    local = _local_batch(global_batch_size, count)
+    full = steps_per_pass(len(data.fold.train), global_batch_size)
+    steps = steps_per_epoch or full
+    ds = _PassStream(
+        len(data.fold.train),
+        full * global_batch_size,
+        num_epochs * steps * global_batch_size,
+        seed,
+    )
+    ds = ds.map(_ReadRecord(data.source, data.fold.train, data.fold.train_labels))
+    ds = ds.random_map(augment.TwoViews(image_size), seed=(seed + 1) % 2**32)
+    return _to_iter(ds[index::count], local, read_threads, prefetch_batches, worker_count)
+
+
+class _ReadPadded(grain.transforms.Map):
+    """Position p -> the p-th listed record, or a zero image with mask False past the end."""
+
+    def __init__(self, read: _ReadRecord, num_items: int, store_shape: tuple[int, ...]):
+        self.read, self.num_items, self.store_shape = read, num_items, store_shape
+
+    def map(self, p: int) -> dict:
+        if p < self.num_items:
+            return {**self.read.map(p), "mask": np.bool_(True)}
+        return {
+            "image": np.zeros(self.store_shape, np.uint8),
+            "label": np.int32(0),
+            "index": np.int32(-1),
+            "mask": np.bool_(False),
+        }
+
+
+def eval_dataset(
+    data: FoldData,
+    *,
+    split: str = "test",
+    global_batch_size: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_threads: int = 4,
+    prefetch_batches: int = 4,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """One pass over `split` ('test' | 'val' | 'train') in list order, padded to whole global
+    batches; each item appears exactly once with mask True across all processes."""
+    if split not in splits.SPLITS:
+        raise ValueError(f"split {split!r} is not one of {splits.SPLITS}")
+    index, count = _processes(process_index, process_count)
+    local = _local_batch(global_batch_size, count)
+    records, labels = getattr(data.fold, split), getattr(data.fold, f"{split}_labels")
+    num_batches = -(-len(records) // global_batch_size)
+    store_shape = (image_size, image_size, 3)
+    ds = grain.MapDataset.range(num_batches * global_batch_size)
+    ds = ds.map(_ReadPadded(_ReadRecord(data.source, records, labels), len(records), store_shape))
+    ds = ds.map(augment.EvalView(image_size))
+    return _to_iter(ds[index::count], local, read_threads, prefetch_batches, worker_count)

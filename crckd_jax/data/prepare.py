@@ -1,0 +1,184 @@
+"""`--mode prepare`: a data folder -> array_record data set, fold CSVs, data_summary.json.
+
+Workdir layout written here and read by `load`:
+  W/data_summary.json          num_images, class_names, class_counts, num_groups, folds
+  W/data/dataset.json          where the prepared TFDS data set is, and its class names
+  W/data/folds/fold_<k>.csv    record, item_id, group_id, label, split (train | val | test)
+  W/data/skipped.csv           items skipped on request (data.skip_bad_images), with reasons
+  W/data/synthetic/            the generated images ('synthetic' source without data.dir)
+  W/data/tfds/                 the TFDS data sets (unless data.tfds_dir is set)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Callable
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from crckd_jax import config as config_lib
+from crckd_jax.data import builders, pipeline, sources, splits, synthetic
+from crckd_jax.data.sources import DataError
+
+
+def _paths(workdir: str) -> dict[str, str]:
+    data = os.path.join(workdir, "data")
+    return dict(
+        data=data,
+        dataset=os.path.join(data, "dataset.json"),
+        folds=os.path.join(data, "folds"),
+        skipped=os.path.join(data, "skipped.csv"),
+        synthetic=os.path.join(data, "synthetic"),
+        tfds=os.path.join(data, "tfds"),
+        summary=os.path.join(workdir, "data_summary.json"),
+    )
+
+
+def _source_folder(config: ml_collections.ConfigDict, paths: dict[str, str]) -> tuple[str, str]:
+    """(layout, folder) of the configured source; generates the synthetic set if needed."""
+    data = config.data
+    if data.source == "synthetic":
+        root = data.dir or paths["synthetic"]
+        synthetic.generate(
+            root, data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed
+        )
+        return "ham10000", root
+    if not os.path.isdir(data.dir):
+        raise DataError(f"data.dir {data.dir!r} is not a folder")
+    return data.source, data.dir
+
+
+def _metadata(dataset_dir: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(item ids, group ids, labels [N] int32) of every record, images left undecoded."""
+    source = tfds.builder_from_directory(dataset_dir).as_data_source(
+        split="train", decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    rows = source.__getitems__(list(range(len(source)))) if len(source) else []
+    return (
+        [r["item_id"].decode() for r in rows],
+        [r["group_id"].decode() for r in rows],
+        np.array([r["label"] for r in rows], np.int32),
+    )
+
+
+def _skipped(listing: sources.Listing, kept: set[str], store: int) -> list[tuple[str, str]]:
+    """Items of the listing absent from the data set, with the reason each was skipped."""
+    out = list(listing.skipped)
+    for item in listing.items:
+        if item.item_id not in kept:
+            try:
+                sources.load_rgb(item.path, store)
+                reason = "not stored"
+            except DataError as e:
+                reason = str(e)
+            out.append((item.item_id, reason))
+    return out
+
+
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print
+) -> dict:
+    """Builds the data set if needed, writes the folds and data_summary.json, logs a summary
+    table, and returns the summary dict. Raises DataError/ConfigError naming what is wrong."""
+    config_lib.validate(config)
+    paths = _paths(workdir)
+    os.makedirs(paths["data"], exist_ok=True)
+    layout, root = _source_folder(config, paths)
+    data = config.data
+    store = config_lib.store_size(config)
+    csv_options = dict(
+        csv_file=data.csv_file,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        group_column=data.group_column,
+        class_names=data.class_names,
+    )
+    builder_config, listing = builders.source_config(
+        layout, root, store, csv_options, data.skip_bad_images, data.build_threads
+    )
+    dataset_dir = builders.build(builder_config, root, data.tfds_dir or paths["tfds"])
+    item_ids, group_ids, labels = _metadata(dataset_dir)
+    class_names = listing.class_names
+
+    skipped = _skipped(listing, set(item_ids), store)
+    if skipped:
+        with open(paths["skipped"], "w", newline="") as f:
+            csv.writer(f).writerows([("item", "reason")] + skipped)
+        log(
+            f"Skipped {len(skipped)} item(s) (data.skip_bad_images=True), listed in "
+            f'{paths["skipped"]}:'
+        )
+        for item, reason in skipped[:20]:
+            log(f"  {item}: {reason}")
+    elif os.path.exists(paths["skipped"]):
+        os.remove(paths["skipped"])
+
+    groups = np.array(group_ids)
+    splits.check_classes(labels, groups, class_names, data.num_folds)
+    parts = splits.assign_folds(labels, groups, data.num_folds, data.split_seed, data.val_fraction)
+    splits.write_folds(paths["folds"], parts, item_ids, group_ids, labels)
+    folds = [splits.read_fold(paths["folds"], k) for k in range(data.num_folds)]
+    if config.memory.kind == "bank":
+        for fold in folds:
+            splits.check_positives(fold, class_names, config.memory.num_positives)
+
+    with open(paths["dataset"], "w") as f:
+        json.dump(
+            {
+                "dataset_dir": os.path.abspath(dataset_dir),
+                "class_names": class_names,
+                "source": data.source,
+                "folder": os.path.abspath(root),
+            },
+            f,
+            indent=1,
+        )
+    summary = {
+        "num_images": len(labels),
+        "class_names": list(class_names),
+        "class_counts": np.bincount(labels, minlength=len(class_names)).tolist(),
+        "num_groups": len(set(group_ids)),
+        "folds": [{"train": len(f.train), "test": len(f.test)} for f in folds],
+    }
+    with open(paths["summary"], "w") as f:
+        json.dump(summary, f, indent=1)
+    _log_table(log, summary, folds, data.source, root, dataset_dir)
+    return summary
+
+
+def _log_table(
+    log: Callable[[str], None],
+    summary: dict,
+    folds: list[splits.Fold],
+    source: str,
+    root: str,
+    dataset_dir: str,
+) -> None:
+    log(f'{source}: {summary["num_images"]} images in {summary["num_groups"]} groups from {root}')
+    log(f"stored in {dataset_dir}")
+    width = max(len(n) for n in summary["class_names"]) + 2
+    log(f'{"class":<{width}}{"images":>8}{"share":>8}')
+    for name, count in zip(summary["class_names"], summary["class_counts"]):
+        log(f'{name:<{width}}{count:>8}{count / summary["num_images"]:>8.1%}')
+    log(f'{"fold":<6}{"train":>7}{"val":>6}{"test":>6}')
+    for f in folds:
+        log(f"{f.fold:<6}{len(f.train):>7}{len(f.val):>6}{len(f.test):>6}")
+
+
+def load(workdir: str, fold: int) -> pipeline.FoldData:
+    """The prepared data set and fold `fold` of `workdir` (DataError if not prepared)."""
+    paths = _paths(workdir)
+    if not os.path.isfile(paths["dataset"]):
+        raise DataError(f"{workdir!r} holds no prepared data set; run --mode prepare first")
+    with open(paths["dataset"]) as f:
+        info = json.load(f)
+    source = tfds.builder_from_directory(info["dataset_dir"]).as_data_source(split="train")
+    return pipeline.FoldData(
+        source=source,
+        fold=splits.read_fold(paths["folds"], fold),
+        class_names=tuple(info["class_names"]),
+    )

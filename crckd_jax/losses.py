@@ -1,0 +1,95 @@
+"""The CRCKD objective's terms, as pure functions of arrays.
+
+Shapes: B batch, C classes, L = P + K contrast columns (P positives first, then K
+negatives), d embedding width. Every formula follows the reference implementation
+(`utils/losses.py`, `utils/ramps.py`, `utils/CCD_CRP_loss.py` of the authors' code).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NCE_EPS = 1e-7  # the reference's epsilon inside the NCE logarithms
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Row-wise `x / ||x||_2` with no epsilon, as `torch`'s `x.div(x.norm(dim=1))`. [B, d]."""
+    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+
+
+def class_weights(class_counts: jax.Array) -> jax.Array:
+    """`w_c = sum(counts) / counts[c]`: [C] float32 from [C] training-set class counts."""
+    counts = jnp.asarray(class_counts, jnp.float32)
+    return jnp.sum(counts) / counts
+
+
+def weighted_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array,
+    normaliser: jax.Array | None = None,
+) -> jax.Array:
+    """Class-weighted cross-entropy with torch's weighted-mean reduction.
+
+    `sum_i w[y_i] * nll_i / sum_i w[y_i]`; logits [B, C], labels [B] int, weight [C].
+    `normaliser` replaces the denominator, e.g. by the weight sum of a whole global batch
+    of which this is one device's part.
+    """
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    w = weight[labels]
+    return jnp.sum(w * nll) / (jnp.sum(w) if normaliser is None else normaliser)
+
+
+def softmax_kl(
+    student_logits: jax.Array, teacher_logits: jax.Array, divisor: float | jax.Array
+) -> jax.Array:
+    """Mean-teacher consistency: `sum(q * (log q - log_softmax(s))) / divisor`.
+
+    q = softmax(teacher) is the target (no gradient); logits [B, C]. The reference divides
+    by the configured batch size, not by the rows present, hence the explicit divisor.
+    """
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    log_q = jax.nn.log_softmax(teacher_logits)
+    q = jnp.exp(log_q)
+    return jnp.sum(q * (log_q - jax.nn.log_softmax(student_logits))) / divisor
+
+
+def sigmoid_rampup(epoch: jax.Array | float, length: float) -> jax.Array:
+    """`exp(-5 (1 - clip(epoch, 0, length) / length)^2)`; 1 when length == 0."""
+    if length == 0:
+        return jnp.ones_like(jnp.asarray(epoch, jnp.float32))
+    phase = 1.0 - jnp.clip(jnp.asarray(epoch, jnp.float32), 0.0, length) / length
+    return jnp.exp(-5.0 * phase * phase)
+
+
+def nce_loss(scores: jax.Array, num_positives: int, noise_constant: float) -> jax.Array:
+    """The reference's NCE loss over Z-normalised scores [B, L].
+
+    With c = K / N: positives log(x / (x + c + eps)) averaged over B and P; negatives
+    log(c / (x + c + eps)) summed over the K columns and averaged over B.
+    """
+    batch = scores.shape[0]
+    pos, neg = scores[:, :num_positives], scores[:, num_positives:]
+    log_pos = jnp.log(pos / (pos + noise_constant + NCE_EPS))
+    log_neg = jnp.log(noise_constant / (neg + noise_constant + NCE_EPS))
+    return -(jnp.sum(log_pos) / (batch * num_positives) + jnp.sum(log_neg) / batch)
+
+
+def crp_loss(
+    embed_s: jax.Array,
+    embed_t: jax.Array,
+    centroids_s: jax.Array,
+    centroids_t: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Categorical relation preserving: KL(softmax(R_t) || softmax(R_s)), batch mean.
+
+    R = embed @ l2_normalize(centroids).T / temperature, embed [B, d], centroids [C, d].
+    The centroids and the whole teacher relation are constants; gradient reaches embed_s.
+    """
+    centroids_s = jax.lax.stop_gradient(l2_normalize(centroids_s))
+    centroids_t = jax.lax.stop_gradient(l2_normalize(centroids_t))
+    rel_s = embed_s @ centroids_s.T / temperature
+    rel_t = jax.lax.stop_gradient(embed_t @ centroids_t.T / temperature)
+    return softmax_kl(rel_s, rel_t, embed_s.shape[0])

@@ -1,0 +1,342 @@
+"""Numeric parity with the reference implementation.
+
+`python -m crckd_jax.parity FILE.npz [FILE.npz ...]` recognises each reference file's kind
+from its keys, recomputes every output with this project's code (gradients included) from
+the inputs stored in the same file, and prints one line per output key:
+`<file> <key> <max_abs_err> <max_rel_err> ok|FAIL` (max_rel_err = max |diff| / max |ref|),
+then `parity: N ok, M failed`; the exit status is 1 if anything failed. An output passes
+when `|ours - ref| <= atol + rtol * |ref|` elementwise (integers must be equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One compared output."""
+
+    file: str
+    key: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+
+    def line(self) -> str:
+        return (f"{self.file} {self.key} {self.max_abs:.3e} {self.max_rel:.3e} "
+                f"{'ok' if self.ok else 'FAIL'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A fixture kind: keys that identify it, how to recompute, tolerances (rtol, atol)."""
+
+    name: str
+    marker_keys: tuple[str, ...]
+    recompute: Callable[[Arrays], dict[str, np.ndarray]]
+    tolerance: Callable[[str], tuple[float, float]]
+
+
+# --------------------------------------------------------------------------- CCD + CRP
+def _ccd_crp_call(d: Arrays, suffix: str, proj: Arrays) -> dict[str, np.ndarray]:
+    """One reference `CCD_CRP_Loss.forward` call on a bank memory; keys get `suffix`."""
+    from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
+    from crckd_jax.memory import BankMemory, with_anchor_column
+
+    g = lambda k: d[k + suffix]
+    num_classes = int(d["num_classes"])
+    memory = BankMemory.create(jax.random.key(0), d["train_labels"], num_classes,
+                               g("memory_v1_in").shape[1])
+    memory = memory.replace(
+        student=jnp.asarray(g("memory_v1_in")), teacher=jnp.asarray(g("memory_v2_in")),
+        z_student=jnp.float32(g("z_v1_in")), z_teacher=jnp.float32(g("z_v2_in")))
+    config = ContrastConfig(
+        num_positives=int(d["nce_p"]), num_negatives=int(d["nce_k"]),
+        temperature=float(d["nce_t"]), momentum=float(d["nce_m"]))
+    labels = jnp.asarray(g("batch_labels"), jnp.int32)
+    index = jnp.asarray(g("batch_index"), jnp.int32)
+    idx = with_anchor_column(jnp.asarray(g("contrast_idx_in"), jnp.int32), index)
+    dim = memory.student.shape[1]
+
+    def loss_fn(f_s, p_s, p_t, f_t):
+        e_s = Embed(dim).apply({"params": p_s}, f_s)
+        e_t = Embed(dim).apply({"params": p_t}, f_t)
+        out, new_memory = ccd_crp(e_s, e_t, memory, labels, index, idx, config)
+        return out.loss_ccd + out.loss_crp, (out, new_memory)
+
+    params = lambda side: {"kernel": jnp.asarray(proj[f"embed_{side}_weight"]).T,
+                           "bias": jnp.asarray(proj[f"embed_{side}_bias"])}
+    grad_fn = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True))
+    (g_f, g_s, g_t), (out, mem) = grad_fn(
+        jnp.asarray(g("f_s")), params("s"), params("t"), jnp.asarray(g("f_t")))
+    result = {
+        "embed_s_out": out.embed_s, "embed_t_out": out.embed_t, "contrast_idx_used": idx,
+        "out_v1": out.out_s, "out_v2": out.out_t, "z_v1_out": mem.z_student,
+        "z_v2_out": mem.z_teacher, "loss_s": out.loss_s, "loss_t": out.loss_t,
+        "loss_ccd": out.loss_ccd, "memory_v1_out": mem.student,
+        "memory_v2_out": mem.teacher, "anchors_s": out.centroids_s,
+        "anchors_t": out.centroids_t, "loss_crp": out.loss_crp, "grad_f_s": g_f,
+        "grad_embed_s_weight": g_s["kernel"].T, "grad_embed_s_bias": g_s["bias"],
+        "grad_embed_t_weight": g_t["kernel"].T, "grad_embed_t_bias": g_t["bias"],
+    }
+    return {k + suffix: np.asarray(v) for k, v in result.items()}
+
+
+def _ccd_crp_step(d: Arrays) -> dict[str, np.ndarray]:
+    return _ccd_crp_call(d, "", d)
+
+
+def _ccd_crp_two_steps(d: Arrays) -> dict[str, np.ndarray]:
+    """Chains the state: call 2 starts from call 1's memories and Z, not the file's."""
+    first = _ccd_crp_call(d, "_1", d)
+    chained = dict(d)
+    for key in ("memory_v1", "memory_v2", "z_v1", "z_v2"):
+        chained[f"{key}_in_2"] = first[f"{key}_out_1"]
+    second = _ccd_crp_call(chained, "_2", d)
+    carried = {f"{k}_in_2": first[f"{k}_out_1"]
+               for k in ("memory_v1", "memory_v2", "z_v1", "z_v2")}
+    return {**first, **second, **carried}
+
+
+def _ccd_tolerance(key: str) -> tuple[float, float]:
+    """rtol 1e-5 everywhere. The absolute floors: 1e-6 on per-element arrays, whose small
+    entries (scores far below 1, gradients near 0) carry rounding of float32 dot products
+    taken over d terms; 1e-7 on the losses, which are differences of logarithms of float32
+    sums (the CRP loss is ~6e-3 at paper size, a cancellation of terms of size ~1)."""
+    if key.startswith(("loss", "z_")):
+        return 1e-5, 1e-7
+    return 1e-5, 1e-6
+
+
+# ----------------------------------------------------------------------- mean teacher
+def _mean_teacher(d: Arrays) -> dict[str, np.ndarray]:
+    from crckd_jax import losses, teacher
+
+    s, t = jnp.asarray(d["logits_s"]), jnp.asarray(d["logits_t"])
+    log_q = jax.nn.log_softmax(t)
+    kl = jnp.exp(log_q) * (log_q - jax.nn.log_softmax(s))
+    p_s, p_t = jnp.asarray(d["p_student"]), jnp.asarray(d["p_teacher_in"])
+    decay = float(d["ema_decay"])
+    steps = jnp.asarray(d["global_steps"], jnp.int32)
+    alphas = jax.vmap(lambda k: teacher.ema_alpha(k, decay))(steps)
+    p_out = jax.vmap(lambda k: teacher.ema_update(p_t, p_s, k, decay))(steps)
+    return {
+        "kl_elementwise": np.asarray(kl),
+        "consistency_dist": np.asarray(losses.softmax_kl(s, t, int(d["batch_size"]))),
+        "sigmoid_rampup": np.asarray(losses.sigmoid_rampup(
+            jnp.asarray(d["rampup_epochs"]), float(d["rampup_length"]))),
+        "ema_alpha": np.asarray(alphas),
+        "p_teacher_out": np.asarray(p_out),
+    }
+
+
+def _mean_teacher_tolerance(key: str) -> tuple[float, float]:
+    # float32 recomputation of float64 reference schedules: a few float32 ulps.
+    return 1e-6, 1e-7
+
+
+# ------------------------------------------------------------------------ weighted CE
+def _weighted_ce(d: Arrays) -> dict[str, np.ndarray]:
+    from crckd_jax import losses
+
+    weight = losses.class_weights(jnp.asarray(d["class_counts"]))
+    loss = losses.weighted_cross_entropy(
+        jnp.asarray(d["logits"]), jnp.asarray(d["labels"], jnp.int32), weight)
+    return {"class_weight": np.asarray(weight), "loss": np.asarray(loss)}
+
+
+def _tight_tolerance(key: str) -> tuple[float, float]:
+    return 1e-5, 0.0
+
+
+# -------------------------------------------------------------------------- optimizer
+def optimizer_trajectory(d: Arrays) -> dict[str, np.ndarray]:
+    """T steps of `optim.make_optimizer` with gradients `grad_a[t] * p_t + grad_c[t]`.
+
+    Returns params [T, n] after each step, the grads [T, n] fed, the learning rate each
+    update used ("lr_applied" [T]) and the final step count.
+    """
+    import optax
+
+    from crckd_jax.optim import current_learning_rate, make_optimizer
+
+    total = int(d["epochs"]) * int(d["steps_per_epoch"])
+    opt = make_optimizer(
+        total, max_lr=float(d["max_lr"]), weight_decay=float(d["weight_decay"]),
+        b2=float(d["beta2"]), eps=float(d["adam_eps"]), pct_start=float(d["pct_start"]),
+        div_factor=float(d["div_factor"]), final_div_factor=float(d["final_div_factor"]),
+        base_momentum=float(d["base_momentum"]), max_momentum=float(d["max_momentum"]))
+
+    def step(carry, ac):
+        params, state = carry
+        grads = ac[0] * params + ac[1]
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, state), (params, grads, current_learning_rate(state))
+
+    @jax.jit
+    def run(p0, grad_a, grad_c):
+        (_, state), outs = jax.lax.scan(step, (p0, opt.init(p0)), (grad_a, grad_c))
+        return state.count, outs
+
+    count, (params, grads, lrs) = run(
+        jnp.asarray(d["p0"]), jnp.asarray(d["grad_a"]), jnp.asarray(d["grad_c"]))
+    return {"params": np.asarray(params), "grads": np.asarray(grads),
+            "lr_applied": np.asarray(lrs, np.float64), "count": np.asarray(count)}
+
+
+def _optimizer(d: Arrays) -> dict[str, np.ndarray]:
+    from crckd_jax.optim import onecycle_schedules
+
+    out = optimizer_trajectory(d)
+    lr_s, b1_s = onecycle_schedules(
+        int(d["epochs"]) * int(d["steps_per_epoch"]), float(d["max_lr"]),
+        pct_start=float(d["pct_start"]), div_factor=float(d["div_factor"]),
+        final_div_factor=float(d["final_div_factor"]),
+        base_momentum=float(d["base_momentum"]), max_momentum=float(d["max_momentum"]))
+    steps = jnp.arange(d["lr"].shape[0])
+    return {"lr": np.asarray(jax.vmap(lr_s)(steps)), "beta1": np.asarray(jax.vmap(b1_s)(steps)),
+            "grads": out["grads"], "params": out["params"]}
+
+
+def _optimizer_tolerance(key: str) -> tuple[float, float]:
+    """Schedules in float32 vs float64 references: a few ulps (rtol 1e-6). Gradients
+    `a * p + c`: XLA may fuse into one FMA (one rounding instead of two) -> atol 1e-6 on
+    values up to ~5. Params: float32 Adam vs torch's, rtol 1e-5 with a 1e-7 floor for
+    parameters passing near zero."""
+    if key in ("lr", "beta1"):
+        return 1e-6, 0.0
+    if key == "grads":
+        return 1e-6, 1e-6
+    return 1e-5, 1e-7
+
+
+# ---------------------------------------------------------------------------- metrics
+# The reference names: its "auc_ovo" is one-vs-rest, its "auc_macro" is one-vs-one.
+_METRIC_NAMES = {"acc": "acc", "bacc": "bacc", "prec": "prec", "rec": "rec", "f1": "f1",
+                 "auc_ovo": "auc_ovr", "auc_macro": "auc_ovo", "spec": "spec",
+                 "kappa": "kappa"}
+
+
+def _metrics(d: Arrays) -> dict[str, np.ndarray]:
+    from crckd_jax.metrics import classification_metrics
+
+    ours = classification_metrics(d["probs"], d["gt"], d["probs"].shape[1])
+    return {ref: np.float64(ours[name]) for ref, name in _METRIC_NAMES.items()}
+
+
+def _float64_tolerance(key: str) -> tuple[float, float]:
+    return 1e-12, 0.0
+
+
+# --------------------------------------------------------------------------- DenseNet
+def _densenet(d: Arrays) -> dict[str, np.ndarray]:
+    """Eval and train forwards of a torchvision DenseNet imported from the file's `sd/`."""
+    from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
+    from crckd_jax.models.torch_import import classifier_from_state_dict, import_densenet
+
+    state_dict = {k[3:]: v for k, v in d.items() if k.startswith("sd/")}
+    config = DenseNetConfig(int(d["growth_rate"]), tuple(d["block_config"]),
+                            int(d["num_init_features"]), int(d["bn_size"]))
+    model = CRCKDNet(config, int(d["num_classes"]))
+    x = jnp.asarray(np.transpose(d["x"], (0, 2, 3, 1)))  # NCHW -> NHWC
+    template = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
+    variables = import_densenet(state_dict, template, name="the file's DenseNet")
+    weight, bias = classifier_from_state_dict(state_dict)
+
+    @jax.jit
+    def forward(variables):
+        pooled_eval = model.apply(variables, x, train=False)["pooled"]
+        out, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return pooled_eval, out["pooled"], updated["batch_stats"]["features"]["norm5"]
+
+    pooled_eval, pooled_train, norm5 = forward(variables)
+    logits = lambda pooled: pooled @ jnp.asarray(weight).T + jnp.asarray(bias)
+    return {"pooled_eval": np.asarray(pooled_eval), "logits_eval": np.asarray(logits(pooled_eval)),
+            "logits_train": np.asarray(logits(pooled_train)),
+            "norm5_running_mean_after_train": np.asarray(norm5["mean"]),
+            "norm5_running_var_after_train": np.asarray(norm5["var"])}
+
+
+def _densenet_tolerance(key: str) -> tuple[float, float]:
+    """Convolutions accumulate in another order than torch's (oneDNN vs XLA), over up to
+    ~1000 terms per output through the whole network: rtol 1e-5 with an absolute floor of
+    1e-5 for entries near zero."""
+    return 1e-5, 1e-5
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind("ccd_crp_two_steps", ("f_s_1", "contrast_idx_in_2"), _ccd_crp_two_steps,
+         _ccd_tolerance),
+    Kind("ccd_crp_step", ("f_s", "contrast_idx_in", "memory_v1_in"), _ccd_crp_step,
+         _ccd_tolerance),
+    Kind("mean_teacher", ("kl_elementwise", "p_teacher_in"), _mean_teacher,
+         _mean_teacher_tolerance),
+    Kind("weighted_ce", ("logits", "class_weight", "loss"), _weighted_ce, _tight_tolerance),
+    Kind("optimizer", ("p0", "grad_a", "grad_c", "params"), _optimizer, _optimizer_tolerance),
+    Kind("metrics", ("probs", "gt", "auc_macro"), _metrics, _float64_tolerance),
+    Kind("densenet", ("x", "logits_eval", "block_config"), _densenet, _densenet_tolerance),
+)
+
+
+def kind_of(ref: Arrays) -> Kind:
+    """The kind whose marker keys all appear in the file."""
+    for kind in KINDS:
+        if all(k in ref for k in kind.marker_keys):
+            return kind
+    raise ValueError(f"unrecognised parity file: keys {sorted(ref)[:12]}...")
+
+
+def compare(file: str, key: str, ours: np.ndarray, ref: np.ndarray,
+            rtol: float, atol: float) -> Row:
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    if ours.shape != ref.shape:
+        return Row(file, key, float("inf"), float("inf"), False)
+    if np.issubdtype(ref.dtype, np.integer):
+        diff = np.abs(ours.astype(np.int64) - ref.astype(np.int64))
+        err = float(diff.max(initial=0))
+        return Row(file, key, err, err, err == 0)
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    ok = bool(np.all(diff <= atol + rtol * np.abs(ref)))
+    scale = float(np.abs(ref).max(initial=0.0))
+    max_abs = float(diff.max(initial=0.0))
+    return Row(file, key, max_abs, max_abs / scale if scale else max_abs, ok)
+
+
+def check(file: str, ref: Arrays) -> list[Row]:
+    """Recompute one reference file and compare every output it holds."""
+    kind = kind_of(ref)
+    ours = kind.recompute(ref)
+    return [compare(file, key, value, ref[key], *kind.tolerance(key))
+            for key, value in ours.items() if key in ref]
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m crckd_jax.parity FILE.npz [FILE.npz ...]", file=sys.stderr)
+        return 2
+    rows = []
+    for path in argv:
+        with np.load(path) as data:
+            ref = dict(data)
+        file_rows = check(pathlib.Path(path).name, ref)
+        for row in file_rows:
+            print(row.line())
+        rows += file_rows
+    failed = sum(not r.ok for r in rows)
+    print(f"parity: {len(rows) - failed} ok, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,164 @@
+"""The CRCKD train step and eval step: pure functions, written once per device.
+
+`train_step(state, batch) -> (state, metrics)` runs the student forward and backward, the
+teacher forward, memory sampling, scoring and update, the four losses, the optimizer and
+the EMA. With `axis_name` set, it uses named-axis collectives so the same code runs under
+`shard_map` or `pmap`: every loss term is computed as this device's contribution to the
+loss of the GLOBAL batch (so gradients are summed with `psum`), Z and the class weights'
+denominator come from all devices, and the memory is updated with the all-gathered batch.
+With `axis_name=None` the collectives vanish and the step is the reference computation.
+
+Batch (per device): image_student, image_teacher float32 [B, H, W, 3]; label, index int32
+[B] (index = the item's position in the training set). Eval batch: image [B, H, W, 3],
+label [B], mask bool [B].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from crckd_jax import losses, teacher
+from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
+from crckd_jax.objective import LossConfig, loss_weights
+from crckd_jax.state import TrainState
+
+
+class StepConfig(NamedTuple):
+    """Static settings of the train step.
+
+    steps_per_epoch: optimizer steps per epoch (the loss schedule is indexed by epoch).
+    consistency_divisor: the MT loss divisor, the configured global batch size (reference).
+    teacher_bn: 'train' (reference: batch statistics, own running stats) or 'eval'.
+    teacher_rotate: random 90-degree rotation + flip of the teacher view, on device.
+    axis_name: the data-parallel axis, or None on one device.
+    """
+
+    loss: LossConfig
+    contrast: ContrastConfig
+    embed_dim: int = 128
+    ema_decay: float = 0.99
+    steps_per_epoch: int = 1
+    consistency_divisor: float = 32.0
+    teacher_bn: str = "train"
+    teacher_rotate: bool = True
+    axis_name: str | None = None
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
+    """[B, 2] keys per example (view, contrast), from the run key data, step and item index.
+
+    Keying by the data set index makes every draw independent of the device count.
+    """
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(index)
+
+
+def _teacher_forward(model, state, images, config):
+    variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    if config.teacher_bn == "train":
+        out, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return jax.lax.stop_gradient(out), updated["batch_stats"]
+    if config.teacher_bn == "eval":
+        return jax.lax.stop_gradient(model.apply(variables, images, train=False)), \
+            state.ema_batch_stats
+    raise ValueError(f"teacher_bn must be 'train' or 'eval', got {config.teacher_bn!r}")
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    class_weight: jax.Array,
+    config: StepConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one (per-device) batch; see the module docstring."""
+    axis = config.axis_name
+    labels, index = batch["label"], batch["index"]
+    keys = example_keys(state.rng, state.step, index)
+    images_t = batch["image_teacher"]
+    if config.teacher_rotate:
+        images_t = jax.vmap(teacher.rotate_flip)(keys[:, 0], images_t)
+    out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config)
+    contrast_idx = state.memory.sample_contrast(
+        keys[:, 1], labels, index, config.contrast.num_positives,
+        config.contrast.num_negatives)
+    epoch = state.step // config.steps_per_epoch
+    weights = loss_weights(config.loss, epoch)
+    num_devices = _psum(1, axis)
+    weight_sum = _psum(jnp.sum(class_weight[labels]), axis)
+
+    def loss_fn(params):
+        out_s, updated = model.apply(
+            {"params": params["student"], "batch_stats": state.batch_stats},
+            batch["image_student"], train=True, mutable=["batch_stats"])
+        embed = Embed(config.embed_dim)
+        e_s = embed.apply({"params": params["embed_s"]}, out_s["feature"])
+        e_t = embed.apply({"params": params["embed_t"]}, out_t["feature"])
+        distill, memory = ccd_crp(e_s, e_t, state.memory, labels, index, contrast_idx,
+                                  config.contrast, axis)
+        # This device's share of each term of the global batch's loss.
+        terms = {
+            "ce": losses.weighted_cross_entropy(out_s["logits"], labels, class_weight,
+                                                weight_sum),
+            "mt": losses.softmax_kl(out_s["logits"], out_t["logits"],
+                                    config.consistency_divisor),
+            "ccd": distill.loss_ccd / num_devices,
+            "crp": distill.loss_crp / num_devices,
+        }
+        total = sum(weights[k] * terms[k] for k in terms)
+        extras = {"ccd_student": distill.loss_s / num_devices,
+                  "ccd_teacher": distill.loss_t / num_devices}
+        return total, (terms | extras, updated["batch_stats"], memory)
+
+    grads, (terms, batch_stats, memory) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = _psum(grads, axis)
+    if axis is not None:
+        # Per-device BatchNorm statistics (unless the model synchronises them) leave
+        # per-device running statistics; their mean keeps the state replicated.
+        batch_stats = jax.lax.pmean(batch_stats, axis)
+        ema_batch_stats = jax.lax.pmean(ema_batch_stats, axis)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = teacher.ema_update(state.ema_params, params["student"], state.step,
+                                    config.ema_decay)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, ema_params=ema_params,
+        ema_batch_stats=ema_batch_stats, opt_state=opt_state, memory=memory)
+    terms = _psum(terms, axis)
+    metrics = {
+        "loss": sum(weights[k] * terms[k] for k in weights),
+        **terms,
+        **{f"weight_{k}": v for k, v in weights.items()},
+        "z_student": memory.z_student,
+        "z_teacher": memory.z_teacher,
+        "epoch": epoch,
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              use_teacher: bool = False) -> dict[str, jax.Array]:
+    """Probabilities [B, C] and embeddings [B, F] of the student (or teacher), eval mode."""
+    params, stats = ((state.ema_params, state.ema_batch_stats) if use_teacher
+                     else (state.params["student"], state.batch_stats))
+    out = model.apply({"params": params, "batch_stats": stats}, batch["image"], train=False)
+    return {"probs": jax.nn.softmax(out["logits"]), "feature": out["feature"]}
+
+
+def make_train_step(model, optimizer, class_weight, config: StepConfig):
+    """The per-device train step with everything static bound: (state, batch) -> ..."""
+    return functools.partial(train_step, model=model, optimizer=optimizer,
+                             class_weight=jnp.asarray(class_weight, jnp.float32),
+                             config=config)

@@ -1,0 +1,110 @@
+"""Run a few CRCKD steps on 1 device and on N fake CPU devices; print max differences.
+
+Usage: XLA_FLAGS=--xla_force_host_platform_device_count=N python equivalence.py N KIND BACKENDS
+Prints one JSON line: {"<backend>": {"params": err, "memory": err, "loss": err, ...}}.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from crckd_jax import losses
+from crckd_jax.distillation import ContrastConfig
+from crckd_jax.memory import BankMemory, QueueMemory
+from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.objective import LossConfig
+from crckd_jax.optim import make_optimizer
+from crckd_jax.parallel import AXIS, DataParallel
+from crckd_jax.state import create_train_state
+from crckd_jax.step import StepConfig, make_train_step
+
+NUM_CLASSES, BATCH, SIZE, N_TRAIN, DIM, STEPS = 3, 8, 32, 32, 16, 3
+TRAIN_LABELS = np.arange(N_TRAIN) % NUM_CLASSES
+
+
+def setup(kind, axis_name):
+    model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32,
+                     bn_axis_name=axis_name)
+    optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
+    config = StepConfig(loss=LossConfig.from_preset("paper"),
+                        contrast=ContrastConfig(num_positives=3, num_negatives=10),
+                        embed_dim=DIM, steps_per_epoch=5, consistency_divisor=BATCH,
+                        axis_name=axis_name)
+    if kind == "queue":
+        make_memory = lambda k: QueueMemory.create(k, NUM_CLASSES, 8, DIM)
+    else:
+        make_memory = lambda k: BankMemory.create(k, TRAIN_LABELS, NUM_CLASSES, DIM)
+    state = create_train_state(jax.random.key(0), model, optimizer, make_memory,
+                               (SIZE, SIZE, 3), DIM)
+    step = make_train_step(model, optimizer, losses.class_weights(np.bincount(TRAIN_LABELS)),
+                           config)
+    return state, step
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    for _ in range(STEPS):
+        index = rng.choice(N_TRAIN, BATCH, replace=False).astype(np.int32)
+        yield {"image_student": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+               "image_teacher": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+               "label": TRAIN_LABELS[index].astype(np.int32), "index": index}
+
+
+def max_rel(a, b):
+    errs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                  / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return max(errs)
+
+
+def main(num_devices, kind, backends):
+    state, step = setup(kind, None)
+    step = jax.jit(step)
+    ref_losses = []
+    for b in batches():
+        state, m = step(state, b)
+        ref_losses.append(float(m["loss"]))
+    reference = jax.tree.map(np.asarray, state)
+    report = {}
+    for backend in backends:
+        dp = DataParallel(backend, jax.devices()[:num_devices])
+        state, per_device = setup(kind, AXIS)
+        compiled = dp.compile(per_device)
+        state = dp.put_state(state)
+        got_losses = []
+        for b in batches():
+            state, m = compiled(state, dp.put_batch(b))
+            got_losses.append(float(dp.get_outputs(m)["loss"]))
+        # Every device holds the same memory, bit for bit.
+        if backend == "pmap":
+            copies = [jax.tree.map(lambda x: np.asarray(x[i]), state.memory)
+                      for i in range(num_devices)]
+        else:
+            copies = [[np.asarray(s.data) for s in leaf.addressable_shards]
+                      for leaf in jax.tree.leaves(state.memory)]
+            copies = [[leaf[i] for leaf in copies] for i in range(num_devices)]
+        identical = all(np.array_equal(x, y) for c in copies[1:]
+                        for x, y in zip(jax.tree.leaves(copies[0]), jax.tree.leaves(c)))
+        final = jax.tree.map(np.asarray, dp.get_state(state))
+        report[backend] = {
+            "loss": max_rel(got_losses, ref_losses),
+            "params": max_rel(final.params, reference.params),
+            "ema_params": max_rel(final.ema_params, reference.ema_params),
+            "batch_stats": max_rel(final.batch_stats, reference.batch_stats),
+            "memory": max_rel(final.memory, reference.memory),
+            "memory_identical_on_devices": identical,
+            "state": jax.tree.map(np.asarray, final),
+        }
+    if len(backends) == 2:
+        a, b = (report[k].pop("state") for k in backends)
+        report["pmap_vs_shard_map"] = max_rel(a, b)
+    for r in report.values():
+        if isinstance(r, dict):
+            r.pop("state", None)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","))

@@ -1,0 +1,158 @@
+"""grain pipelines on the tiny demo data set: batch contract, determinism, sharding, resume."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crckd_jax.data import augment, pipeline, prepare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def _demo_config(arg="tiny"):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("work")
+    prepare.prepare(_demo_config(), str(workdir), log=lambda _: None)
+    return prepare.load(str(workdir), 0)
+
+
+def _train(data, **kwargs):
+    args = dict(
+        global_batch_size=8,
+        image_size=SIZE,
+        num_epochs=2,
+        seed=3,
+        process_index=0,
+        process_count=1,
+    )
+    args.update(kwargs)
+    return list(pipeline.train_dataset(data, **args))
+
+
+def test_training_batch_contract(data):
+    batches = _train(data, num_epochs=1)
+    full = len(data.fold.train) // 8
+    assert len(batches) == full
+    b = batches[0]
+    assert set(b) == {"image_student", "image_teacher", "label", "index"}
+    for key in ("image_student", "image_teacher"):
+        assert b[key].shape == (8, SIZE, SIZE, 3) and b[key].dtype == np.float32
+    assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
+    assert not np.allclose(b["image_student"], b["image_teacher"])  # independent views
+    indices = np.concatenate([b["index"] for b in batches])
+    assert (
+        len(set(indices)) == full * 8
+        and indices.min() >= 0
+        and indices.max() < len(data.fold.train)
+    )
+    for b in batches:
+        np.testing.assert_array_equal(b["label"], data.train_labels[b["index"]])
+    assert data.class_counts.sum() == len(data.fold.train) == len(data.train_labels)
+
+
+def test_same_seed_same_batches_and_reshuffled_epochs(data):
+    first, again = _train(data), _train(data, read_threads=1)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    other = _train(data, seed=4)
+    assert not np.array_equal(first[0]["index"], other[0]["index"])
+    per_epoch = len(first) // 2
+    assert not np.array_equal(first[0]["index"], first[per_epoch]["index"])
+
+
+def test_processes_split_each_global_batch(data):
+    whole = _train(data, num_epochs=1)
+    shards = [_train(data, num_epochs=1, process_index=k, process_count=2) for k in range(2)]
+    for step, b in enumerate(whole):
+        for k in range(2):
+            assert shards[k][step]["index"].shape == (4,)
+            for key in b:
+                np.testing.assert_array_equal(shards[k][step][key], b[key][k::2])
+
+
+def test_restored_iterator_gives_exactly_the_remaining_batches(data):
+    ds = pipeline.train_dataset(
+        data,
+        global_batch_size=8,
+        image_size=SIZE,
+        num_epochs=2,
+        seed=3,
+        process_index=0,
+        process_count=1,
+    )
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    rest = list(it)
+    resumed = iter(ds)
+    resumed.set_state(state)
+    again = list(resumed)
+    assert len(again) == len(rest) > 0
+    for a, b in zip(rest, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_steps_per_epoch_continues_through_the_pass(data):
+    short = _train(data, num_epochs=3, steps_per_epoch=2)
+    long = _train(data, num_epochs=1)
+    assert len(short) == 6
+    for a, b in zip(short, long[:6]):
+        np.testing.assert_array_equal(a["index"], b["index"])
+
+
+def test_evaluation_is_padded_with_a_mask(data):
+    n = len(data.fold.test)
+    batches = list(
+        pipeline.eval_dataset(
+            data, global_batch_size=16, image_size=SIZE, process_index=0, process_count=1
+        )
+    )
+    assert len(batches) == -(-n // 16)
+    mask = np.concatenate([b["mask"] for b in batches])
+    index = np.concatenate([b["index"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert mask.dtype == bool and mask.sum() == n
+    np.testing.assert_array_equal(index[mask], np.arange(n))
+    np.testing.assert_array_equal(labels[mask], data.fold.test_labels)
+    assert (index[~mask] == -1).all() and batches[0]["image"].shape == (16, SIZE, SIZE, 3)
+    shards = [
+        list(
+            pipeline.eval_dataset(
+                data, global_batch_size=16, image_size=SIZE, process_index=k, process_count=2
+            )
+        )
+        for k in range(2)
+    ]
+    seen = np.concatenate([b["index"][b["mask"]] for shard in shards for b in shard])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+
+
+def test_affine_matches_torchvision_conventions():
+    img = np.zeros((9, 9, 3), np.uint8)
+    img[4, 6] = 255  # two pixels right of the centre pixel (4, 4)
+    pil = Image.fromarray(img)
+    shifted = np.asarray(augment.affine(pil, 0.0, 1, 2))
+    assert shifted[6, 7, 0] == 255 and shifted.sum() == 3 * 255
+    turned = np.asarray(augment.affine(pil, 90.0, 0, 0))  # clockwise: right -> below
+    assert turned[6, 4, 0] == 255
+    views = [augment.augment(pil, np.random.default_rng(s)) for s in range(30)]
+    assert all(v.shape == (9, 9, 3) and v.dtype == np.float32 for v in views)
+    np.testing.assert_allclose(
+        augment.normalize(np.zeros((1, 1, 3), np.uint8))[0, 0],
+        -augment.IMAGENET_MEAN / augment.IMAGENET_STD,
+        rtol=1e-6,
+    )

@@ -1,0 +1,42 @@
+"""Loss weights over epochs for the two presets and the ablation ladder."""
+
+import numpy as np
+import pytest
+
+from crckd_jax.losses import sigmoid_rampup
+from crckd_jax.objective import LossConfig, loss_weights
+
+
+def weights(config, epoch):
+    return {k: float(v) for k, v in loss_weights(config, epoch).items()}
+
+
+def test_reference_preset_applies_ccd_weight_twice_after_begin_epoch():
+    cfg = LossConfig.from_preset("reference", ccd_weight=0.1, crp_weight=1.0)
+    early = weights(cfg, 19)
+    assert early == {"ce": 1.0, "mt": 0.0, "ccd": pytest.approx(0.1), "crp": 0.0}
+    late = weights(cfg, 20)
+    assert late["ccd"] == pytest.approx(0.01) and late["crp"] == 1.0
+    assert late["mt"] == pytest.approx(float(sigmoid_rampup(20, 30)))
+    assert weights(cfg, 45)["mt"] == pytest.approx(1.0)
+
+
+def test_paper_preset_applies_each_weight_once_from_the_start():
+    cfg = LossConfig.from_preset("paper", ccd_weight=0.1, crp_weight=1.0)
+    w0 = weights(cfg, 0)
+    assert w0["ccd"] == pytest.approx(0.1) and w0["crp"] == 1.0
+    assert w0["mt"] == pytest.approx(np.exp(-5.0))
+    assert weights(cfg, 30)["ccd"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("ablation, active", [
+    ("baseline", {"ce"}), ("mt", {"ce", "mt"}), ("mt_ccd", {"ce", "mt", "ccd"}),
+    ("crckd", {"ce", "mt", "ccd", "crp"})])
+def test_ablation_ladder(ablation, active):
+    w = weights(LossConfig.from_preset("paper", ablation=ablation), 40)
+    assert {k for k, v in w.items() if v > 0} == active
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="loss.preset must be one of"):
+        LossConfig.from_preset("papers")

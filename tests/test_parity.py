@@ -1,0 +1,80 @@
+"""Every output of every reference fixture, recomputed by `crckd_jax.parity`.
+
+Tolerances are stated per kind in `crckd_jax/parity.py` (float32: rtol 1e-5; the
+absolute floors there say why they are needed).
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from crckd_jax import parity
+
+FIXTURES = sorted((pathlib.Path(__file__).parent / "fixtures").glob("*.npz"))
+EXPECTED_KIND = {
+    "ccd_crp_step.npz": "ccd_crp_step", "ccd_crp_step_paper.npz": "ccd_crp_step",
+    "ccd_crp_two_steps.npz": "ccd_crp_two_steps", "mean_teacher.npz": "mean_teacher",
+    "weighted_ce.npz": "weighted_ce", "metrics.npz": "metrics",
+    "densenet_small.npz": "densenet", "optimizer_onecycle.npz": "optimizer",
+}
+# Keys of each kind that are inputs, not outputs to recompute.
+INPUTS = {
+    "ccd_crp_step": {"embed_s_weight", "embed_s_bias", "embed_t_weight", "embed_t_bias",
+                     "memory_v1_in", "memory_v2_in", "z_v1_in", "z_v2_in", "f_s", "f_t",
+                     "batch_index", "batch_labels", "contrast_idx_in", "nce_p", "nce_k",
+                     "nce_t", "nce_m", "n_data", "num_classes", "train_labels",
+                     "class_counts"},
+    "mean_teacher": {"logits_s", "logits_t", "batch_size", "rampup_epochs", "rampup_length",
+                     "p_student", "p_teacher_in", "global_steps", "ema_decay"},
+    "weighted_ce": {"logits", "labels", "class_counts"},
+    "metrics": {"logits", "probs", "gt"},
+    "densenet": {"x", "growth_rate", "block_config", "num_init_features", "bn_size",
+                 "num_classes", "bn_momentum", "bn_eps"},
+    "optimizer": {"p0", "grad_a", "grad_c", "epochs", "steps_per_epoch", "base_lr",
+                  "max_lr", "beta2", "weight_decay", "adam_eps", "pct_start", "div_factor",
+                  "final_div_factor", "base_momentum", "max_momentum"},
+}
+
+
+def test_all_fixture_kinds_present():
+    assert {p.name for p in FIXTURES} == set(EXPECTED_KIND)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+def test_fixture_matches_reference(path):
+    ref = dict(np.load(path))
+    kind = parity.kind_of(ref)
+    assert kind.name == EXPECTED_KIND[path.name]
+    rows = parity.check(path.name, ref)
+    compared = {r.key for r in rows}
+    if kind.name == "ccd_crp_two_steps":
+        inputs = {k + s for k in INPUTS["ccd_crp_step"] for s in ("", "_1", "_2")}
+        inputs -= {f"{k}_in_2" for k in ("memory_v1", "memory_v2", "z_v1", "z_v2")}
+    else:
+        inputs = INPUTS[kind.name]
+    assert set(ref) - inputs - {k for k in ref if k.startswith("sd/")} == compared
+    failed = [r.line() for r in rows if not r.ok]
+    assert not failed, "\n".join(failed)
+
+
+def test_command_line_reports_every_key_and_fails_on_a_wrong_value(tmp_path):
+    ref = dict(np.load(FIXTURES[0].parent / "weighted_ce.npz"))
+    ref["loss"] = ref["loss"] * np.float32(1.001)
+    bad = tmp_path / "weighted_ce_bad.npz"
+    np.savez(bad, **ref)
+    good = FIXTURES[0].parent / "mean_teacher.npz"
+    out = subprocess.run([sys.executable, "-m", "crckd_jax.parity", str(good), str(bad)],
+                         capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 1
+    assert lines[-1] == "parity: 6 ok, 1 failed"
+    assert "weighted_ce_bad.npz loss " in out.stdout and lines[-2].endswith("FAIL")
+    assert all(len(line.split()) == 5 for line in lines[:-1])
+
+
+def test_unrecognised_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unrecognised parity file"):
+        parity.kind_of({"foo": np.zeros(1)})

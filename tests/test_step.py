@@ -1,0 +1,176 @@
+"""The compiled CRCKD train step on a small DenseNet at 64x64, for both memory kinds."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crckd_jax import losses, teacher
+from crckd_jax.distillation import ContrastConfig
+from crckd_jax.memory import BankMemory, QueueMemory
+from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.objective import LossConfig
+from crckd_jax.optim import make_optimizer
+from crckd_jax.state import create_train_state
+from crckd_jax.step import StepConfig, eval_step, make_train_step
+
+NUM_CLASSES, BATCH, SIZE, N_TRAIN, DIM = 3, 6, 64, 24, 16
+TRAIN_LABELS = np.arange(N_TRAIN) % NUM_CLASSES
+
+
+def make_memory(kind):
+    if kind == "queue":
+        return lambda key: QueueMemory.create(key, NUM_CLASSES, capacity=8, dim=DIM)
+    return lambda key: BankMemory.create(key, TRAIN_LABELS, NUM_CLASSES, DIM)
+
+
+def build(kind, seed=0, preset="paper"):
+    model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32)
+    optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
+    config = StepConfig(
+        loss=LossConfig.from_preset(preset),
+        contrast=ContrastConfig(num_positives=3, num_negatives=10),
+        embed_dim=DIM, ema_decay=0.99, steps_per_epoch=5, consistency_divisor=BATCH)
+    state = create_train_state(jax.random.key(seed), model, optimizer, make_memory(kind),
+                               (SIZE, SIZE, 3), DIM)
+    class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
+    step = jax.jit(make_train_step(model, optimizer, class_weight, config))
+    return model, state, step
+
+
+def batch(i):
+    rng = np.random.default_rng(i)
+    index = rng.choice(N_TRAIN, BATCH, replace=False).astype(np.int32)
+    return {
+        "image_student": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+        "image_teacher": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+        "label": TRAIN_LABELS[index].astype(np.int32),
+        "index": index,
+    }
+
+
+def copy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+@functools.cache
+def two_steps(kind):
+    """States before, after one and after two steps, and the metrics of both steps."""
+    _, state, step = build(kind)
+    s0 = copy(state)
+    state, m1 = step(state, batch(1))
+    s1 = copy(state)
+    state, m2 = step(state, batch(2))
+    return s0, s1, copy(state), copy(m1), copy(m2)
+
+
+@pytest.mark.parametrize("kind", ["queue", "bank"])
+def test_full_objective_is_finite_and_every_term_active(kind):
+    _, _, _, m1, m2 = two_steps(kind)
+    for m in (m1, m2):
+        for term in ("loss", "ce", "mt", "ccd", "crp", "ccd_student", "ccd_teacher"):
+            assert np.isfinite(m[term]), term
+        for term in ("ce", "ccd", "crp"):
+            assert m[term] > 0, term
+        assert m["weight_ce"] == 1 and m["weight_ccd"] == np.float32(0.1)
+        assert m["weight_crp"] == 1 and m["weight_mt"] > 0
+    expected = sum(m1[f"weight_{k}"] * m1[k] for k in ("ce", "mt", "ccd", "crp"))
+    np.testing.assert_allclose(m1["loss"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["queue", "bank"])
+def test_ema_follows_formula(kind):
+    s0, s1, s2, _, _ = two_steps(kind)
+    # Step 0: alpha = 0, the teacher becomes the updated student.
+    for t, s in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(s1.params["student"])):
+        np.testing.assert_array_equal(t, s)
+    alpha = float(teacher.ema_alpha(1, 0.99))
+    assert alpha == 0.5
+    for t2, t1, s in zip(jax.tree.leaves(s2.ema_params), jax.tree.leaves(s1.ema_params),
+                         jax.tree.leaves(s2.params["student"])):
+        np.testing.assert_allclose(t2, alpha * t1 + (1 - alpha) * s, rtol=1e-6, atol=1e-7)
+    # The teacher's BatchNorm ran in train mode and kept its own running statistics.
+    changed = [not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(s1.ema_batch_stats), jax.tree.leaves(s0.ema_batch_stats))]
+    assert all(changed)
+    assert int(s2.step) == 2
+
+
+def test_bank_memory_and_z_change_as_specified():
+    s0, s1, s2, _, _ = two_steps("bank")
+    b1 = batch(1)
+    assert float(s0.memory.z_student) == -1 and float(s0.memory.z_teacher) == -1
+    assert float(s1.memory.z_student) > 0 and float(s1.memory.z_teacher) > 0
+    # Frozen after the first step (reference).
+    assert s2.memory.z_student == s1.memory.z_student
+    assert s2.memory.z_teacher == s1.memory.z_teacher
+    touched = np.zeros(N_TRAIN, bool)
+    touched[b1["index"]] = True
+    for table in ("student", "teacher"):
+        before, after = getattr(s0.memory, table), getattr(s1.memory, table)
+        np.testing.assert_array_equal(after[~touched], before[~touched])
+        assert not np.any(np.all(after[touched] == before[touched], axis=1))
+        np.testing.assert_allclose(np.linalg.norm(after[touched], axis=1), 1, rtol=1e-6)
+
+
+def test_queue_memory_enqueues_the_batch():
+    s0, s1, _, _, _ = two_steps("queue")
+    labels = batch(1)["label"]
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    np.testing.assert_array_equal(s1.memory.head, (s0.memory.head + counts) % 8)
+    for c in range(NUM_CLASSES):
+        written = slice(0, counts[c])
+        np.testing.assert_allclose(
+            np.linalg.norm(s1.memory.student[c, written], axis=1), 1, rtol=1e-6)
+        np.testing.assert_array_equal(s1.memory.student[c, counts[c]:],
+                                      s0.memory.student[c, counts[c]:])
+    assert s1.memory.student.shape == s0.memory.student.shape
+
+
+@pytest.mark.parametrize("kind", ["queue", "bank"])
+def test_same_seed_gives_bit_identical_states(kind):
+    _, _, s2, _, _ = two_steps(kind)
+    _, state, step = build(kind)
+    for i in (1, 2):
+        state, _ = step(state, batch(i))
+    for a, b in zip(jax.tree.leaves(copy(state)), jax.tree.leaves(s2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reference_preset_schedule_in_step():
+    _, state, step = build("queue", preset="reference")
+    _, metrics = step(state, batch(1))
+    assert metrics["weight_mt"] == 0 and metrics["weight_crp"] == 0
+    assert metrics["weight_ccd"] == np.float32(0.1)
+
+
+def test_eval_step_probabilities():
+    model, state, _ = build("queue")
+    b = batch(3)
+    out = jax.jit(functools.partial(eval_step, model=model))(state, {"image": b["image_student"]})
+    np.testing.assert_allclose(np.sum(out["probs"], axis=1), 1, rtol=1e-6)
+    assert out["feature"].shape == (BATCH, 32)
+
+
+@pytest.mark.slow
+def test_densenet121_224_batch8_one_step():
+    model = CRCKDNet(densenet_config("densenet121"), 7)
+    optimizer = make_optimizer(total_steps=10)
+    config = StepConfig(loss=LossConfig.from_preset("paper"), contrast=ContrastConfig(),
+                        steps_per_epoch=5, consistency_divisor=8)
+    labels = np.arange(2929) % 7
+    state = create_train_state(
+        jax.random.key(0), model, optimizer,
+        lambda k: BankMemory.create(k, labels, 7, 128), (224, 224, 3), 128)
+    step = jax.jit(make_train_step(model, optimizer, losses.class_weights(np.bincount(labels)),
+                                   config), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    index = rng.choice(2929, 8, replace=False).astype(np.int32)
+    b = {"image_student": rng.normal(size=(8, 224, 224, 3)).astype(np.float32),
+         "image_teacher": rng.normal(size=(8, 224, 224, 3)).astype(np.float32),
+         "label": labels[index].astype(np.int32), "index": index}
+    state, metrics = step(state, b)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1
