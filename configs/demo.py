@@ -17,14 +17,14 @@ def get_config(arg: str = ""):
     config.data.synthetic_num_images = 500
     config.data.synthetic_image_size = 64
     config.model.name = "densenet_small"
-    config.train.epochs = 4
+    config.train.epochs = 40
     config.train.batch_size = 16
     config.train.checkpoint_every_steps = 0
     config.memory.num_positives = 4
     config.memory.num_negatives = 256
     config.memory.queue_size = 32
-    config.loss.rampup_epochs = 2
-    config.loss.begin_epoch = 1
+    config.loss.rampup_epochs = 15  # the reference's schedule (30 of 80 epochs), scaled down
+    config.loss.begin_epoch = 8  # MT and CRP start (reference: epoch 20 of 80)
     if arg == "tiny":
         config.data.synthetic_num_images = 140
         config.data.image_size = 32

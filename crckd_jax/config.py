@@ -8,12 +8,13 @@ key, a missing key, a wrong type or an out-of-range value, before anything is lo
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import ml_collections
 
 SOURCES = ("synthetic", "ham10000", "isic2018", "aptos", "csv")
-MODELS = ("densenet121", "densenet_small")
+MODELS = ("densenet121", "densenet169", "densenet201", "densenet_small", "densenet_tiny")
 
 
 class ConfigError(ValueError):
@@ -48,10 +49,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes; 0 = threads only
     c.data.prefetch_batches = 4  # batches prepared ahead per process
     c.data.build_threads = 4  # threads decoding/resizing images while preparing
+    c.data.folds = ""  # --mode cv: comma-separated test folds to run, e.g. "0,2"; "" = all
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "densenet121"  # backbone: densenet121 | densenet_small
-    c.model.pretrained = ""  # path of ImageNet weights to start from; '' = random init
+    c.model.name = "densenet121"  # backbone: densenet121 | 169 | 201 | densenet_small | _tiny
+    c.model.pretrained = ""  # torchvision DenseNet checkpoint (.pth or .npz); '' = random init
+    c.model.hidden_dim = 128  # width of the head's feature layer (the CCD/CRP input)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 80  # training epochs per fold
@@ -59,14 +62,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps_per_epoch = 0  # steps per epoch; 0 = one pass over the training fold
     c.train.checkpoint_every_steps = 500  # checkpoint period in steps; 0 = at epoch ends only
     c.train.ema_decay = 0.99  # mean-teacher EMA decay
+    c.train.teacher_bn = "train"  # teacher BatchNorm: train (reference, own batch stats) | eval
+    c.train.teacher_rotate = True  # random 90-degree turn + flip of the teacher's view
+    c.train.eval_teacher = False  # also evaluate the mean teacher after every epoch
+    c.train.log_every_steps = 10  # period of train-metric records (JSONL, TensorBoard)
+    c.train.keep_checkpoints = 3  # number of most recent checkpoints kept
+    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, memory stay f32)
+    c.train.compilation_cache_dir = ""  # persistent XLA cache; '' = ~/.cache/crckd_jax/xla
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.backend = "shard_map"  # data-parallel compiler: shard_map (jit) | pmap
+    c.parallel.sync_batch_norm = False  # BatchNorm statistics over all devices (not per device)
 
     c.memory = ml_collections.ConfigDict()
-    c.memory.kind = "bank"  # class memory: bank (one row per training item) | queue (per class)
+    c.memory.kind = "queue"  # class memory: queue (per class FIFO) | bank (one row per item)
     c.memory.num_positives = 20  # P positives per anchor
     c.memory.num_negatives = 4096  # K negatives per anchor
     c.memory.temperature = 0.07  # tau of the NCE softmax
     c.memory.momentum = 0.5  # momentum of the bank's row updates
     c.memory.queue_size = 256  # rows per class of the queue memory
+    c.memory.embed_dim = 128  # width d of the CCD embeddings and memory rows
+    c.memory.z_momentum = 0.0  # 0 = freeze Z after the first batch (reference); else its EMA
 
     c.loss = ml_collections.ConfigDict()
     c.loss.preset = "reference"  # loss schedule: reference (authors' code) | paper
@@ -80,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-4  # Adam base learning rate
     c.optim.max_lr = 3e-4  # OneCycle peak learning rate
     c.optim.weight_decay = 5e-4  # coupled L2 weight decay
+
+    c.predict = ml_collections.ConfigDict()
+    c.predict.input = ""  # --mode predict: a folder of images or a CSV with an image column
+    c.predict.image_column = "image"  # --mode predict with a CSV: column of image paths
     return c
 
 
@@ -135,19 +155,33 @@ RULES: dict[str, _Rule] = {
     "data.worker_count": _int(0),
     "data.prefetch_batches": _int(1),
     "data.build_threads": _int(1),
+    "data.folds": _Rule(str, lambda v: all(p.strip().isdigit() for p in v.split(",")) if v
+                        else True, 'comma-separated fold numbers such as "0,2", or ""'),
     "model.name": _choice(*MODELS),
     "model.pretrained": _ANY_STR,
+    "model.hidden_dim": _int(1),
     "train.epochs": _int(1),
     "train.batch_size": _int(1),
     "train.steps_per_epoch": _int(0),
     "train.checkpoint_every_steps": _int(0),
     "train.ema_decay": _float(0.0, 1.0),
+    "train.teacher_bn": _choice("train", "eval"),
+    "train.teacher_rotate": _BOOL,
+    "train.eval_teacher": _BOOL,
+    "train.log_every_steps": _int(1),
+    "train.keep_checkpoints": _int(1),
+    "train.dtype": _choice("float32", "bfloat16"),
+    "train.compilation_cache_dir": _ANY_STR,
+    "parallel.backend": _choice("shard_map", "pmap"),
+    "parallel.sync_batch_norm": _BOOL,
     "memory.kind": _choice("queue", "bank"),
     "memory.num_positives": _int(1),
     "memory.num_negatives": _int(1),
     "memory.temperature": _float(0.0, open_lo=True),
     "memory.momentum": _float(0.0, 1.0),
     "memory.queue_size": _int(1),
+    "memory.embed_dim": _int(1),
+    "memory.z_momentum": _float(0.0, 1.0),
     "loss.preset": _choice("reference", "paper"),
     "loss.ccd_weight": _float(0.0),
     "loss.crp_weight": _float(0.0),
@@ -157,6 +191,8 @@ RULES: dict[str, _Rule] = {
     "optim.learning_rate": _float(0.0, open_lo=True),
     "optim.max_lr": _float(0.0, open_lo=True),
     "optim.weight_decay": _float(0.0),
+    "predict.input": _ANY_STR,
+    "predict.image_column": _ANY_STR,
 }
 
 
@@ -200,6 +236,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config key 'memory.num_positives' is {flat['memory.num_positives']}: expected at "
             f"most memory.queue_size={flat['memory.queue_size']} for the queue memory"
+        )
+    folds = [int(p) for p in flat["data.folds"].split(",") if p.strip()]
+    if any(f >= flat["data.num_folds"] for f in folds):
+        raise ConfigError(
+            f"config key 'data.folds' is {flat['data.folds']!r}: expected fold numbers in "
+            f"[0, {flat['data.num_folds'] - 1}] (data.num_folds={flat['data.num_folds']})"
+        )
+    if flat["model.pretrained"] and not os.path.isfile(flat["model.pretrained"]):
+        raise ConfigError(
+            f"config key 'model.pretrained' is {flat['model.pretrained']!r}: expected an "
+            "existing torchvision DenseNet checkpoint file (.pth or .npz)"
         )
     if flat["data.source"] == "csv" and not flat["data.dir"]:
         raise ConfigError(

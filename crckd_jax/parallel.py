@@ -87,3 +87,13 @@ class DataParallel:
         if self.backend == "pmap":
             return jax.tree.map(lambda x: np.asarray(x[0]), outputs)
         return jax.tree.map(np.asarray, outputs)
+
+    def gather_examples(self, outputs: Any) -> Any:
+        """Per-example outputs split over devices (and processes) -> whole numpy arrays."""
+        from jax.experimental import multihost_utils
+
+        if self.backend == "pmap":
+            outputs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+        if jax.process_count() == 1:
+            return jax.tree.map(np.asarray, outputs)
+        return multihost_utils.process_allgather(outputs, tiled=True)

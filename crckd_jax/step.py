@@ -154,7 +154,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
     params, stats = ((state.ema_params, state.ema_batch_stats) if use_teacher
                      else (state.params["student"], state.batch_stats))
     out = model.apply({"params": params, "batch_stats": stats}, batch["image"], train=False)
-    return {"probs": jax.nn.softmax(out["logits"]), "feature": out["feature"]}
+    return {"probs": jax.nn.softmax(out["logits"]), "features": out["feature"]}
 
 
 def make_train_step(model, optimizer, class_weight, config: StepConfig):

@@ -151,7 +151,7 @@ def test_eval_step_probabilities():
     b = batch(3)
     out = jax.jit(functools.partial(eval_step, model=model))(state, {"image": b["image_student"]})
     np.testing.assert_allclose(np.sum(out["probs"], axis=1), 1, rtol=1e-6)
-    assert out["feature"].shape == (BATCH, 32)
+    assert out["features"].shape == (BATCH, 32)
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ def load_rgb(path: str, size: int) -> Image.Image:
         raise DataError(f"image file {path!r} cannot be decoded as an image: {e}") from e
 
 
-def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
+def read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV as dicts (header names stripped); DataError on missing columns."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -160,7 +160,7 @@ def list_ham10000(root: str, skip_bad: bool = False) -> Listing:
     meta = _find(root, "HAM10000_metadata.csv")
     if meta is None:
         return list_isic2018(root, skip_bad)
-    rows = _read_csv(meta, ("lesion_id", "image_id", "dx"))
+    rows = read_csv(meta, ("lesion_id", "image_id", "dx"))
     _check_duplicates((r["image_id"] for r in rows), "image_id", meta)
     images = _index_images(root)
     entries = []
@@ -198,7 +198,7 @@ def list_isic2018(root: str, skip_bad: bool = False) -> Listing:
             "*GroundTruth*.csv (columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC)"
         )
     gt = csvs[0]
-    rows = _read_csv(gt, ["image"] + columns)
+    rows = read_csv(gt, ["image"] + columns)
     _check_duplicates((r["image"] for r in rows), "image", gt)
     groups: dict[str, str] = {}
     groupings = sorted(
@@ -209,7 +209,7 @@ def list_isic2018(root: str, skip_bad: bool = False) -> Listing:
     )
     if groupings:
         groups = {
-            r["image"]: r["lesion_id"] for r in _read_csv(groupings[0], ("image", "lesion_id"))
+            r["image"]: r["lesion_id"] for r in read_csv(groupings[0], ("image", "lesion_id"))
         }
     images = _index_images(root)
     entries = []
@@ -245,7 +245,7 @@ def list_aptos(root: str, skip_bad: bool = False) -> Listing:
             f"{root!r} holds no train.csv (APTOS 2019 layout: train.csv with columns "
             "id_code, diagnosis and train_images/<id_code>.png)"
         )
-    rows = _read_csv(path, ("id_code", "diagnosis"))
+    rows = read_csv(path, ("id_code", "diagnosis"))
     _check_duplicates((r["id_code"] for r in rows), "id_code", path)
     images = _index_images(root)
     entries = []
@@ -275,7 +275,7 @@ def list_csv(
     if not os.path.isfile(path):
         raise DataError(f"CSV {path!r} does not exist (data.dir + data.csv_file)")
     required = [image_column, label_column] + ([group_column] if group_column else [])
-    rows = _read_csv(path, required)
+    rows = read_csv(path, required)
     _check_duplicates((r[image_column] for r in rows), f"{image_column!r} path", path)
     labels = [r[label_column] for r in rows]
     if class_names:

@@ -1,0 +1,78 @@
+"""k-fold cross-validation: one training run per test fold, then a summary across folds.
+
+Fold k trains in `<workdir>/fold_<k>/` on the data set prepared once in `<workdir>`. A fold
+whose `summary.json` exists is done and is not run again; an interrupted fold resumes from
+its checkpoints. `cv_summary.json` and `cv_summary.md` hold the mean and standard deviation
+(population, ddof 0) of every metric across folds, for each view of `train.summarise`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from crckd_jax import config as config_lib
+from crckd_jax.train import METRIC_KEYS, train_and_evaluate
+
+VIEWS = ("final", "mean_last_10", "best_val")
+
+
+def folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
+    """`data.folds` as a list ("" = every fold)."""
+    if not config.data.folds:
+        return list(range(config.data.num_folds))
+    return [int(p) for p in config.data.folds.split(",") if p.strip()]
+
+
+def aggregate(summaries: dict[int, dict]) -> dict:
+    """{view: {metric: {"mean", "std"}} | None, "folds": [...]} across fold summaries."""
+    out = {"folds": sorted(summaries)}
+    for view in VIEWS:
+        rows = [s[view] for s in summaries.values() if s.get(view)]
+        out[view] = None if not rows else {
+            k: {"mean": float(np.mean([r[k] for r in rows])),
+                "std": float(np.std([r[k] for r in rows]))} for k in METRIC_KEYS}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Cross-validation over folds {', '.join(map(str, result['folds']))}", ""]
+    for view in VIEWS:
+        lines.append(f"## {view}")
+        if result[view] is None:
+            lines += ["", "not available (no validation split)" if view == "best_val"
+                      else "not available", ""]
+            continue
+        lines += ["", "| metric | mean | std |", "|---|---|---|"]
+        lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in result[view].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_cv(config: ml_collections.ConfigDict, workdir: str,
+           log: Callable[[str], None] = print) -> dict:
+    config_lib.validate(config)
+    summaries = {}
+    for fold in folds_to_run(config):
+        fold_dir = os.path.join(workdir, f"fold_{fold}")
+        done = os.path.join(fold_dir, "summary.json")
+        if os.path.exists(done):
+            log(f"fold {fold}: done earlier ({done})")
+            with open(done) as f:
+                summaries[fold] = json.load(f)
+            continue
+        fold_config = ml_collections.ConfigDict(config.to_dict())
+        fold_config.data.fold = fold
+        log(f"fold {fold}: training in {fold_dir}")
+        summaries[fold] = train_and_evaluate(fold_config, fold_dir, data_workdir=workdir, log=log)
+    result = aggregate(summaries)
+    with open(os.path.join(workdir, "cv_summary.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(workdir, "cv_summary.md"), "w") as f:
+        f.write(markdown(result))
+    log(markdown(result))
+    return result

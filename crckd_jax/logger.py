@@ -1,0 +1,60 @@
+"""Metric records of a run: a JSONL file and TensorBoard event files, written by process 0.
+
+Each record is a flat dict with a `split` ('train' | 'test' | 'val'), the `step` and the
+`epoch`; eval records also name the `model` ('student' | 'teacher'). TensorBoard tags are
+`<split>/<key>` (`<split>_<model>/<key>` for the teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+def read_records(path: str) -> list[dict]:
+    """All records of a metrics JSONL file (an empty list when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricLogger:
+    """Appends records to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step` (left by a run that was killed after its checkpoint)."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_records(self.path) if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: (v.item() if isinstance(v, (np.generic, np.ndarray)) else v)
+                  for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        prefix = record["split"] + ("_teacher" if record.get("model") == "teacher" else "")
+        for key, value in record.items():
+            if key not in ("split", "step", "model") and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

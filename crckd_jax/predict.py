@@ -1,0 +1,69 @@
+"""A trained checkpoint + images -> `<workdir>/predictions.csv` with class probabilities.
+
+`predict.input` is a folder (every image under it, sorted) or a CSV whose
+`predict.image_column` holds image paths (relative to the CSV's folder or absolute). Images
+go through the evaluation transform of training: decoded to RGB, resized to the stored
+size, then to the model size, ImageNet-normalised. Each row of the output: path, predicted
+class name, one probability column per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from crckd_jax import config as config_lib
+from crckd_jax.data import augment, sources
+from crckd_jax.data.sources import DataError
+from crckd_jax.train import load_trained
+
+
+def list_inputs(spec: str, image_column: str) -> list[str]:
+    """Image paths named by a folder or a CSV (DataError naming what is wrong)."""
+    if not spec:
+        raise DataError("config key 'predict.input' is '': expected a folder of images or a CSV")
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
+                       if os.path.splitext(f)[1].lower() in sources.IMAGE_EXTENSIONS)
+        if not paths:
+            raise DataError(f"folder {spec!r} holds no image ({list(sources.IMAGE_EXTENSIONS)})")
+        return paths
+    if os.path.isfile(spec):
+        rows = sources.read_csv(spec, [image_column])
+        base = os.path.dirname(os.path.abspath(spec))
+        return [os.path.join(base, r[image_column]) for r in rows]
+    raise DataError(f"config key 'predict.input' is {spec!r}: no such folder or CSV file")
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str,
+            log: Callable[[str], None] = print) -> str:
+    """Writes predictions.csv for `predict.input` with the latest checkpoint of `workdir`."""
+    paths = list_inputs(config.predict.input, config.predict.image_column)
+    trainer, state = load_trained(config, workdir, log=log)
+    store, size = config_lib.store_size(config), config.data.image_size
+    batch_size = config.train.batch_size
+    probs = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = np.zeros((batch_size, size, size, 3), np.float32)
+        for i, path in enumerate(chunk):
+            stored = np.asarray(sources.load_rgb(path, store))
+            images[i] = augment.normalize(np.asarray(augment.resize(stored, size)))
+        out = trainer.eval_step[False](state, trainer.parallel.put_batch({"image": images}))
+        probs.append(trainer.parallel.gather_examples(out)["probs"][:len(chunk)])
+    probs = np.concatenate(probs)
+    names = list(trainer.data.class_names)
+    out_path = os.path.join(workdir, "predictions.csv")
+    if jax.process_index() == 0:
+        with open(out_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "predicted"] + [f"prob_{n}" for n in names])
+            for path, p in zip(paths, probs):
+                writer.writerow([path, names[int(np.argmax(p))]] + [f"{x:.6f}" for x in p])
+    log(f"wrote {len(paths)} predictions to {out_path}")
+    return out_path

@@ -1,0 +1,348 @@
+"""The training loop of one fold: epochs, evaluation, checkpoints, logs, progress, NaN guard.
+
+`train_and_evaluate(config, workdir)` prepares the data if needed, builds the model, the
+optimizer, the memory and one `TrainState`, resumes from the latest checkpoint in
+`<workdir>/checkpoints` if there is one, trains with the compiled data-parallel step,
+evaluates the student (and optionally the teacher) on the held-out fold after every epoch,
+and writes `summary.json` and the report figures. Running it again on the same workdir
+continues where it stopped and ends with the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from crckd_jax import config as config_lib
+from crckd_jax import losses, metrics, report
+from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.data import pipeline, prepare
+from crckd_jax.data.sources import DataError
+from crckd_jax.distillation import ContrastConfig
+from crckd_jax.logger import MetricLogger, read_records
+from crckd_jax.memory import BankMemory, QueueMemory
+from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.models.torch_import import import_densenet, load_state_dict
+from crckd_jax.objective import LossConfig
+from crckd_jax.optim import current_learning_rate, make_optimizer
+from crckd_jax.parallel import AXIS, DataParallel
+from crckd_jax.state import TrainState, create_train_state
+from crckd_jax.step import StepConfig, eval_step, make_train_step
+
+METRIC_KEYS = ("acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo", "spec", "kappa")
+MEAN_LAST = 10  # epochs averaged by the reference's protocol
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache, so a second start skips most compiling."""
+    directory = directory or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "crckd_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def load_data(config: ml_collections.ConfigDict, data_workdir: str,
+              log: Callable[[str], None]) -> pipeline.FoldData:
+    """The prepared fold, preparing the data set first when `data_workdir` has none."""
+    try:
+        return prepare.load(data_workdir, config.data.fold)
+    except DataError:
+        prepare.prepare(config, data_workdir, log=log)
+        return prepare.load(data_workdir, config.data.fold)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built for one run: model, optimizer, compiled steps, data."""
+
+    config: ml_collections.ConfigDict
+    data: pipeline.FoldData
+    model: CRCKDNet
+    parallel: DataParallel
+    steps_per_epoch: int
+    total_steps: int
+    initial_state: TrainState
+    train_step: Callable
+    eval_step: Callable
+
+    @classmethod
+    def build(cls, config: ml_collections.ConfigDict, data: pipeline.FoldData) -> "Trainer":
+        num_classes = len(data.class_names)
+        parallel = DataParallel(config.parallel.backend)
+        if config.train.batch_size % parallel.num_devices:
+            raise config_lib.ConfigError(
+                f"config key 'train.batch_size' is {config.train.batch_size}: expected a "
+                f"multiple of the {parallel.num_devices} devices")
+        dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
+        model = CRCKDNet(densenet_config(config.model.name), num_classes,
+                         hidden_dim=config.model.hidden_dim, dtype=dtype,
+                         bn_axis_name=AXIS if config.parallel.sync_batch_norm else None)
+        steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_pass(
+            len(data.fold.train), config.train.batch_size)
+        total_steps = steps_per_epoch * config.train.epochs
+        optimizer = make_optimizer(total_steps, max_lr=config.optim.max_lr,
+                                   weight_decay=config.optim.weight_decay)
+        mem = config.memory
+        if mem.kind == "queue":
+            make_memory = functools.partial(QueueMemory.create, num_classes=num_classes,
+                                            capacity=mem.queue_size, dim=mem.embed_dim)
+        else:
+            make_memory = functools.partial(BankMemory.create, train_labels=data.train_labels,
+                                            num_classes=num_classes, dim=mem.embed_dim)
+        size = config.data.image_size
+        state = create_train_state(jax.random.key(config.seed), model, optimizer,
+                                   lambda k: make_memory(k), (size, size, 3), mem.embed_dim)
+        if config.model.pretrained:
+            state = _with_pretrained(state, model, config.model.pretrained)
+        loss = config.loss
+        step_config = StepConfig(
+            loss=LossConfig.from_preset(
+                loss.preset, ccd_weight=loss.ccd_weight, crp_weight=loss.crp_weight,
+                consistency=loss.consistency, rampup_epochs=loss.rampup_epochs,
+                begin_epoch=loss.begin_epoch),
+            contrast=ContrastConfig(
+                num_positives=mem.num_positives, num_negatives=mem.num_negatives,
+                temperature=mem.temperature, momentum=mem.momentum, z_momentum=mem.z_momentum),
+            embed_dim=mem.embed_dim, ema_decay=config.train.ema_decay,
+            steps_per_epoch=steps_per_epoch, consistency_divisor=config.train.batch_size,
+            teacher_bn=config.train.teacher_bn, teacher_rotate=config.train.teacher_rotate,
+            axis_name=AXIS)
+        class_weight = losses.class_weights(data.class_counts)
+        train_fn = make_train_step(model, optimizer, class_weight, step_config)
+
+        def train_with_lr(state, batch):
+            new_state, out = train_fn(state, batch)
+            return new_state, {**out, "learning_rate": current_learning_rate(new_state.opt_state)}
+
+        def eval_fn(state, batch, use_teacher):
+            return eval_step(state, batch, model=model, use_teacher=use_teacher)
+
+        compiled_eval = {
+            teacher: parallel.compile(functools.partial(eval_fn, use_teacher=teacher),
+                                      donate_state=False, sharded_outputs=True)
+            for teacher in (False, True)}
+        return cls(config, data, model, parallel, steps_per_epoch, total_steps, state,
+                   parallel.compile(train_with_lr), compiled_eval)
+
+    def train_iterator(self):
+        c = self.config
+        return iter(pipeline.train_dataset(
+            self.data, global_batch_size=c.train.batch_size, image_size=c.data.image_size,
+            num_epochs=c.train.epochs, seed=c.seed, steps_per_epoch=c.train.steps_per_epoch,
+            read_threads=c.data.read_threads, prefetch_batches=c.data.prefetch_batches,
+            worker_count=c.data.worker_count))
+
+    def evaluate(self, state, split: str, use_teacher: bool = False) -> dict[str, np.ndarray]:
+        """probs [N, C], labels [N], features [N, F] of every item of `split`, once each."""
+        c = self.config
+        dataset = pipeline.eval_dataset(
+            self.data, split=split, global_batch_size=c.train.batch_size,
+            image_size=c.data.image_size, read_threads=c.data.read_threads,
+            prefetch_batches=c.data.prefetch_batches, worker_count=c.data.worker_count)
+        parts = []
+        for batch in dataset:
+            out = self.eval_step[use_teacher](state, self.parallel.put_batch(
+                {"image": batch["image"]}))
+            keep = self.parallel.put_batch({k: batch[k] for k in ("label", "mask")})
+            parts.append(self.parallel.gather_examples({**out, **keep}))
+        joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        joined["labels"] = joined.pop("label")
+        mask = joined.pop("mask")
+        return {k: v[mask] for k, v in joined.items()}
+
+
+def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainState:
+    """Student and teacher backbones from a torchvision DenseNet checkpoint; fresh head."""
+    variables = import_densenet(
+        load_state_dict(path), {"params": state.params["student"],
+                                "batch_stats": state.batch_stats},
+        name=f"model {model.config}")
+    return state.replace(
+        params={**state.params, "student": variables["params"]},
+        batch_stats=variables["batch_stats"], ema_params=variables["params"],
+        ema_batch_stats=variables["batch_stats"])
+
+
+def _host(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
+                        tree)
+
+
+def summarise(records: list[dict], model: str = "student") -> dict:
+    """The three views of the test metrics: final epoch, mean of the last 10 epochs, and
+    the epoch with the best validation balanced accuracy (None without a validation split)."""
+    test = [r for r in records if r["split"] == "test" and r.get("model") == model]
+    if not test:
+        return {"final": None, "mean_last_10": None, "best_val": None}
+    pick = lambda r: {k: r[k] for k in METRIC_KEYS}
+    last = test[-MEAN_LAST:]
+    view = {
+        "final": pick(test[-1]),
+        "mean_last_10": {k: float(np.mean([r[k] for r in last])) for k in METRIC_KEYS},
+        "best_val": None,
+    }
+    val = [r for r in records if r["split"] == "val" and r.get("model") == model]
+    if val:
+        best = max(val, key=lambda r: (r["bacc"], -r["epoch"]))
+        match = [r for r in test if r["epoch"] == best["epoch"]]
+        view["best_val"] = {**pick(match[0]), "epoch": best["epoch"]}
+    return view
+
+
+def _format_metrics(terms: dict) -> str:
+    return " ".join(f"{k}={terms[k]:.4g}" for k in ("loss", "ce", "mt", "ccd", "crp")
+                    if k in terms)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data_workdir: str | None = None,
+                       log: Callable[[str], None] = print) -> dict:
+    """Trains one fold in `workdir` (resuming if possible); returns the summary dict.
+
+    `data_workdir` holds the prepared data set and folds (default: `workdir`).
+    """
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    enable_compilation_cache(config.train.compilation_cache_dir)
+    data = load_data(config, data_workdir or workdir, log)
+    trainer = Trainer.build(config, data)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=config.train.keep_checkpoints)
+    logger = MetricLogger(workdir)
+    iterator = trainer.train_iterator()
+    state = trainer.parallel.put_state(trainer.initial_state)
+    start = checkpoints.latest_step() or 0
+    if start:
+        restored = checkpoints.restore(state, start)
+        state = restored.state
+        iterator.set_state(restored.data)
+        logger.truncate_after(start)
+        log(f"resumed from step {start} ({checkpoints.directory})")
+    else:
+        logger.truncate_after(0)
+    try:
+        state = _train_loop(trainer, state, iterator, start, checkpoints, logger, log)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+    return _finish(trainer, state, workdir, logger, log)
+
+
+def _train_loop(trainer, state, iterator, start, checkpoints, logger, log):
+    config = trainer.config
+    per_epoch, total = trainer.steps_per_epoch, trainer.total_steps
+    every = config.train.checkpoint_every_steps
+    bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0,
+               unit="step", dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start + 1, total + 1):
+        batch = next(iterator)
+        state, terms = trainer.train_step(state, trainer.parallel.put_batch(batch))
+        terms = _host(trainer.parallel.get_outputs(terms))
+        if not all(math.isfinite(terms[k]) for k in ("loss", "ce", "mt", "ccd", "crp")):
+            raise TrainingDiverged(
+                f"non-finite loss at step {step} (epoch {(step - 1) // per_epoch}): "
+                f"{_format_metrics(terms)}; the last good checkpoint is step "
+                f"{checkpoints.latest_step()} in {checkpoints.directory}")
+        epoch_end = step % per_epoch == 0
+        if step % config.train.log_every_steps == 0 or epoch_end:
+            now = time.perf_counter()
+            img_s = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
+            tick, tick_step = now, step
+            logger.write({"split": "train", "step": step, "epoch": (step - 1) // per_epoch,
+                          "images_per_s": img_s,
+                          **{k: v for k, v in terms.items() if k != "epoch"}})
+            bar.set_postfix_str(f"epoch {(step - 1) // per_epoch + 1}/{config.train.epochs} "
+                                f"{_format_metrics(terms)} {img_s:.1f} img/s")
+        bar.update(1)
+        if epoch_end:
+            _evaluate_epoch(trainer, state, step, logger, bar)
+        if epoch_end or (every and step % every == 0):
+            checkpoints.save(step, state, iterator.get_state(),
+                             {"epoch": step / per_epoch, "config": config.to_dict()})
+    bar.close()
+    return state
+
+
+def _evaluate_epoch(trainer, state, step, logger, bar):
+    epoch = step // trainer.steps_per_epoch - 1
+    splits = ["test"] + (["val"] if len(trainer.data.fold.val) else [])
+    models = ["student"] + (["teacher"] if trainer.config.train.eval_teacher else [])
+    for split in splits:
+        for model in models:
+            out = trainer.evaluate(state, split, use_teacher=model == "teacher")
+            values = metrics.classification_metrics(out["probs"], out["labels"],
+                                                    len(trainer.data.class_names))
+            logger.write({"split": split, "model": model, "step": step, "epoch": epoch,
+                          **values})
+            if split == "test" and model == "student":
+                bar.write(f"epoch {epoch + 1}: test bacc={values['bacc']:.4f} "
+                          f"f1={values['f1']:.4f} auc={values['auc_ovr']:.4f}")
+
+
+def _finish(trainer, state, workdir, logger, log):
+    records = read_records(logger.path)
+    summary = summarise(records)
+    if trainer.config.train.eval_teacher:
+        summary["teacher"] = summarise(records, "teacher")
+    evaluation = trainer.evaluate(state, "test")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        report.write_report(os.path.join(workdir, "report"), records, evaluation,
+                            list(trainer.data.class_names))
+    logger.close()
+    final = summary["final"]
+    if final:
+        log(f"test (final epoch): " + " ".join(f"{k}={final[k]:.4f}" for k in METRIC_KEYS))
+    return summary
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str,
+                 data_workdir: str | None = None,
+                 log: Callable[[str], None] = print) -> tuple[Trainer, Any]:
+    """The trainer of `config` and the latest checkpointed state of `workdir`."""
+    config_lib.validate(config)
+    enable_compilation_cache(config.train.compilation_cache_dir)
+    data = load_data(config, data_workdir or workdir, log)
+    trainer = Trainer.build(config, data)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
+    if checkpoints.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}: train first "
+                                f"(--mode train with --workdir {workdir})")
+    state = checkpoints.restore(trainer.parallel.put_state(trainer.initial_state)).state
+    checkpoints.close()
+    return trainer, state
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        log: Callable[[str], None] = print) -> dict:
+    """Metrics of the latest checkpoint on the test (and validation) split -> eval.json."""
+    trainer, state = load_trained(config, workdir, log=log)
+    results = {}
+    splits = ["test"] + (["val"] if len(trainer.data.fold.val) else [])
+    for split in splits:
+        out = trainer.evaluate(state, split)
+        results[split] = metrics.classification_metrics(out["probs"], out["labels"],
+                                                         len(trainer.data.class_names))
+        log(f"{split}: " + " ".join(f"{k}={results[split][k]:.4f}" for k in METRIC_KEYS))
+        log(metrics.per_class_report(out["probs"], out["labels"], trainer.data.class_names))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results

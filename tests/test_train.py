@@ -1,0 +1,166 @@
+"""End to end through `launch.py` on `configs/demo.py:tiny`: train, resume after SIGKILL,
+cross-validation, evaluation, prediction, the NaN guard and config errors."""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "demo.py") + ":tiny"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def launch_command(workdir, cache, *flags):
+    return [sys.executable, str(ROOT / "launch.py"), "--config", TINY, "--workdir", str(workdir),
+            f"--config.train.compilation_cache_dir={cache}", *flags]
+
+
+def launch(workdir, cache, *flags, check=True):
+    done = subprocess.run(launch_command(workdir, cache, *flags), capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def final_state(workdir):
+    directory = pathlib.Path(workdir) / "checkpoints"
+    step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    return step, restored["state"], restored["data"]
+
+
+def leaves(tree):
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("train")
+    done = launch(workdir, cache)
+    return workdir, done
+
+
+def test_train_writes_every_artefact(trained):
+    workdir, done = trained
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary) == {"final", "mean_last_10", "best_val"}
+    assert summary["best_val"] is None
+    assert set(summary["final"]) == {"acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo",
+                                     "spec", "kappa"}
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "test"}
+    train = [r for r in records if r["split"] == "train"]
+    assert all(np.isfinite(r[k]) for r in train for k in ("loss", "ce", "mt", "ccd", "crp"))
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints").is_dir()
+    for name in ("training_curves", "confusion_matrix", "roc_curves", "tsne_embeddings"):
+        assert (workdir / "report" / f"{name}.png").stat().st_size > 10_000
+    assert "test (final epoch)" in done.stdout
+
+
+def test_eval_and_predict_use_the_checkpoint(trained, cache):
+    workdir, _ = trained
+    launch(workdir, cache, "--mode", "eval")
+    results = json.loads((workdir / "eval.json").read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert results["test"]["bacc"] == pytest.approx(summary["final"]["bacc"])
+
+    images = sorted((workdir / "data" / "synthetic").rglob("*.jpg"))[:11]
+    listing = workdir / "to_predict.csv"
+    with open(listing, "w", newline="") as f:
+        csv.writer(f).writerows([["image"]] + [[os.path.relpath(p, workdir)] for p in images])
+    launch(workdir, cache, "--mode", "predict", f"--config.predict.input={listing}")
+    with open(workdir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 11
+    classes = ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"]
+    assert list(rows[0]) == ["path", "predicted"] + [f"prob_{c}" for c in classes]
+    for row in rows:
+        probs = np.array([float(row[f"prob_{c}"]) for c in classes])
+        assert abs(probs.sum() - 1) < 1e-4 and row["predicted"] == classes[np.argmax(probs)]
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, cache):
+    flags = ("--config.train.epochs=3", "--config.train.checkpoint_every_steps=1")
+    launch(tmp_path / "straight", cache, *flags)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(launch_command(killed, cache, *flags), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "checkpoints" / "1"
+    deadline = time.time() + 300
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 6, f"killed too late: checkpoints {steps}"
+
+    resumed = launch(killed, cache, *flags)
+    assert "resumed from step" in resumed.stdout
+    step_a, state_a, data_a = final_state(tmp_path / "straight")
+    step_b, state_b, data_b = final_state(killed)
+    assert step_a == step_b == 6 and data_a == data_b
+    a, b = leaves(state_a), leaves(state_b)
+    assert a.keys() == b.keys() and len(a) > 100
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_cv_two_folds_writes_both_summaries(tmp_path, cache):
+    launch(tmp_path, cache, "--mode", "cv", "--config.data.num_folds=2")
+    for fold in (0, 1):
+        assert (tmp_path / f"fold_{fold}" / "summary.json").exists()
+    result = json.loads((tmp_path / "cv_summary.json").read_text())
+    assert result["folds"] == [0, 1]
+    assert set(result["final"]["bacc"]) == {"mean", "std"}
+    assert "| bacc |" in (tmp_path / "cv_summary.md").read_text()
+    again = launch(tmp_path, cache, "--mode", "cv", "--config.data.num_folds=2")
+    assert "fold 0: done earlier" in again.stdout
+
+
+def test_non_finite_loss_stops_with_step_and_terms(tmp_path, cache):
+    done = launch(tmp_path, cache, "--config.optim.max_lr=1e30",
+                  "--config.train.checkpoint_every_steps=1", check=False)
+    assert done.returncode != 0
+    assert "non-finite loss at step 2" in done.stderr and "ce=" in done.stderr
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.train.epoch=3", "train.epoch"),
+    ("--config.train.epochs=two", "train.epochs"),
+    ("--config.data.fold=7", "'data.fold' is 7"),
+    ("--config.model.pretrained=/nonexistent/densenet121.pth", "'model.pretrained'"),
+    ("--config.memory.kind=stack", "'memory.kind' is 'stack'"),
+])
+def test_bad_config_values_are_named(tmp_path, cache, flag, message):
+    done = launch(tmp_path, cache, flag, check=False)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_data_dir_is_named(tmp_path, cache):
+    done = launch(tmp_path, cache, "--config.data.source=ham10000",
+                  "--config.data.dir=/nonexistent/HAM10000", check=False)
+    assert done.returncode != 0 and "/nonexistent/HAM10000" in done.stderr
