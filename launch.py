@@ -9,12 +9,20 @@
   eval     evaluate the latest checkpoint of W on the test (and validation) split
   cv       train every fold of `data.folds` in W/fold_<k>, then W/cv_summary.{json,md}
   predict  write W/predictions.csv for the images of `predict.input`
+
+Several processes (hosts) train together through `jax.distributed`: give every process
+`--coordinator_address HOST:PORT --num_processes N --process_id I` (HOST is process 0's
+machine), or nothing under a launcher JAX recognises (SLURM with several tasks, Open MPI,
+a Cloud TPU VM, or JAX_COORDINATOR_ADDRESS in the environment). See docs/parallel.md.
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from crckd_jax import config as config_lib
+from crckd_jax import xla_options
 from crckd_jax.data.sources import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).")
@@ -22,7 +30,76 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for data, checkpoints an
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["prepare", "train", "eval", "cv", "predict"], "What to do."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: HOST:PORT of process 0's coordinator (the same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process runs: number of processes.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's id in [0, num_processes).",
+    lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
+
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def _on_cloud_tpu_vm() -> bool:
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def cluster_environment(environ=None) -> str | None:
+    """The multi-process launcher found in the environment, from which a bare
+    `jax.distributed.initialize()` takes its settings; None for a single process."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if all(k in env for k in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "Cloud TPU"
+    if environ is None and _on_cloud_tpu_vm():
+        return "Cloud TPU"
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, environ=None) -> str | None:
+    """Starts `jax.distributed` when the flags or the environment ask for several processes.
+
+    Must run before any JAX computation. Returns how the processes were found (None: a
+    single process, nothing started).
+    """
+    given = (coordinator_address, num_processes, process_id)
+    if num_processes == 1 and coordinator_address is None:
+        return None  # explicitly one process
+    if all(v is None for v in given):
+        source = cluster_environment(environ)
+        if source is None:
+            return None
+    else:
+        source = "flags"
+    import jax
+
+    # All three flags: no launcher's environment overrides them (under SLURM it would also
+    # restrict each process to one local device); each process uses the devices it sees.
+    detection = "deactivate" if None not in given else None
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   cluster_detection_method=detection)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(
+            f"error: jax.distributed.initialize ({source}): {e}; give --coordinator_address, "
+            "--num_processes and --process_id to every process") from e
+    print(f"process {jax.process_index()} of {jax.process_count()} ({source}): "
+          f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
+    return source
 
 
 def run(mode: str, config, workdir: str) -> None:
@@ -65,10 +142,12 @@ def main(argv):
     config = _CONFIG.value
     try:
         config_lib.validate(config)
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         run(_MODE.value, config, _WORKDIR.value)
     except (DataError, config_lib.ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":
+    xla_options.configure()  # before JAX starts: the CPU backend's faster kernels
     app.run(main, flags_parser=parse_flags)

@@ -25,6 +25,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crckd_jax import xla_options  # noqa: E402
+
+xla_options.configure()  # before JAX starts, as launch.py does
+
 from crckd_jax import config as config_lib  # noqa: E402
 from crckd_jax.train import train_and_evaluate  # noqa: E402
 

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Callable
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -70,9 +71,10 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str,
         log(f"fold {fold}: training in {fold_dir}")
         summaries[fold] = train_and_evaluate(fold_config, fold_dir, data_workdir=workdir, log=log)
     result = aggregate(summaries)
-    with open(os.path.join(workdir, "cv_summary.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(workdir, "cv_summary.md"), "w") as f:
-        f.write(markdown(result))
-    log(markdown(result))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "cv_summary.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(workdir, "cv_summary.md"), "w") as f:
+            f.write(markdown(result))
+        log(markdown(result))
     return result

@@ -2,10 +2,21 @@
 
 The step functions of `step.py` are written per device with collectives over the axis
 `AXIS`. `DataParallel` compiles such a function either with `jax.jit` + `jax.shard_map`
-over a `Mesh` of all devices of all processes (the default), or with `jax.pmap` over
-this process's devices, and moves the state and batches in and out in the matching
-layout. The state is replicated; the global batch is split across devices, each process
-providing the rows of its own devices.
+over a `Mesh` of all devices of all processes (the default), or with `jax.pmap` over the
+same devices (each process feeding its own), and moves the state and batches in and out in
+the matching layout. The state is replicated; the global batch is split across devices.
+
+Layout of a global batch of B rows over P processes with D devices each (mesh order is
+process-major): process p provides rows [p * B/P, (p + 1) * B/P) (see `data.pipeline`), and
+its devices take consecutive blocks of B/(P*D) rows of those. Both backends use this order,
+so the all-gathers inside the step (the class memory's update) see the global batch in the
+same order for any number of processes or devices, and `gather_examples` returns per-example
+outputs in global batch order.
+
+State layouts: with `shard_map` the state is one global array per leaf, replicated over the
+mesh; with `pmap` it is stacked per local device ([local devices, ...]). `get_state` returns
+the first form for both (what checkpoints hold), `put_state` accepts it (or host arrays) and
+returns the backend's form.
 """
 
 from __future__ import annotations
@@ -21,8 +32,14 @@ BACKENDS = ("shard_map", "pmap")
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named `AXIS` over `devices` (default: all devices of all processes)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+    """A 1-D mesh named `AXIS` over `devices` (default: all devices of all processes).
+
+    Devices are ordered by process (stable within a process), so each process's devices
+    hold one contiguous block of the global batch.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    devices.sort(key=lambda d: d.process_index)
+    return Mesh(np.asarray(devices), (AXIS,))
 
 
 class DataParallel:
@@ -39,16 +56,30 @@ class DataParallel:
         self.mesh = data_mesh(devices)
         self.local_devices = [d for d in self.mesh.devices.flat
                               if d.process_index == jax.process_index()]
+        counts = {}
+        for d in self.mesh.devices.flat:
+            counts[d.process_index] = counts.get(d.process_index, 0) + 1
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"every process needs the same number of devices, got {counts}")
+        self.num_processes = len(counts)
+        self.replicated = NamedSharding(self.mesh, P())
+        self._local_mesh = Mesh(np.asarray(self.local_devices), (AXIS,))
 
     @property
     def num_devices(self) -> int:
         return self.mesh.size
 
+    @property
+    def num_local_devices(self) -> int:
+        return len(self.local_devices)
+
     def compile(self, step_fn: Callable, *, donate_state: bool = True,
                 sharded_outputs: bool = False) -> Callable:
         donate = (0,) if donate_state else ()
         if self.backend == "pmap":
-            return jax.pmap(step_fn, axis_name=AXIS, devices=self.local_devices,
+            # All devices of all processes: the named axis (and its collectives) spans them;
+            # each process passes [local devices, ...] arrays.
+            return jax.pmap(step_fn, axis_name=AXIS, devices=list(self.mesh.devices.flat),
                             donate_argnums=donate)
         # check_vma=False: gradients are summed explicitly with psum inside the step
         # (with the check on, grad of replicated parameters would add an implicit sum).
@@ -57,30 +88,87 @@ class DataParallel:
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=donate)
 
+    # --- state -----------------------------------------------------------------------
+
+    def _replicate(self, x: Any) -> jax.Array:
+        """A leaf -> one global array replicated over the mesh (the same value is expected
+        on every process, as for a state built from the same seed or read from a
+        checkpoint)."""
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim):
+            return x
+        return jax.device_put(x, self.replicated)
+
+    def _stack_local(self, x: Any) -> jax.Array:
+        """A leaf -> [local devices, ...], one copy on each local device (pmap layout)."""
+        shards = {}
+        if isinstance(x, jax.Array) and x.is_fully_replicated:
+            shards = {s.device: s.data for s in x.addressable_shards}
+        if all(d in shards for d in self.local_devices):
+            pieces = [shards[d][None] for d in self.local_devices]
+        else:
+            host = np.asarray(x)[None]
+            pieces = [jax.device_put(host, d) for d in self.local_devices]
+        shape = (self.num_local_devices, *np.shape(x))
+        return jax.make_array_from_single_device_arrays(
+            shape, NamedSharding(self._local_mesh, P(AXIS)), pieces)
+
     def put_state(self, state: Any) -> Any:
-        """Replicate a host or single-device state on every device."""
+        """Replicate a state on every device, in the backend's layout.
+
+        `state` may hold host arrays, single-device arrays or the replicated global
+        arrays of `get_state` (e.g. restored from a checkpoint).
+        """
         if self.backend == "pmap":
-            n = len(self.local_devices)
-            stacked = jax.tree.map(lambda x: jax.numpy.stack([x] * n), state)
-            local = Mesh(np.asarray(self.local_devices), (AXIS,))
-            return jax.device_put(stacked, NamedSharding(local, P(AXIS)))
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+            return jax.tree.map(self._stack_local, state)
+        return jax.tree.map(self._replicate, state)
 
     def get_state(self, state: Any) -> Any:
-        """One copy of a replicated state."""
-        if self.backend == "pmap":
-            return jax.tree.map(lambda x: x[0], state)
-        return state
+        """One copy of a replicated state: global arrays replicated over the mesh.
+
+        This is the layout checkpoints are saved in and restored to (`abstract_state`),
+        whatever the backend, so a checkpoint does not depend on the backend, the number
+        of processes or the number of devices.
+        """
+        if self.backend != "pmap":
+            return state
+
+        def first_copy(x):
+            copies = {s.device: s.data[0] for s in x.addressable_shards}
+            return jax.make_array_from_single_device_arrays(
+                x.shape[1:], self.replicated, [copies[d] for d in self.local_devices])
+
+        return jax.tree.map(first_copy, state)
+
+    def abstract_state(self, state: Any) -> Any:
+        """Shapes, dtypes and the replicated sharding of `state`'s leaves (the target of a
+        checkpoint restore); `state` is a host/single-device state such as the initial one."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated),
+            state)
+
+    # --- batches and outputs -----------------------------------------------------------
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """This process's rows of the global batch -> arrays split over the devices."""
         if self.backend == "pmap":
-            n = len(self.local_devices)
+            n = self.num_local_devices
             return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]),
                                 local_batch)
         sharding = NamedSharding(self.mesh, P(AXIS))
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+    def process_rows(self, global_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This process's rows of a whole global batch held by every process."""
+        index = self.local_devices[0].process_index
+        order = sorted({d.process_index for d in self.mesh.devices.flat})
+        position = order.index(index)
+
+        def rows(x):
+            local = x.shape[0] // self.num_processes
+            return x[position * local:(position + 1) * local]
+
+        return jax.tree.map(rows, global_batch)
 
     def get_outputs(self, outputs: Any) -> Any:
         """Replicated outputs -> one copy on the host."""
@@ -89,11 +177,13 @@ class DataParallel:
         return jax.tree.map(np.asarray, outputs)
 
     def gather_examples(self, outputs: Any) -> Any:
-        """Per-example outputs split over devices (and processes) -> whole numpy arrays."""
+        """Per-example outputs split over devices (and processes) -> whole numpy arrays,
+        in global batch order, on every process."""
         from jax.experimental import multihost_utils
 
         if self.backend == "pmap":
-            outputs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+            outputs = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]),
+                                   outputs)
         if jax.process_count() == 1:
             return jax.tree.map(np.asarray, outputs)
         return multihost_utils.process_allgather(outputs, tiled=True)

@@ -54,7 +54,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str,
         for i, path in enumerate(chunk):
             stored = np.asarray(sources.load_rgb(path, store))
             images[i] = augment.normalize(np.asarray(augment.resize(stored, size)))
-        out = trainer.eval_step[False](state, trainer.parallel.put_batch({"image": images}))
+        local = trainer.parallel.process_rows({"image": images})
+        out = trainer.eval_step[False](state, trainer.parallel.put_batch(local))
         probs.append(trainer.parallel.gather_examples(out)["probs"][:len(chunk)])
     probs = np.concatenate(probs)
     names = list(trainer.data.class_names)

@@ -58,7 +58,21 @@ def enable_compilation_cache(directory: str) -> None:
 
 def load_data(config: ml_collections.ConfigDict, data_workdir: str,
               log: Callable[[str], None]) -> pipeline.FoldData:
-    """The prepared fold, preparing the data set first when `data_workdir` has none."""
+    """The prepared fold, preparing the data set first when `data_workdir` has none.
+
+    With several processes (sharing `data_workdir`) process 0 prepares, the others wait.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            _load_or_prepare(config, data_workdir, log)
+        multihost_utils.sync_global_devices("crckd_jax:prepared")
+        return prepare.load(data_workdir, config.data.fold)
+    return _load_or_prepare(config, data_workdir, log)
+
+
+def _load_or_prepare(config, data_workdir, log):
     try:
         return prepare.load(data_workdir, config.data.fold)
     except DataError:
@@ -225,15 +239,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                keep=config.train.keep_checkpoints)
     logger = MetricLogger(workdir)
     iterator = trainer.train_iterator()
-    state = trainer.parallel.put_state(trainer.initial_state)
     start = checkpoints.latest_step() or 0
     if start:
-        restored = checkpoints.restore(state, start)
-        state = restored.state
-        iterator.set_state(restored.data)
+        restored = checkpoints.restore(trainer.parallel.abstract_state(trainer.initial_state),
+                                       start)
+        state = trainer.parallel.put_state(restored.state)
+        iterator.set_state(pipeline.rescale_iterator_state(
+            restored.data, config.train.batch_size,
+            restored.meta.get("process_count", jax.process_count())))
         logger.truncate_after(start)
         log(f"resumed from step {start} ({checkpoints.directory})")
     else:
+        state = trainer.parallel.put_state(trainer.initial_state)
         logger.truncate_after(0)
     try:
         state = _train_loop(trainer, state, iterator, start, checkpoints, logger, log)
@@ -273,8 +290,11 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger, log):
         if epoch_end:
             _evaluate_epoch(trainer, state, step, logger, bar)
         if epoch_end or (every and step % every == 0):
-            checkpoints.save(step, state, iterator.get_state(),
-                             {"epoch": step / per_epoch, "config": config.to_dict()})
+            # One replicated copy of the state (also under pmap), the same iterator
+            # state on every process (each counts its own rows of the global batches).
+            checkpoints.save(step, trainer.parallel.get_state(state), iterator.get_state(),
+                             {"epoch": step / per_epoch, "config": config.to_dict(),
+                              "process_count": jax.process_count()})
     bar.close()
     return state
 
@@ -290,7 +310,7 @@ def _evaluate_epoch(trainer, state, step, logger, bar):
                                                     len(trainer.data.class_names))
             logger.write({"split": split, "model": model, "step": step, "epoch": epoch,
                           **values})
-            if split == "test" and model == "student":
+            if split == "test" and model == "student" and jax.process_index() == 0:
                 bar.write(f"epoch {epoch + 1}: test bacc={values['bacc']:.4f} "
                           f"f1={values['f1']:.4f} auc={values['auc_ovr']:.4f}")
 
@@ -325,9 +345,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}: train first "
                                 f"(--mode train with --workdir {workdir})")
-    state = checkpoints.restore(trainer.parallel.put_state(trainer.initial_state)).state
+    restored = checkpoints.restore(trainer.parallel.abstract_state(trainer.initial_state))
     checkpoints.close()
-    return trainer, state
+    return trainer, trainer.parallel.put_state(restored.state)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

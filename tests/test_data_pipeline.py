@@ -72,14 +72,53 @@ def test_same_seed_same_batches_and_reshuffled_epochs(data):
     assert not np.array_equal(first[0]["index"], first[per_epoch]["index"])
 
 
-def test_processes_split_each_global_batch(data):
+def test_processes_read_contiguous_slices_of_each_global_batch(data):
+    # Process k of n reads rows [k * B/n, (k + 1) * B/n) of every global batch, with the
+    # same augmentation: laid one after the other, the slices are the one-process batch
+    # (the order jax.make_array_from_process_local_data assembles the global batch in).
     whole = _train(data, num_epochs=1)
-    shards = [_train(data, num_epochs=1, process_index=k, process_count=2) for k in range(2)]
-    for step, b in enumerate(whole):
-        for k in range(2):
-            assert shards[k][step]["index"].shape == (4,)
+    for count in (2, 4):
+        shards = [_train(data, num_epochs=1, process_index=k, process_count=count)
+                  for k in range(count)]
+        assert all(len(s) == len(whole) for s in shards)
+        for step, b in enumerate(whole):
             for key in b:
-                np.testing.assert_array_equal(shards[k][step][key], b[key][k::2])
+                np.testing.assert_array_equal(
+                    np.concatenate([s[step][key] for s in shards]), b[key])
+        assert shards[0][0]["index"].shape == (8 // count,)
+    with pytest.raises(ValueError, match="not divisible"):
+        _train(data, process_index=0, process_count=3)
+
+
+def test_two_process_iterators_resume_and_rescale_to_one_process(data):
+    kwargs = dict(global_batch_size=8, image_size=SIZE, num_epochs=2, seed=3)
+    shards = [pipeline.train_dataset(data, process_index=k, process_count=2, **kwargs)
+              for k in range(2)]
+    iterators = [iter(s) for s in shards]
+    for _ in range(3):
+        for it in iterators:
+            next(it)
+    states = [it.get_state() for it in iterators]
+    assert states[0] == states[1]  # one state serves every process
+    rest = [list(it) for it in iterators]
+    # Resumed with the same process count: exactly the remaining batches.
+    for k, shard in enumerate(shards):
+        resumed = iter(shard)
+        resumed.set_state(states[k])
+        again = list(resumed)
+        assert len(again) == len(rest[k]) > 0
+        for a, b in zip(again, rest[k]):
+            np.testing.assert_array_equal(a["index"], b["index"])
+    # Resumed by one process: the same global batches, whole.
+    single = iter(pipeline.train_dataset(data, process_index=0, process_count=1, **kwargs))
+    single.set_state(pipeline.rescale_iterator_state(states[0], 8, 2, 1))
+    whole = list(single)
+    assert len(whole) == len(rest[0])
+    for step, b in enumerate(whole):
+        for key in b:
+            np.testing.assert_array_equal(
+                np.concatenate([rest[0][step][key], rest[1][step][key]]), b[key])
+    assert pipeline.rescale_iterator_state(states[0], 8, 2, 2) == states[0]
 
 
 def test_restored_iterator_gives_exactly_the_remaining_batches(data):
@@ -129,16 +168,22 @@ def test_evaluation_is_padded_with_a_mask(data):
     np.testing.assert_array_equal(index[mask], np.arange(n))
     np.testing.assert_array_equal(labels[mask], data.fold.test_labels)
     assert (index[~mask] == -1).all() and batches[0]["image"].shape == (16, SIZE, SIZE, 3)
-    shards = [
-        list(
-            pipeline.eval_dataset(
-                data, global_batch_size=16, image_size=SIZE, process_index=k, process_count=2
+    for count in (2, 4):
+        shards = [
+            list(
+                pipeline.eval_dataset(
+                    data, global_batch_size=16, image_size=SIZE, process_index=k,
+                    process_count=count,
+                )
             )
-        )
-        for k in range(2)
-    ]
-    seen = np.concatenate([b["index"][b["mask"]] for shard in shards for b in shard])
-    np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+            for k in range(count)
+        ]
+        for step, b in enumerate(batches):
+            for key in b:
+                np.testing.assert_array_equal(
+                    np.concatenate([shard[step][key] for shard in shards]), b[key])
+        seen = np.concatenate([b["index"][b["mask"]] for shard in shards for b in shard])
+        np.testing.assert_array_equal(np.sort(seen), np.arange(n))
 
 
 def test_affine_matches_torchvision_conventions():

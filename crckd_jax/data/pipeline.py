@@ -12,9 +12,13 @@ permutation of 0..N_train-1 (seeded by seed + q) cut to whole global batches, so
 batch is full and the N_train mod global_batch items cut from one pass are seen in the
 others. An epoch is `steps_per_epoch` consecutive global batches of the stream (default:
 one pass). Global position p of the stream is augmented with an RNG seeded by (seed, p), so
-batches do not depend on the number of processes or threads. Each process takes positions
-p = process_index (mod process_count) of every global batch: every example is read once per
-pass across all processes. The iterator's get_state()/set_state() resume the exact stream.
+batches do not depend on the number of processes or threads. Process i of n takes the
+contiguous positions [i * B/n, (i + 1) * B/n) of every global batch of B: every example is
+read once per pass across all processes, and the processes' slices laid one after the other
+(which is how `jax.make_array_from_process_local_data` assembles the global batch) give the
+global batch in the same order as one process reads it. The iterator's get_state()/set_state()
+resume the exact stream; its state counts this process's items, so a checkpoint written with
+n processes is resumed with m through `rescale_iterator_state`.
 """
 
 from __future__ import annotations
@@ -81,6 +85,65 @@ class _PassStream(grain.MapDataset):
             return self.slice(p)
         q, j = divmod(p, self.per_pass)
         return self._parent[q * self.num_items + j]
+
+
+class _ProcessRows(grain.MapDataset):
+    """Local position j -> global position of this process's part of each global batch:
+    batch j // b, row i * b + j % b, with b = B / n the local batch of process i of n."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int,
+                 process_index: int):
+        super().__init__(parent)
+        if len(parent) % global_batch:
+            raise ValueError(f"{len(parent)} items are not whole global batches of "
+                             f"{global_batch}")
+        self.global_batch, self.local_batch = global_batch, local_batch
+        self.offset = process_index * local_batch
+        self.length = len(parent) // global_batch * local_batch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _global(self, j: int) -> int:
+        step, row = divmod(j, self.local_batch)
+        return step * self.global_batch + self.offset + row
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        return self._parent[self._global(j)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._global(j) for j in indices])
+
+    def __str__(self) -> str:
+        return (f"ProcessRows(global_batch={self.global_batch}, "
+                f"local_batch={self.local_batch}, offset={self.offset})")
+
+
+def _process_rows(ds: grain.MapDataset, global_batch: int, index: int, count: int):
+    local = _local_batch(global_batch, count)
+    return ds if count == 1 else _ProcessRows(ds, global_batch, local, index)
+
+
+def rescale_iterator_state(state: dict, global_batch_size: int, saved_process_count: int,
+                           process_count: int | None = None) -> dict:
+    """A training iterator state saved with `saved_process_count` processes, for this
+    run's process count (the same global position of the stream)."""
+    count = jax.process_count() if process_count is None else process_count
+    if count == saved_process_count:
+        return state
+    if set(state) != {"next_index"}:
+        raise DataError(
+            f"cannot resume the data iterator of a checkpoint written by "
+            f"{saved_process_count} processes with {count} processes (iterator state "
+            f"{sorted(state)}); resume with {saved_process_count} processes or with "
+            "data.worker_count=0")
+    saved_local = _local_batch(global_batch_size, saved_process_count)
+    steps, rest = divmod(int(state["next_index"]), saved_local)
+    if rest:
+        raise DataError(f"iterator state {state} is not at a global batch boundary")
+    return {"next_index": steps * _local_batch(global_batch_size, count)}
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -157,7 +220,8 @@ def train_dataset(
     )
     ds = ds.map(_ReadRecord(data.source, data.fold.train, data.fold.train_labels))
     ds = ds.random_map(augment.TwoViews(image_size), seed=(seed + 1) % 2**32)
-    return _to_iter(ds[index::count], local, read_threads, prefetch_batches, worker_count)
+    ds = _process_rows(ds, global_batch_size, index, count)
+    return _to_iter(ds, local, read_threads, prefetch_batches, worker_count)
 
 
 class _ReadPadded(grain.transforms.Map):
@@ -190,7 +254,8 @@ def eval_dataset(
     worker_count: int = 0,
 ) -> grain.IterDataset:
     """One pass over `split` ('test' | 'val' | 'train') in list order, padded to whole global
-    batches; each item appears exactly once with mask True across all processes."""
+    batches; each item appears exactly once with mask True across all processes, and the
+    processes' batches laid one after the other are the global batches, in list order."""
     if split not in splits.SPLITS:
         raise ValueError(f"split {split!r} is not one of {splits.SPLITS}")
     index, count = _processes(process_index, process_count)
@@ -201,4 +266,5 @@ def eval_dataset(
     ds = grain.MapDataset.range(num_batches * global_batch_size)
     ds = ds.map(_ReadPadded(_ReadRecord(data.source, records, labels), len(records), store_shape))
     ds = ds.map(augment.EvalView(image_size))
-    return _to_iter(ds[index::count], local, read_threads, prefetch_batches, worker_count)
+    ds = _process_rows(ds, global_batch_size, index, count)
+    return _to_iter(ds, local, read_threads, prefetch_batches, worker_count)

@@ -19,8 +19,10 @@ is two small all-reduces of [C] vectors per layer instead of one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
@@ -66,34 +68,96 @@ class BatchNorm(nn.Module):
             "batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32)
         )
 
-        x32 = x.astype(jnp.float32)
         if use_running_average:
             mean, var = running_mean.value, running_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            count = 1
-            for axis in axes:
-                count *= x.shape[axis]
-            total_sum = jnp.sum(x32, axis=axes)
-            if self.axis_name is not None:
-                # psum of a Python int is static: the global count stays a Python number.
-                count = lax.psum(count, self.axis_name)
-                total_sum = lax.psum(total_sum, self.axis_name)
-            if count < 2:
-                raise ValueError(
-                    f"BatchNorm in training mode needs more than 1 value per channel, got "
-                    f"input shape {x.shape}"
-                )
-            mean = total_sum / count
-            sq_dev_sum = jnp.sum(jnp.square(x32 - mean), axis=axes)
-            if self.axis_name is not None:
-                sq_dev_sum = lax.psum(sq_dev_sum, self.axis_name)
-            var = sq_dev_sum / count
-            if not self.is_initializing():
-                m = self.momentum
-                running_mean.value = (1.0 - m) * running_mean.value + m * lax.stop_gradient(mean)
-                unbiased_var = lax.stop_gradient(sq_dev_sum) / (count - 1)
-                running_var.value = (1.0 - m) * running_var.value + m * unbiased_var
+            mul = scale * lax.rsqrt(var + self.epsilon)
+            return ((x.astype(jnp.float32) - mean) * mul + bias).astype(self.dtype)
 
-        mul = scale * lax.rsqrt(var + self.epsilon)
-        return ((x32 - mean) * mul + bias).astype(self.dtype)
+        count = 1
+        for size in x.shape[:-1]:
+            count *= size
+        if self.axis_name is not None:
+            # psum of a Python int is static: the global count stays a Python number.
+            count = lax.psum(count, self.axis_name)
+        if count < 2:
+            raise ValueError(
+                f"BatchNorm in training mode needs more than 1 value per channel, got "
+                f"input shape {x.shape}"
+            )
+        y, mean, sq_dev_sum = batch_norm_train(
+            x, scale, bias, self.epsilon, self.axis_name, jnp.dtype(self.dtype))
+        if not self.is_initializing():
+            m = self.momentum
+            running_mean.value = (1.0 - m) * running_mean.value + m * mean
+            running_var.value = (1.0 - m) * running_var.value + m * (sq_dev_sum / (count - 1))
+        return y
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _batch_stats(x, axis_name):
+    """(x as float32, count, mean [C], sum of squared deviations [C]); two passes."""
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = 1
+    for axis in axes:
+        count *= x.shape[axis]
+    if axis_name is not None:
+        count = lax.psum(count, axis_name)
+    mean = _psum(jnp.sum(x32, axis=axes), axis_name) / count
+    sq_dev_sum = _psum(jnp.sum(jnp.square(x32 - mean), axis=axes), axis_name)
+    return x32, count, mean, sq_dev_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype):
+    """Training-mode batch norm of x [..., C] with batch statistics.
+
+    Returns ``(y, mean, sq_dev_sum)``: the output in ``dtype``, and the batch mean and sum
+    of squared deviations per channel (float32, over all devices of ``axis_name``), which
+    carry no gradient (they feed the running averages). The gradient of ``y`` is written
+    by hand (two reductions in the backward pass instead of the several that autodiff of
+    the two-pass statistics produces); with ``axis_name`` its reductions are summed over
+    the devices, as autodiff of the synchronised statistics would do. Gradients of
+    ``scale`` and ``bias`` are this device's share (the caller sums them over devices).
+    """
+    y, mean, sq_dev_sum, _ = _bn_forward(x, scale, bias, epsilon, axis_name, dtype)
+    return y, mean, sq_dev_sum
+
+
+def _bn_forward(x, scale, bias, epsilon, axis_name, dtype):
+    x32, count, mean, sq_dev_sum = _batch_stats(x, axis_name)
+    inv = lax.rsqrt(sq_dev_sum / count + epsilon)
+    y = ((x32 - mean) * (scale * inv) + bias).astype(dtype)
+    return y, mean, sq_dev_sum, inv
+
+
+def _bn_fwd(x, scale, bias, epsilon, axis_name, dtype):
+    y, mean, sq_dev_sum, inv = _bn_forward(x, scale, bias, epsilon, axis_name, dtype)
+    return (y, mean, sq_dev_sum), (x, scale, mean, inv)
+
+
+def _bn_bwd(epsilon, axis_name, dtype, residuals, cotangents):
+    del epsilon, dtype
+    x, scale, mean, inv = residuals
+    dy = cotangents[0].astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = 1
+    for axis in axes:
+        count *= x.shape[axis]
+    if axis_name is not None:
+        count = lax.psum(count, axis_name)
+    centred = x.astype(jnp.float32) - mean
+    # This device's sums; the input gradient needs those of the whole (global) batch.
+    d_bias = jnp.sum(dy, axis=axes)
+    d_scale = jnp.sum(dy * centred, axis=axes) * inv
+    g_bias, g_scale = _psum(d_bias, axis_name), _psum(d_scale, axis_name)
+    # dx = scale * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = centred * inv.
+    a = scale * inv
+    dx = dy * a - centred * (a * inv * g_scale / count) - a * g_bias / count
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)

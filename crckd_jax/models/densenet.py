@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from crckd_jax.models.batch_norm import BatchNorm
 
@@ -76,6 +78,134 @@ def densenet_config(name: str) -> DenseNetConfig:
         ) from None
 
 
+class Conv1x1(nn.Module):
+    """A 1x1 convolution without bias, computed as one matrix product.
+
+    Same variable as ``nn.Conv(features, (1, 1), use_bias=False)`` (``kernel`` [1, 1, in,
+    out], same initialiser and RNG stream), so checkpoints and torch imports are unchanged.
+    As a plain dot, its forward and both backward products go to the CPU's matrix-multiply
+    kernels without the layout transposes XLA puts around a convolution's weight gradient.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
+                            jnp.float32)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype),
+                    kernel[0, 0].astype(self.dtype))
+        return y.reshape(*x.shape[:-1], self.features)
+
+
+def avg_pool_2x2(x):
+    """torch ``AvgPool2d(2, 2)`` (floor mode) on NHWC, as a reshape and a mean."""
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4), dtype=jnp.float32).astype(
+        x.dtype)
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+    """torch ``MaxPool2d(3, stride=2, padding=1)`` on NHWC: the max of nine strided slices.
+
+    Same values as ``nn.max_pool`` (padding with -inf). Its gradient is built from
+    elementwise maxima instead of XLA's select-and-scatter, which is several times slower
+    on CPU; the two differ only where a window holds several equal maxima (the gradient is
+    then shared among them rather than given to one). In DenseNet the input is a ReLU
+    output, whose ties are zeros, where the ReLU passes no gradient anyway. The incoming
+    gradient is materialised first (an optimisation barrier): otherwise XLA fuses the whole
+    gradient of the first dense block into this op and computes it nine times.
+    """
+    return _max_pool_3x3_s2(x)
+
+
+def _max_pool_fwd(x):
+    return _max_pool_3x3_s2(x), x
+
+
+def _max_pool_bwd(x, g):
+    _, vjp = jax.vjp(_max_pool_3x3_s2, x)
+    return vjp(lax.optimization_barrier(g))
+
+
+def _max_pool_3x3_s2(x):
+    b, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out = None
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, i: i + 2 * ho - 1: 2, j: j + 2 * wo - 1: 2]
+            out = window if out is None else jnp.maximum(out, window)
+    return out
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@jax.custom_vjp
+def conv3x3(x, kernel):
+    """3x3 convolution, stride 1, padding 1, NHWC x [B, H, W, I], HWIO kernel [3, 3, I, O].
+
+    The forward pass and the input gradient are XLA's convolutions. The kernel gradient is
+    one matrix product ``x^T [BHW, I] @ D [BHW, 9 O]``, where D stacks the nine shifted
+    copies of the output gradient: XLA would compute it as a convolution of transposed
+    operands, and the transposes (batch moved innermost) cost more on CPU than the product.
+    """
+    return _conv3x3(x, kernel)
+
+
+def _conv3x3(x, kernel):
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv3x3_fwd(x, kernel):
+    return _conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(residuals, g):
+    x, kernel = residuals
+    b, h, w, i = x.shape
+    o = kernel.shape[-1]
+    _, vjp_x = jax.vjp(lambda x_: _conv3x3(x_, kernel), x)
+    (dx,) = vjp_x(g)
+    # dW[kh, kw] = sum over pixels q of x[q]^T g[q - (kh, kw) + 1] (g zero outside).
+    g_pad = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifted = jnp.stack([g_pad[:, 2 - kh: 2 - kh + h, 2 - kw: 2 - kw + w]
+                         for kh in range(3) for kw in range(3)], axis=3)
+    dw = lax.dot_general(x.reshape(-1, i), shifted.reshape(-1, 9 * o),
+                         (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)  # [I, 9 O]
+    dw = dw.reshape(i, 3, 3, o).transpose(1, 2, 0, 3).astype(kernel.dtype)
+    return dx, dw
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+    """A 3x3 convolution without bias, padding 1 (see `conv3x3`).
+
+    Same variable as ``nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)),
+    use_bias=False)`` (``kernel`` [3, 3, in, out], same initialiser and RNG stream).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                            jnp.float32)
+        return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class _DenseLayer(nn.Module):
     growth_rate: int
     bn_size: int
@@ -85,11 +215,10 @@ class _DenseLayer(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         bn = dict(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype)
-        conv = dict(use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
         y = nn.relu(BatchNorm(name="norm1", **bn)(x))
-        y = nn.Conv(self.bn_size * self.growth_rate, (1, 1), name="conv1", **conv)(y)
+        y = Conv1x1(self.bn_size * self.growth_rate, self.dtype, name="conv1")(y)
         y = nn.relu(BatchNorm(name="norm2", **bn)(y))
-        y = nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name="conv2", **conv)(y)
+        y = Conv3x3(self.growth_rate, self.dtype, name="conv2")(y)
         return jnp.concatenate([x, y], axis=-1)
 
 
@@ -121,11 +250,10 @@ class _Transition(nn.Module):
             use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
             name="norm",
         )(x)
-        x = nn.Conv(
-            self.num_output_features, (1, 1), use_bias=False, dtype=self.dtype,
-            kernel_init=conv_kernel_init, name="conv",
-        )(nn.relu(x))
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        # torch: conv then pool. Both are linear and act per pixel / per channel, so
+        # pooling first gives the same values with a 1x1 convolution on 4x fewer pixels.
+        return Conv1x1(self.num_output_features, self.dtype, name="conv")(
+            avg_pool_2x2(nn.relu(x)))
 
 
 class DenseNetFeatures(nn.Module):
@@ -156,8 +284,7 @@ class DenseNetFeatures(nn.Module):
             use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv0",
         )(x)
         x = nn.relu(norm("norm0")(x))
-        # flax's max_pool pads with -inf, like torch's MaxPool2d.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x)
         channels = cfg.num_init_features
         for i, num_layers in enumerate(cfg.block_config):
             x = _DenseBlock(

@@ -8,6 +8,7 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from crckd_jax import losses
@@ -24,9 +25,9 @@ NUM_CLASSES, BATCH, SIZE, N_TRAIN, DIM, STEPS = 3, 8, 32, 32, 16, 3
 TRAIN_LABELS = np.arange(N_TRAIN) % NUM_CLASSES
 
 
-def setup(kind, axis_name):
+def setup(kind, axis_name, dtype=jnp.float32):
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32,
-                     bn_axis_name=axis_name)
+                     bn_axis_name=axis_name, dtype=dtype)
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
     config = StepConfig(loss=LossConfig.from_preset("paper"),
                         contrast=ContrastConfig(num_positives=3, num_negatives=10),
@@ -95,14 +96,25 @@ def main(num_devices, kind, backends):
             "batch_stats": max_rel(final.batch_stats, reference.batch_stats),
             "memory": max_rel(final.memory, reference.memory),
             "memory_identical_on_devices": identical,
+            "losses": got_losses,
             "state": jax.tree.map(np.asarray, final),
         }
     if len(backends) == 2:
-        a, b = (report[k].pop("state") for k in backends)
+        a, b = (report[k]["state"] for k in backends)
         report["pmap_vs_shard_map"] = max_rel(a, b)
+        # Per part of the state: the largest relative difference, and whether bit-identical.
+        report["pmap_vs_shard_map_parts"] = {
+            part: {"max_rel": max_rel(getattr(a, part), getattr(b, part)),
+                   "identical": all(np.array_equal(x, y) for x, y in zip(
+                       jax.tree.leaves(getattr(a, part)), jax.tree.leaves(getattr(b, part))))}
+            for part in ("params", "ema_params", "opt_state", "memory", "batch_stats",
+                         "ema_batch_stats")}
+        report["pmap_vs_shard_map_losses_identical"] = (
+            report[backends[0]]["losses"] == report[backends[1]]["losses"])
     for r in report.values():
         if isinstance(r, dict):
             r.pop("state", None)
+            r.pop("losses", None)
     print(json.dumps(report))
 
 
