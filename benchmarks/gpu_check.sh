@@ -65,9 +65,20 @@ run step_bf16 150 "${COMMON[@]}" --batch-size 32 --dtype bfloat16 --torch-amp --
 run step_b8_fp32 120 "${COMMON[@]}" --batch-size 8 --dtype float32 --steps 10 --rounds 3
 
 # ---------------------------------------------------------------------------------------
-# DEMO EPOCHS: a few epochs of the demo training, once the trainer exists. Wire here:
-#   timeout 180 "$PY" launch.py --config configs/demo.py --workdir "$OUT/demo" \
-#     2>&1 | tee "$OUT/demo.log"
+# DEMO EPOCHS: a few epochs of the demo in bfloat16. The trainer needs grain,
+# tensorflow-datasets and ml-collections, which GPU images may lack: bring their wheels in
+# a folder named by $WHEELS (pip download --no-deps grain tensorflow-datasets ml-collections
+# array-record ... on a machine with network) and they are installed from there.
+if [ -n "${WHEELS:-}" ]; then
+  "$PY" -m pip install --no-index --no-deps "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1 || true
+fi
+if "$PY" -c "import grain, tensorflow_datasets, ml_collections" 2>/dev/null; then
+  timeout 180 "$PY" launch.py --config configs/demo.py --workdir "$OUT/demo" \
+    --config.train.epochs=5 --config.train.dtype=bfloat16 2>&1 | tee "$OUT/demo.log" || true
+else
+  echo "demo skipped: grain / tensorflow-datasets / ml-collections not importable" \
+    | tee "$OUT/demo.log"
+fi
 # ---------------------------------------------------------------------------------------
 
 echo "== done in $(( $(date +%s) - START )) s"
