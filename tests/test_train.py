@@ -164,3 +164,28 @@ def test_missing_data_dir_is_named(tmp_path, cache):
     done = launch(tmp_path, cache, "--config.data.source=ham10000",
                   "--config.data.dir=/nonexistent/HAM10000", check=False)
     assert done.returncode != 0 and "/nonexistent/HAM10000" in done.stderr
+
+
+def test_pretrained_backbone_for_student_and_teacher(tmp_path):
+    from crckd_jax.memory import QueueMemory
+    from crckd_jax.models.densenet import CRCKDNet, densenet_config
+    from crckd_jax.optim import make_optimizer
+    from crckd_jax.state import create_train_state
+    from crckd_jax.train import _with_pretrained
+
+    with np.load(ROOT / "tests" / "fixtures" / "densenet_small.npz") as f:
+        state_dict = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+    path = tmp_path / "densenet_small.npz"
+    np.savez(path, **state_dict)
+    model = CRCKDNet(densenet_config("densenet_small"), 7)
+    state = create_train_state(jax.random.key(0), model, make_optimizer(10),
+                               lambda k: QueueMemory.create(k, 7, 4, 16), (32, 32, 3), 16)
+    loaded = _with_pretrained(state, model, str(path))
+    want = np.transpose(state_dict["features.conv0.weight"], (2, 3, 1, 0))
+    for params in (loaded.params["student"], loaded.ema_params):
+        np.testing.assert_array_equal(params["features"]["conv0"]["kernel"], want)
+    for stats in (loaded.batch_stats, loaded.ema_batch_stats):
+        np.testing.assert_array_equal(stats["features"]["norm5"]["var"],
+                                      state_dict["features.norm5.running_var"])
+    np.testing.assert_array_equal(loaded.params["student"]["classifier"]["kernel"],
+                                  state.params["student"]["classifier"]["kernel"])

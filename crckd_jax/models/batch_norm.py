@@ -20,6 +20,7 @@ is two small all-reduces of [C] vectors per layer instead of one.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -73,12 +74,7 @@ class BatchNorm(nn.Module):
             mul = scale * lax.rsqrt(var + self.epsilon)
             return ((x.astype(jnp.float32) - mean) * mul + bias).astype(self.dtype)
 
-        count = 1
-        for size in x.shape[:-1]:
-            count *= size
-        if self.axis_name is not None:
-            # psum of a Python int is static: the global count stays a Python number.
-            count = lax.psum(count, self.axis_name)
+        count = _global_count(x.shape, self.axis_name)
         if count < 2:
             raise ValueError(
                 f"BatchNorm in training mode needs more than 1 value per channel, got "
@@ -97,15 +93,18 @@ def _psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
+def _global_count(shape, axis_name) -> int:
+    """Values per channel of x [..., C] over all devices of `axis_name` (a Python int:
+    psum of a Python number is static)."""
+    count = math.prod(shape[:-1])
+    return count if axis_name is None else lax.psum(count, axis_name)
+
+
 def _batch_stats(x, axis_name):
     """(x as float32, count, mean [C], sum of squared deviations [C]); two passes."""
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
-    count = 1
-    for axis in axes:
-        count *= x.shape[axis]
-    if axis_name is not None:
-        count = lax.psum(count, axis_name)
+    count = _global_count(x.shape, axis_name)
     mean = _psum(jnp.sum(x32, axis=axes), axis_name) / count
     sq_dev_sum = _psum(jnp.sum(jnp.square(x32 - mean), axis=axes), axis_name)
     return x32, count, mean, sq_dev_sum
@@ -144,11 +143,7 @@ def _bn_bwd(epsilon, axis_name, dtype, residuals, cotangents):
     x, scale, mean, inv = residuals
     dy = cotangents[0].astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
-    count = 1
-    for axis in axes:
-        count *= x.shape[axis]
-    if axis_name is not None:
-        count = lax.psum(count, axis_name)
+    count = _global_count(x.shape, axis_name)
     centred = x.astype(jnp.float32) - mean
     # This device's sums; the input gradient needs those of the whole (global) batch.
     d_bias = jnp.sum(dy, axis=axes)
