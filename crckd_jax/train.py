@@ -120,7 +120,7 @@ class Trainer:
                                             num_classes=num_classes, dim=mem.embed_dim)
         size = config.data.image_size
         state = create_train_state(jax.random.key(config.seed), model, optimizer,
-                                   lambda k: make_memory(k), (size, size, 3), mem.embed_dim)
+                                   make_memory, (size, size, 3), mem.embed_dim)
         if config.model.pretrained:
             state = _with_pretrained(state, model, config.model.pretrained)
         loss = config.loss
@@ -190,11 +190,6 @@ def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainStat
         params={**state.params, "student": variables["params"]},
         batch_stats=variables["batch_stats"], ema_params=variables["params"],
         ema_batch_stats=variables["batch_stats"])
-
-
-def _host(tree: Any) -> Any:
-    return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
-                        tree)
 
 
 def summarise(records: list[dict], model: str = "student") -> dict:
@@ -270,7 +265,7 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger, log):
     for step in range(start + 1, total + 1):
         batch = next(iterator)
         state, terms = trainer.train_step(state, trainer.parallel.put_batch(batch))
-        terms = _host(trainer.parallel.get_outputs(terms))
+        terms = {k: v.item() for k, v in trainer.parallel.get_outputs(terms).items()}
         if not all(math.isfinite(terms[k]) for k in ("loss", "ce", "mt", "ccd", "crp")):
             raise TrainingDiverged(
                 f"non-finite loss at step {step} (epoch {(step - 1) // per_epoch}): "
