@@ -161,6 +161,16 @@ class Trainer:
             read_threads=c.data.read_threads, prefetch_batches=c.data.prefetch_batches,
             worker_count=c.data.worker_count))
 
+    @property
+    def eval_splits(self) -> list[str]:
+        """'test', and 'val' when the fold has a validation part."""
+        return ["test"] + (["val"] if len(self.data.fold.val) else [])
+
+    def scores(self, evaluation: dict[str, np.ndarray]) -> dict[str, float]:
+        """The metrics of an `evaluate` result."""
+        return metrics.classification_metrics(evaluation["probs"], evaluation["labels"],
+                                              len(self.data.class_names))
+
     def evaluate(self, state, split: str, use_teacher: bool = False) -> dict[str, np.ndarray]:
         """probs [N, C], labels [N], features [N, F] of every item of `split`, once each."""
         c = self.config
@@ -218,6 +228,14 @@ def _format_metrics(terms: dict) -> str:
                     if k in terms)
 
 
+def _trainer(config: ml_collections.ConfigDict, data_workdir: str,
+             log: Callable[[str], None]) -> Trainer:
+    """Checks the config, enables the compilation cache, loads the data, builds the run."""
+    config_lib.validate(config)
+    enable_compilation_cache(config.train.compilation_cache_dir)
+    return Trainer.build(config, load_data(config, data_workdir, log))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        data_workdir: str | None = None,
                        log: Callable[[str], None] = print) -> dict:
@@ -225,11 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     `data_workdir` holds the prepared data set and folds (default: `workdir`).
     """
-    config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    enable_compilation_cache(config.train.compilation_cache_dir)
-    data = load_data(config, data_workdir or workdir, log)
-    trainer = Trainer.build(config, data)
+    trainer = _trainer(config, data_workdir or workdir, log)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=config.train.keep_checkpoints)
     logger = MetricLogger(workdir)
@@ -248,20 +263,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = trainer.parallel.put_state(trainer.initial_state)
         logger.truncate_after(0)
     try:
-        state = _train_loop(trainer, state, iterator, start, checkpoints, logger, log)
+        state, last_test = _train_loop(trainer, state, iterator, start, checkpoints, logger)
     finally:
         checkpoints.wait()
         checkpoints.close()
-    return _finish(trainer, state, workdir, logger, log)
+    return _finish(trainer, state, last_test, workdir, logger, log)
 
 
-def _train_loop(trainer, state, iterator, start, checkpoints, logger, log):
+def _train_loop(trainer, state, iterator, start, checkpoints, logger):
+    """Steps `start + 1 .. total`; returns the state and the last epoch's student test
+    evaluation (None when no step was left to run)."""
     config = trainer.config
     per_epoch, total = trainer.steps_per_epoch, trainer.total_steps
     every = config.train.checkpoint_every_steps
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
     tick, tick_step = time.perf_counter(), start
+    last_test = None
     for step in range(start + 1, total + 1):
         batch = next(iterator)
         state, terms = trainer.train_step(state, trainer.parallel.put_batch(batch))
@@ -283,7 +301,7 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger, log):
                                 f"{_format_metrics(terms)} {img_s:.1f} img/s")
         bar.update(1)
         if epoch_end:
-            _evaluate_epoch(trainer, state, step, logger, bar)
+            last_test = _evaluate_epoch(trainer, state, step, logger, bar)
         if epoch_end or (every and step % every == 0):
             # One replicated copy of the state (also under pmap), the same iterator
             # state on every process (each counts its own rows of the global batches).
@@ -291,31 +309,35 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger, log):
                              {"epoch": step / per_epoch, "config": config.to_dict(),
                               "process_count": jax.process_count()})
     bar.close()
-    return state
+    return state, last_test
 
 
 def _evaluate_epoch(trainer, state, step, logger, bar):
+    """Evaluates and logs every split and model; returns the student's test evaluation."""
     epoch = step // trainer.steps_per_epoch - 1
-    splits = ["test"] + (["val"] if len(trainer.data.fold.val) else [])
     models = ["student"] + (["teacher"] if trainer.config.train.eval_teacher else [])
-    for split in splits:
+    student_test = None
+    for split in trainer.eval_splits:
         for model in models:
             out = trainer.evaluate(state, split, use_teacher=model == "teacher")
-            values = metrics.classification_metrics(out["probs"], out["labels"],
-                                                    len(trainer.data.class_names))
+            values = trainer.scores(out)
             logger.write({"split": split, "model": model, "step": step, "epoch": epoch,
                           **values})
-            if split == "test" and model == "student" and jax.process_index() == 0:
-                bar.write(f"epoch {epoch + 1}: test bacc={values['bacc']:.4f} "
-                          f"f1={values['f1']:.4f} auc={values['auc_ovr']:.4f}")
+            if split == "test" and model == "student":
+                student_test = out
+                if jax.process_index() == 0:
+                    bar.write(f"epoch {epoch + 1}: test bacc={values['bacc']:.4f} "
+                              f"f1={values['f1']:.4f} auc={values['auc_ovr']:.4f}")
+    return student_test
 
 
-def _finish(trainer, state, workdir, logger, log):
+def _finish(trainer, state, evaluation, workdir, logger, log):
     records = read_records(logger.path)
     summary = summarise(records)
     if trainer.config.train.eval_teacher:
         summary["teacher"] = summarise(records, "teacher")
-    evaluation = trainer.evaluate(state, "test")
+    if evaluation is None:  # the run was complete before this call
+        evaluation = trainer.evaluate(state, "test")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -332,10 +354,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
                  data_workdir: str | None = None,
                  log: Callable[[str], None] = print) -> tuple[Trainer, Any]:
     """The trainer of `config` and the latest checkpointed state of `workdir`."""
-    config_lib.validate(config)
-    enable_compilation_cache(config.train.compilation_cache_dir)
-    data = load_data(config, data_workdir or workdir, log)
-    trainer = Trainer.build(config, data)
+    trainer = _trainer(config, data_workdir or workdir, log)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}: train first "
@@ -350,11 +369,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     """Metrics of the latest checkpoint on the test (and validation) split -> eval.json."""
     trainer, state = load_trained(config, workdir, log=log)
     results = {}
-    splits = ["test"] + (["val"] if len(trainer.data.fold.val) else [])
-    for split in splits:
+    for split in trainer.eval_splits:
         out = trainer.evaluate(state, split)
-        results[split] = metrics.classification_metrics(out["probs"], out["labels"],
-                                                         len(trainer.data.class_names))
+        results[split] = trainer.scores(out)
         log(f"{split}: " + " ".join(f"{k}={results[split][k]:.4f}" for k in METRIC_KEYS))
         log(metrics.per_class_report(out["probs"], out["labels"], trainer.data.class_names))
     if jax.process_index() == 0:
