@@ -1,29 +1,35 @@
-"""Training input pipeline throughput (images/s, two augmented views each) on this machine.
+"""Training input pipeline: throughput and host CPU time per training image.
 
     python benchmarks/input_pipeline.py [--image-size 224] [--batch-size 32] [--batches 30]
         [--compare-torch [--torch-python /path/to/python-with-torch]]
 
-Prepares a synthetic data set (HAM10000 layout, stored at the model size) in --workdir, then
-times the grain training pipeline for several read-thread / worker-process settings. With
---compare-torch, the same images (exported as PNG files) and the same PIL transforms go
-through a torch DataLoader, run by --torch-python (default: this interpreter); torch is an
-optional benchmark dependency and the comparison is skipped with a message without it.
+Prepares a synthetic data set (HAM10000 layout, stored at the model size as raw uint8
+pixels) in --workdir, then times the grain training pipeline with 1, 2 and 4 read threads
+for both `data.augment` settings: 'device' (the host reads uint8 images; the step makes the
+views) and 'host' (PIL makes two float32 views per image). For each it prints images/s and
+the host CPU time per training image (process CPU time of all threads / images delivered,
+not wall time). One more row gives the CPU cost of decoding the same images from PNG (the
+format stored before), the reason the prepared data hold raw pixels. With --compare-torch,
+the same images (exported as PNG files) and the same PIL transforms go through a torch
+DataLoader run by --torch-python (default: this interpreter); torch is an optional
+benchmark dependency and the comparison is skipped with a message without it.
 """
 
 import argparse
+import io
 import os
 import subprocess
 import sys
 import time
 
-from absl import flags
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crckd_jax import config as config_lib  # noqa: E402
 from crckd_jax.data import pipeline, prepare  # noqa: E402
 
-SETTINGS = [(1, 0), (2, 0), (4, 0), (1, 2), (2, 2)]  # (read threads, worker processes)
+READ_THREADS = (1, 2, 4)
 
 TORCH_SCRIPT = r"""
 import math, os, sys, time
@@ -89,7 +95,8 @@ def _prepare(workdir, num_images, image_size):
     return prepare.load(workdir, 0)
 
 
-def _grain_rate(data, image_size, batch, batches, threads, workers):
+def _grain_rate(data, image_size, batch, batches, threads, augment_on):
+    """(images/s, host CPU ms per image) of the training pipeline after 2 warm-up batches."""
     ds = pipeline.train_dataset(
         data,
         global_batch_size=batch,
@@ -99,18 +106,36 @@ def _grain_rate(data, image_size, batch, batches, threads, workers):
         process_index=0,
         process_count=1,
         read_threads=threads,
-        worker_count=workers,
+        augment_on=augment_on,
     )
     it = iter(ds)
-    for _ in range(2):  # warm-up: thread/process start, first reads
+    for _ in range(2):  # warm-up: thread start, first reads
         next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    rate = batch * batches / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    # Read-ahead threads keep reading while the last batches are consumed; their CPU time
+    # belongs to images not counted here, so the figure slightly overstates the cost.
     if hasattr(it, "close"):
         it.close()
-    return rate
+    return batch * batches / wall, cpu / (batch * batches) * 1e3
+
+
+def _png_decode_ms(data, count=200):
+    """Host CPU ms to decode one stored image from PNG (compress level 1), with PIL."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    encoded = []
+    for record in data.fold.train[:count]:
+        buffer = io.BytesIO()
+        Image.fromarray(data.source[int(record)]["image"]).save(buffer, format="png",
+                                                                compress_level=1)
+        encoded.append(buffer.getvalue())
+    start = time.process_time()
+    for blob in encoded:
+        np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    return (time.process_time() - start) / len(encoded) * 1e3
 
 
 def _export_png(data, folder):
@@ -134,19 +159,21 @@ def main():
     parser.add_argument("--compare-torch", action="store_true")
     parser.add_argument("--torch-python", default=sys.executable)
     args = parser.parse_args()
-    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
 
     data = _prepare(args.workdir, args.num_images, args.image_size)
     print(
         f"{len(data.fold.train)} training images, {args.image_size} px, batch "
         f"{args.batch_size}, {args.batches} timed batches, {os.cpu_count()} CPUs"
     )
-    print(f'{"pipeline":<40}{"images/s":>10}')
-    for threads, workers in SETTINGS:
-        rate = _grain_rate(data, args.image_size, args.batch_size, args.batches, threads, workers)
-        print(
-            f'{f"grain, {threads} read threads, {workers} workers":<40}{rate:>10.0f}', flush=True
-        )
+    print(f'{"pipeline":<44}{"images/s":>10}{"host CPU ms/image":>20}')
+    for augment_on in ("device", "host"):
+        for threads in READ_THREADS:
+            rate, cpu_ms = _grain_rate(data, args.image_size, args.batch_size, args.batches,
+                                       threads, augment_on)
+            label = f"grain, augment={augment_on}, {threads} read threads"
+            print(f"{label:<44}{rate:>10.0f}{cpu_ms:>20.3f}", flush=True)
+    print(f'{"PNG decode only (PIL), for comparison":<44}{"":>10}'
+          f"{_png_decode_ms(data):>20.3f}", flush=True)
     if not args.compare_torch:
         return
     probe = subprocess.run(
@@ -176,7 +203,7 @@ def main():
             check=True,
         )
         label = f"torch DataLoader, {workers} workers"
-        print(f"{label:<40}{float(out.stdout.split()[-1]):>10.0f}", flush=True)
+        print(f"{label:<44}{float(out.stdout.split()[-1]):>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

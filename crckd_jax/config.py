@@ -47,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synthetic_seed = 0  # 'synthetic' source: generator seed
     c.data.read_threads = 4  # grain read threads (beat worker processes on 2 cores, see docs)
     c.data.worker_count = 0  # grain worker processes; 0 = threads only
-    c.data.prefetch_batches = 4  # batches prepared ahead per process
+    c.data.prefetch_batches = 4  # batches prepared ahead per process, on the host
+    c.data.device_prefetch = 2  # batches put on the devices ahead of the step using them
+    c.data.augment = "device"  # training views made in the compiled step (device) or by PIL (host)
     c.data.build_threads = 4  # threads decoding/resizing images while preparing
     c.data.folds = ""  # --mode cv: comma-separated test folds to run, e.g. "0,2"; "" = all
 
@@ -154,6 +156,8 @@ RULES: dict[str, _Rule] = {
     "data.read_threads": _int(1),
     "data.worker_count": _int(0),
     "data.prefetch_batches": _int(1),
+    "data.device_prefetch": _int(1, 8),
+    "data.augment": _choice("device", "host"),
     "data.build_threads": _int(1),
     "data.folds": _Rule(str, lambda v: all(p.strip().isdigit() for p in v.split(",")) if v
                         else True, 'comma-separated fold numbers such as "0,2", or ""'),

@@ -32,7 +32,9 @@ class MetricLogger:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # Written out every 30 s and at close, not after every record: a flush fsyncs
+            # the event file, ~50 ms on a shared disk, which would stall the training loop.
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (left by a run that was killed after its checkpoint)."""
@@ -53,7 +55,6 @@ class MetricLogger:
         for key, value in record.items():
             if key not in ("split", "step", "model") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

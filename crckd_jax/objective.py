@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from crckd_jax.losses import sigmoid_rampup
 
+TERMS = ("ce", "mt", "ccd", "crp")  # the loss terms, in the order they are reported
 PRESETS = ("reference", "paper")
 ABLATIONS = ("baseline", "mt", "mt_ccd", "crckd")
 

@@ -21,7 +21,8 @@ returns the backend's form.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -93,10 +94,16 @@ class DataParallel:
     def _replicate(self, x: Any) -> jax.Array:
         """A leaf -> one global array replicated over the mesh (the same value is expected
         on every process, as for a state built from the same seed or read from a
-        checkpoint)."""
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim):
+        checkpoint).
+
+        The result carries exactly the sharding the compiled step returns: an equivalent
+        but different one (a single-device array on a one-device mesh) would make the
+        step's second call trace and compile again. It never shares a buffer with an array
+        of another sharding, so donating it to the step leaves the caller's `x` intact.
+        """
+        if isinstance(x, jax.Array) and x.sharding == self.replicated:
             return x
-        return jax.device_put(x, self.replicated)
+        return jax.device_put(x, self.replicated, may_alias=False)
 
     def _stack_local(self, x: Any) -> jax.Array:
         """A leaf -> [local devices, ...], one copy on each local device (pmap layout)."""
@@ -111,6 +118,14 @@ class DataParallel:
         shape = (self.num_local_devices, *np.shape(x))
         return jax.make_array_from_single_device_arrays(
             shape, NamedSharding(self._local_mesh, P(AXIS)), pieces)
+
+    def _split_local(self, x: np.ndarray) -> jax.Array:
+        """Host rows [n * b, ...] -> [n local devices, b, ...], block i on device i (pmap)."""
+        n = self.num_local_devices
+        blocks = np.asarray(x).reshape(n, x.shape[0] // n, *x.shape[1:])
+        pieces = [jax.device_put(blocks[i:i + 1], d) for i, d in enumerate(self.local_devices)]
+        return jax.make_array_from_single_device_arrays(
+            blocks.shape, NamedSharding(self._local_mesh, P(AXIS)), pieces)
 
     def put_state(self, state: Any) -> Any:
         """Replicate a state on every device, in the backend's layout.
@@ -151,12 +166,36 @@ class DataParallel:
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """This process's rows of the global batch -> arrays split over the devices."""
         if self.backend == "pmap":
-            n = self.num_local_devices
-            return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]),
-                                local_batch)
+            return jax.tree.map(self._split_local, local_batch)
         sharding = NamedSharding(self.mesh, P(AXIS))
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+    def prefetch(self, iterator: Iterator[dict[str, np.ndarray]], size: int,
+                 with_state: bool = False) -> Iterator[Any]:
+        """Batches of `iterator` put on the devices `size` batches ahead of their use.
+
+        The transfers are asynchronous, so the next batches travel while the current step
+        runs. With `with_state`, yields `(device_batch, iterator_state)` pairs, where the
+        state is `iterator.get_state()` right after that batch was read (what a checkpoint
+        taken after the batch's step must hold, although the iterator has moved on).
+        """
+        queue: collections.deque = collections.deque()
+
+        def fill():
+            while len(queue) <= size:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                device_batch = self.put_batch(batch)
+                queue.append((device_batch, iterator.get_state()) if with_state
+                             else device_batch)
+
+        fill()
+        while queue:
+            yield queue.popleft()
+            fill()  # runs when the next batch is asked for, after this one's step is queued
 
     def process_rows(self, global_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This process's rows of a whole global batch held by every process."""

@@ -3,7 +3,7 @@
 `predict.input` is a folder (every image under it, sorted) or a CSV whose
 `predict.image_column` holds image paths (relative to the CSV's folder or absolute). Images
 go through the evaluation transform of training: decoded to RGB, resized to the stored
-size, then to the model size, ImageNet-normalised. Each row of the output: path, predicted
+size, then to the model size, ImageNet-normalised on the devices. Each row of the output: path, predicted
 class name, one probability column per class.
 """
 
@@ -50,10 +50,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str,
     probs = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        images = np.zeros((batch_size, size, size, 3), np.float32)
+        images = np.zeros((batch_size, size, size, 3), np.uint8)  # normalised on device
         for i, path in enumerate(chunk):
             stored = np.asarray(sources.load_rgb(path, store))
-            images[i] = augment.normalize(np.asarray(augment.resize(stored, size)))
+            images[i] = np.asarray(augment.resize(stored, size))
         local = trainer.parallel.process_rows({"image": images})
         out = trainer.eval_step[False](state, trainer.parallel.put_batch(local))
         probs.append(trainer.parallel.gather_examples(out)["probs"][:len(chunk)])

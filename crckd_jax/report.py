@@ -40,6 +40,8 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import ConfusionMatrixDisplay, auc, roc_curve
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
+from crckd_jax.objective import TERMS
+
 __all__ = [
     "write_report",
     "plot_training_curves",
@@ -51,7 +53,7 @@ __all__ = [
 
 DPI = 140
 #: Loss terms of the train records, in plotting order (the total first).
-LOSS_KEYS = ("loss", "ce", "mt", "ccd", "crp")
+LOSS_KEYS = ("loss", *TERMS)
 #: Evaluation metrics plotted against the epoch, when the records have them.
 METRIC_KEYS = ("acc", "bacc", "f1", "auc_ovr", "auc_ovo", "kappa")
 METRIC_TITLES = {

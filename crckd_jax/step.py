@@ -8,9 +8,11 @@ loss of the GLOBAL batch (so gradients are summed with `psum`), Z and the class 
 denominator come from all devices, and the memory is updated with the all-gathered batch.
 With `axis_name=None` the collectives vanish and the step is the reference computation.
 
-Batch (per device): image_student, image_teacher float32 [B, H, W, 3]; label, index int32
-[B] (index = the item's position in the training set). Eval batch: image [B, H, W, 3],
-label [B], mask bool [B].
+Batch (per device): image uint8 [B, H, W, 3] (the step makes the student's and the
+teacher's augmented views from it, `crckd_jax.augment`), or image_student, image_teacher
+float32 [B, H, W, 3] made on the host; label, index int32 [B] (index = the item's position
+in the training set). Eval batch: image [B, H, W, 3] (uint8, normalised here, or float32
+already normalised), label [B], mask bool [B].
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from crckd_jax import losses, teacher
+from crckd_jax import augment, losses, teacher
 from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
 from crckd_jax.objective import LossConfig, loss_weights
 from crckd_jax.state import TrainState
@@ -55,12 +57,22 @@ def _psum(x, axis_name):
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
-    """[B, 2] keys per example (view, contrast), from the run key data, step and item index.
+    """[B, 3] keys per example (teacher turn, contrast, augmented views), from the run key
+    data, the step and the item's index in the training set.
 
-    Keying by the data set index makes every draw independent of the device count.
+    Keying by the data set index makes every draw independent of the device and process
+    count; the step fixes the pass, so an item gets new draws every time it is seen, and a
+    resumed run draws what an uninterrupted one would.
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(index)
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i), 3))(index)
+
+
+def _views(batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The student's and the teacher's training views, float32 [B, H, W, 3]."""
+    if "image" in batch:
+        return augment.two_views(keys, batch["image"])
+    return batch["image_student"], batch["image_teacher"]
 
 
 def _teacher_forward(model, state, images, config):
@@ -87,7 +99,7 @@ def train_step(
     axis = config.axis_name
     labels, index = batch["label"], batch["index"]
     keys = example_keys(state.rng, state.step, index)
-    images_t = batch["image_teacher"]
+    images_s, images_t = _views(batch, keys[:, 2])
     if config.teacher_rotate:
         images_t = jax.vmap(teacher.rotate_flip)(keys[:, 0], images_t)
     out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config)
@@ -102,7 +114,7 @@ def train_step(
     def loss_fn(params):
         out_s, updated = model.apply(
             {"params": params["student"], "batch_stats": state.batch_stats},
-            batch["image_student"], train=True, mutable=["batch_stats"])
+            images_s, train=True, mutable=["batch_stats"])
         embed = Embed(config.embed_dim)
         e_s = embed.apply({"params": params["embed_s"]}, out_s["feature"])
         e_t = embed.apply({"params": params["embed_t"]}, out_t["feature"])
@@ -153,7 +165,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
     """Probabilities [B, C] and embeddings [B, F] of the student (or teacher), eval mode."""
     params, stats = ((state.ema_params, state.ema_batch_stats) if use_teacher
                      else (state.params["student"], state.batch_stats))
-    out = model.apply({"params": params, "batch_stats": stats}, batch["image"], train=False)
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        images = augment.normalize(images)
+    out = model.apply({"params": params, "batch_stats": stats}, images, train=False)
     return {"probs": jax.nn.softmax(out["logits"]), "features": out["feature"]}
 
 

@@ -34,12 +34,13 @@ from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
 from crckd_jax.models.torch_import import import_densenet, load_state_dict
-from crckd_jax.objective import LossConfig
+from crckd_jax.objective import TERMS, LossConfig
 from crckd_jax.optim import current_learning_rate, make_optimizer
 from crckd_jax.parallel import AXIS, DataParallel
 from crckd_jax.state import TrainState, create_train_state
 from crckd_jax.step import StepConfig, eval_step, make_train_step
 
+LOSS_KEYS = ("loss", *TERMS)  # the total and its terms, as the step reports them
 METRIC_KEYS = ("acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo", "spec", "kappa")
 MEAN_LAST = 10  # epochs averaged by the reference's protocol
 
@@ -159,7 +160,7 @@ class Trainer:
             self.data, global_batch_size=c.train.batch_size, image_size=c.data.image_size,
             num_epochs=c.train.epochs, seed=c.seed, steps_per_epoch=c.train.steps_per_epoch,
             read_threads=c.data.read_threads, prefetch_batches=c.data.prefetch_batches,
-            worker_count=c.data.worker_count))
+            worker_count=c.data.worker_count, augment_on=c.data.augment))
 
     @property
     def eval_splits(self) -> list[str]:
@@ -178,12 +179,12 @@ class Trainer:
             self.data, split=split, global_batch_size=c.train.batch_size,
             image_size=c.data.image_size, read_threads=c.data.read_threads,
             prefetch_batches=c.data.prefetch_batches, worker_count=c.data.worker_count)
-        parts = []
-        for batch in dataset:
-            out = self.eval_step[use_teacher](state, self.parallel.put_batch(
-                {"image": batch["image"]}))
-            keep = self.parallel.put_batch({k: batch[k] for k in ("label", "mask")})
-            parts.append(self.parallel.gather_examples({**out, **keep}))
+        # Every batch is queued on the devices before any result is read back.
+        outputs = [{**self.eval_step[use_teacher](state, {"image": batch["image"]}),
+                    "label": batch["label"], "mask": batch["mask"]}
+                   for batch in self.parallel.prefetch(
+                       iter(dataset), c.data.device_prefetch)]
+        parts = [self.parallel.gather_examples(out) for out in outputs]
         joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         joined["labels"] = joined.pop("label")
         mask = joined.pop("mask")
@@ -224,8 +225,7 @@ def summarise(records: list[dict], model: str = "student") -> dict:
 
 
 def _format_metrics(terms: dict) -> str:
-    return " ".join(f"{k}={terms[k]:.4g}" for k in ("loss", "ce", "mt", "ccd", "crp")
-                    if k in terms)
+    return " ".join(f"{k}={terms[k]:.4g}" for k in LOSS_KEYS if k in terms)
 
 
 def _trainer(config: ml_collections.ConfigDict, data_workdir: str,
@@ -272,44 +272,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _train_loop(trainer, state, iterator, start, checkpoints, logger):
     """Steps `start + 1 .. total`; returns the state and the last epoch's student test
-    evaluation (None when no step was left to run)."""
+    evaluation (None when no step was left to run).
+
+    The host never waits for a step: batches are put on the devices ahead of their step
+    (`data.device_prefetch`), the steps' metrics stay on the devices and are read together
+    every `train.log_every_steps` steps, at epoch ends and before each checkpoint
+    (`_check_finite`: a non-finite loss stops the run before anything after it is saved).
+    """
     config = trainer.config
     per_epoch, total = trainer.steps_per_epoch, trainer.total_steps
     every = config.train.checkpoint_every_steps
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
+    batches = trainer.parallel.prefetch(iterator, config.data.device_prefetch,
+                                        with_state=True)
+    pending = []  # (step, metrics still on the devices) since the last read
     tick, tick_step = time.perf_counter(), start
     last_test = None
     for step in range(start + 1, total + 1):
-        batch = next(iterator)
-        state, terms = trainer.train_step(state, trainer.parallel.put_batch(batch))
-        terms = {k: v.item() for k, v in trainer.parallel.get_outputs(terms).items()}
-        if not all(math.isfinite(terms[k]) for k in ("loss", "ce", "mt", "ccd", "crp")):
-            raise TrainingDiverged(
-                f"non-finite loss at step {step} (epoch {(step - 1) // per_epoch}): "
-                f"{_format_metrics(terms)}; the last good checkpoint is step "
-                f"{checkpoints.latest_step()} in {checkpoints.directory}")
+        batch, data_state = next(batches)
+        state, terms = trainer.train_step(state, batch)
+        pending.append((step, terms))
+        bar.update(1)
         epoch_end = step % per_epoch == 0
-        if step % config.train.log_every_steps == 0 or epoch_end:
+        log_now = step % config.train.log_every_steps == 0 or epoch_end
+        save_now = epoch_end or (every and step % every == 0)
+        if log_now or save_now:
+            terms = _check_finite(trainer, pending, checkpoints)
+            pending = []
+        if log_now:
             now = time.perf_counter()
             img_s = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
             tick, tick_step = now, step
             logger.write({"split": "train", "step": step, "epoch": (step - 1) // per_epoch,
-                          "images_per_s": img_s,
+                          "images_per_s": img_s, "process_cpu_s": time.process_time(),
                           **{k: v for k, v in terms.items() if k != "epoch"}})
             bar.set_postfix_str(f"epoch {(step - 1) // per_epoch + 1}/{config.train.epochs} "
                                 f"{_format_metrics(terms)} {img_s:.1f} img/s")
-        bar.update(1)
         if epoch_end:
             last_test = _evaluate_epoch(trainer, state, step, logger, bar)
-        if epoch_end or (every and step % every == 0):
+        if save_now:
             # One replicated copy of the state (also under pmap), the same iterator
             # state on every process (each counts its own rows of the global batches).
-            checkpoints.save(step, trainer.parallel.get_state(state), iterator.get_state(),
+            checkpoints.save(step, trainer.parallel.get_state(state), data_state,
                              {"epoch": step / per_epoch, "config": config.to_dict(),
                               "process_count": jax.process_count()})
+    if pending:
+        _check_finite(trainer, pending, checkpoints)
     bar.close()
     return state, last_test
+
+
+def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
+    """Reads the metrics of the `pending` steps from the devices (all were queued before the
+    first is read) and returns the last step's; raises TrainingDiverged at the first step
+    with a non-finite loss."""
+    values = jax.device_get([trainer.parallel.get_outputs(t) for _, t in pending])
+    for (step, _), terms in zip(pending, values):
+        terms = {k: float(v) for k, v in terms.items()}
+        if not all(math.isfinite(terms[k]) for k in LOSS_KEYS):
+            latest = checkpoints.latest_step()
+            kept = (f"the last good checkpoint is step {latest} in {checkpoints.directory}"
+                    if latest is not None else "no checkpoint was written before it")
+            raise TrainingDiverged(
+                f"non-finite loss at step {step} (epoch {(step - 1) // trainer.steps_per_epoch}"
+                f"): {_format_metrics(terms)}; {kept}")
+    return terms
 
 
 def _evaluate_epoch(trainer, state, step, logger, bar):

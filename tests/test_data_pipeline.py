@@ -40,16 +40,23 @@ def _train(data, **kwargs):
     return list(pipeline.train_dataset(data, **args))
 
 
-def test_training_batch_contract(data):
-    batches = _train(data, num_epochs=1)
+@pytest.mark.parametrize("augment_on", ["device", "host"])
+def test_training_batch_contract(data, augment_on):
+    batches = _train(data, num_epochs=1, augment_on=augment_on)
     full = len(data.fold.train) // 8
     assert len(batches) == full
     b = batches[0]
-    assert set(b) == {"image_student", "image_teacher", "label", "index"}
-    for key in ("image_student", "image_teacher"):
-        assert b[key].shape == (8, SIZE, SIZE, 3) and b[key].dtype == np.float32
+    if augment_on == "device":  # the stored pixels, as read: the step augments them
+        assert set(b) == {"image", "label", "index"}
+        assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
+        for row, i in zip(b["image"], b["index"]):
+            np.testing.assert_array_equal(row, data.source[int(data.fold.train[i])]["image"])
+    else:
+        assert set(b) == {"image_student", "image_teacher", "label", "index"}
+        for key in ("image_student", "image_teacher"):
+            assert b[key].shape == (8, SIZE, SIZE, 3) and b[key].dtype == np.float32
+        assert not np.allclose(b["image_student"], b["image_teacher"])  # independent views
     assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
-    assert not np.allclose(b["image_student"], b["image_teacher"])  # independent views
     indices = np.concatenate([b["index"] for b in batches])
     assert (
         len(set(indices)) == full * 8
@@ -168,6 +175,7 @@ def test_evaluation_is_padded_with_a_mask(data):
     np.testing.assert_array_equal(index[mask], np.arange(n))
     np.testing.assert_array_equal(labels[mask], data.fold.test_labels)
     assert (index[~mask] == -1).all() and batches[0]["image"].shape == (16, SIZE, SIZE, 3)
+    assert batches[0]["image"].dtype == np.uint8  # normalised on the devices
     for count in (2, 4):
         shards = [
             list(

@@ -174,3 +174,37 @@ def test_densenet121_224_batch8_one_step():
     state, metrics = step(state, b)
     assert np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1
+
+
+def test_uint8_batch_is_augmented_in_the_step_with_the_example_keys():
+    # The step's own views of a uint8 batch are `augment.two_views` under the documented
+    # per-example keys: given as host views, the same images give the same step.
+    from crckd_jax import augment
+    from crckd_jax.step import example_keys
+
+    _, state, step = build("queue")
+    b = batch(5)
+    raw = {"image": np.random.default_rng(5).integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8),
+           "label": b["label"], "index": b["index"]}
+    keys = example_keys(state.rng, state.step, jnp.asarray(b["index"]))[:, 2]
+    student, teacher_view = jax.jit(augment.two_views)(keys, raw["image"])
+    views = {"image_student": student, "image_teacher": teacher_view,
+             "label": b["label"], "index": b["index"]}
+    after_raw, m_raw = step(state, raw)
+    after_views, m_views = step(state, views)
+    for k in ("loss", "ce", "mt", "ccd", "crp"):
+        np.testing.assert_allclose(m_raw[k], m_views[k], rtol=1e-6, err_msg=k)
+    for a, c in zip(jax.tree.leaves(after_raw.params), jax.tree.leaves(after_views.params)):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(student, teacher_view)  # independent views
+
+
+def test_eval_step_normalises_uint8_images_on_device():
+    from crckd_jax import augment
+
+    model, state, _ = build("queue")
+    images = np.random.default_rng(4).integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8)
+    run = jax.jit(functools.partial(eval_step, model=model))
+    raw = run(state, {"image": images})
+    floats = run(state, {"image": augment.normalize(images)})
+    np.testing.assert_allclose(raw["probs"], floats["probs"], rtol=1e-6)

@@ -1,9 +1,12 @@
-"""The reference's image transforms in PIL/numpy, as grain transforms.
+"""The host side of the reference's image transforms, in PIL/numpy, as grain transforms.
 
-Training (per view): Resize((s, s)) bilinear -> RandomAffine(degrees=10, translate=(0.02,
-0.02)) with nearest resampling and zero fill -> RandomHorizontalFlip(0.5) -> ImageNet
-normalisation, exactly as torchvision does on PIL images. Two independent views per example
-(student, teacher). Evaluation: resize -> normalisation. Outputs float32 [s, s, 3] NHWC.
+`Resized` (the default path, `data.augment='device'`, and every evaluation): Resize((s, s))
+bilinear only; the image stays uint8 and the devices do the rest (`crckd_jax.augment`).
+
+`TwoViews` (`data.augment='host'`, kept to compare against): per view Resize((s, s)) ->
+RandomAffine(degrees=10, translate=(0.02, 0.02)) with nearest resampling and zero fill ->
+RandomHorizontalFlip(0.5) -> ImageNet normalisation, exactly as torchvision does on PIL
+images; two independent views per example (student, teacher), float32 [s, s, 3] NHWC.
 """
 
 from __future__ import annotations
@@ -78,12 +81,16 @@ class TwoViews(grain.transforms.RandomMap):
         return element
 
 
-class EvalView(grain.transforms.Map):
-    """{'image' uint8, ...} -> {'image' float32 [s, s, 3] resized and normalised, ...}."""
+class Resized(grain.transforms.Map):
+    """{'image' uint8, ...} -> {'image' uint8 [s, s, 3], ...}: the model-size image that
+    travels to the devices, which augment (training) and normalise it (`crckd_jax.augment`).
+    A no-op when the stored size is the model size (the default)."""
 
     def __init__(self, image_size: int):
         self.image_size = image_size
 
     def map(self, element: dict) -> dict:
-        element["image"] = normalize(np.asarray(resize(element["image"], self.image_size)))
+        image = element["image"]
+        if image.shape[:2] != (self.image_size, self.image_size):
+            element["image"] = np.asarray(resize(image, self.image_size))
         return element

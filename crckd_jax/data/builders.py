@@ -1,6 +1,7 @@
 """TFDS builders that prepare a downloaded folder once into array_record (no TensorFlow).
 
-Each example: `image` uint8 [S, S, 3] (stored as PNG, S = store size), `label` (ClassLabel in
+Each example: `image` uint8 [S, S, 3] (stored as raw pixels, S = store size: reading a record
+costs no decoding, see docs/performance.md), `label` (ClassLabel in
 the layout's class order), `item_id` and `group_id` (text). Examples keep the order of the
 layout's listing (`disable_shuffling`), so record r is the r-th listed item. The builder
 config name encodes the store size and a digest of the source options, so another folder or
@@ -12,12 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from typing import Any
 
 from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
 
 from crckd_jax.data import sources
@@ -78,24 +79,24 @@ def source_config(
     return config, listing
 
 
-def _encode(item: sources.Item, size: int, skip_bad: bool) -> bytes | str:
-    """PNG bytes of the item's image at `size`, or the DataError message when skipping."""
+def _encode(item: sources.Item, size: int, skip_bad: bool) -> np.ndarray | str:
+    """The item's image at `size` (uint8 [size, size, 3]), or the DataError message when
+    skipping."""
     try:
         img = sources.load_rgb(item.path, size)
     except sources.DataError as e:
         if skip_bad:
             return str(e)
         raise
-    buffer = io.BytesIO()
-    img.save(buffer, format="png", compress_level=1)
-    return buffer.getvalue()
+    return np.asarray(img, np.uint8)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Labelled images from a manual directory; the layout comes from the SourceConfig."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Images stored as PNG.",
+                     "2.0.0": "Images stored as raw uint8 pixels (no decoding when read)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the downloaded folder as data.dir (see docs/data.md)."
 
     @tfds.core.utils.classproperty
@@ -111,7 +112,8 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                    "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8,
+                                                  encoding=tfds.features.Encoding.BYTES),
                     "label": tfds.features.ClassLabel(names=list(config.class_names)),
                     "item_id": tfds.features.Text(),
                     "group_id": tfds.features.Text(),

@@ -45,12 +45,18 @@ def setup(kind, axis_name, dtype=jnp.float32):
 
 
 def batches():
+    """Odd steps: uint8 images augmented inside the step (the default); even steps: views
+    made on the host."""
     rng = np.random.default_rng(0)
-    for _ in range(STEPS):
+    for i in range(STEPS):
         index = rng.choice(N_TRAIN, BATCH, replace=False).astype(np.int32)
-        yield {"image_student": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
-               "image_teacher": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
-               "label": TRAIN_LABELS[index].astype(np.int32), "index": index}
+        batch = {"label": TRAIN_LABELS[index].astype(np.int32), "index": index}
+        if i % 2:
+            batch["image"] = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8)
+        else:
+            batch["image_student"] = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
+            batch["image_teacher"] = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
+        yield batch
 
 
 def max_rel(a, b):

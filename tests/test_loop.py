@@ -1,0 +1,132 @@
+"""The training loop in-process on `configs/demo.py:tiny`: one compile of the train step,
+metrics read only at log points and before checkpoints, the deferred non-finite guard."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from crckd_jax import train
+from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.logger import MetricLogger, read_records
+from crckd_jax.parallel import DataParallel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**train_keys):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    with config.unlocked():
+        config.train.steps_per_epoch = 4
+        config.train.epochs = 2
+        config.train.log_every_steps = 3
+        config.train.checkpoint_every_steps = 0
+        for key, value in train_keys.items():
+            config.train[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    train.load_data(tiny_config(), str(path), log=lambda _: None)
+    return str(path)
+
+
+def count_traces(monkeypatch) -> list[str]:
+    """Records the name of every function `DataParallel.compile` traces (a trace of an
+    already compiled step would mean a second compile)."""
+    traced = []
+    original = DataParallel.compile
+
+    def compile_counting(self, step_fn, **kwargs):
+        def counted(*args):
+            traced.append(getattr(step_fn, "__name__", None) or step_fn.func.__name__)
+            return step_fn(*args)
+        return original(self, counted, **kwargs)
+
+    monkeypatch.setattr(DataParallel, "compile", compile_counting)
+    return traced
+
+
+def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None):
+    """Runs `_train_loop` from step 0; returns the trainer, the sizes of the metric reads,
+    and the checkpointer."""
+    trainer = train._trainer(config, data_dir, log=lambda _: None)
+    if wrap_step is not None:
+        trainer.train_step = wrap_step(trainer.train_step)
+    reads = []
+    check = train._check_finite
+    monkeypatch.setattr(train, "_check_finite",
+                        lambda t, pending, c: reads.append([s for s, _ in pending])
+                        or check(t, pending, c))
+    checkpoints = Checkpointer(str(workdir / "checkpoints"), asynchronous=False)
+    logger = MetricLogger(str(workdir))
+    state = trainer.parallel.put_state(trainer.initial_state)
+    try:
+        train._train_loop(trainer, state, trainer.train_iterator(), 0, checkpoints, logger)
+    finally:
+        logger.close()
+        checkpoints.close()
+    return trainer, reads, checkpoints
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_one_compile_and_metrics_read_at_log_points_and_epoch_ends(
+        data_dir, tmp_path, monkeypatch, backend):
+    config = tiny_config()
+    with config.unlocked():
+        config.parallel.backend = backend
+    traced = count_traces(monkeypatch)
+    trainer, reads, _ = run_loop(config, data_dir, tmp_path, monkeypatch)
+    # 8 train steps and 2 evaluations of 3 batches: each step traced (compiled) once, as the
+    # state put on the devices has exactly the layout the step returns.
+    assert sorted(traced) == ["eval_fn", "train_with_lr"]
+    # log every 3 steps, epochs of 4: reads after steps 3, 4 (epoch end), 6, 8.
+    assert reads == [[1, 2, 3], [4], [5, 6], [7, 8]]
+    train_records = [r for r in read_records(str(tmp_path / "metrics.jsonl"))
+                     if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [3, 4, 6, 8]
+    cpu = [r["process_cpu_s"] for r in train_records]
+    assert cpu == sorted(cpu) and cpu[0] > 0
+
+
+def test_non_finite_loss_between_reads_stops_before_the_next_checkpoint(
+        data_dir, tmp_path, monkeypatch):
+    config = tiny_config(checkpoint_every_steps=2, log_every_steps=5)
+
+    def poison_step_3(step_fn):
+        calls = []
+
+        def poisoned(state, batch):
+            state, metrics = step_fn(state, batch)
+            calls.append(1)
+            if len(calls) == 3:
+                metrics = {**metrics, "crp": metrics["crp"] * jnp.nan}
+            return state, metrics
+        return poisoned
+
+    with pytest.raises(train.TrainingDiverged, match=r"non-finite loss at step 3 .*crp=nan"
+                       r".*last good checkpoint is step 2"):
+        run_loop(config, data_dir, tmp_path, monkeypatch, wrap_step=poison_step_3)
+    # Step 4 (a checkpoint step) was reached on the host but not saved.
+    assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 2
+
+
+def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
+    trainer = train._trainer(tiny_config(), data_dir, log=lambda _: None)
+    plain = trainer.train_iterator()
+    expected = []
+    for _ in range(5):
+        batch = next(plain)
+        expected.append((batch["index"], plain.get_state()))
+    ahead = trainer.parallel.prefetch(trainer.train_iterator(), 2, with_state=True)
+    for (index, state), (device_batch, got_state) in zip(expected, ahead):
+        assert isinstance(device_batch["image"], jax.Array)
+        assert (jax.device_get(device_batch["index"]) == index).all()
+        assert got_state == state
