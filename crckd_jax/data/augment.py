@@ -17,21 +17,22 @@ import grain
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-MAX_DEGREES = 10.0
-MAX_TRANSLATE = 0.02  # fraction of the side
-
-
-_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
-_OFFSET = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+# One definition of the constants, shared with the device-side augmentation.
+from crckd_jax.augment import (  # noqa: F401  (re-exported)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_DEGREES,
+    MAX_TRANSLATE,
+    NORMALIZE_OFFSET,
+    NORMALIZE_SCALE,
+)
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 (x / 255 - mean) / std, ImageNet statistics."""
     out = image.astype(np.float32)
-    out *= _SCALE
-    out -= _OFFSET
+    out *= NORMALIZE_SCALE
+    out -= NORMALIZE_OFFSET
     return out
 
 
