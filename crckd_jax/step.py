@@ -57,19 +57,19 @@ def _psum(x, axis_name):
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
-    """[B, 3] keys per example (teacher turn, contrast, augmented views), from the run key
-    data, the step and the item's index in the training set.
+    """[B, 4] keys per example (teacher turn, contrast, student view, teacher view), from
+    the run key data, the step and the item's index in the training set.
 
     Keying by the data set index makes every draw independent of the device and process
     count; the step fixes the pass, so an item gets new draws every time it is seen, and a
     resumed run draws what an uninterrupted one would.
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i), 3))(index)
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i), 4))(index)
 
 
 def _views(batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The student's and the teacher's training views, float32 [B, H, W, 3]."""
+    """The student's and the teacher's training views, float32 [B, H, W, 3]; keys [B, 2]."""
     if "image" in batch:
         return augment.two_views(keys, batch["image"])
     return batch["image_student"], batch["image_teacher"]
@@ -99,7 +99,7 @@ def train_step(
     axis = config.axis_name
     labels, index = batch["label"], batch["index"]
     keys = example_keys(state.rng, state.step, index)
-    images_s, images_t = _views(batch, keys[:, 2])
+    images_s, images_t = _views(batch, keys[:, 2:])
     if config.teacher_rotate:
         images_t = jax.vmap(teacher.rotate_flip)(keys[:, 0], images_t)
     out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config)

@@ -186,7 +186,7 @@ def test_uint8_batch_is_augmented_in_the_step_with_the_example_keys():
     b = batch(5)
     raw = {"image": np.random.default_rng(5).integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8),
            "label": b["label"], "index": b["index"]}
-    keys = example_keys(state.rng, state.step, jnp.asarray(b["index"]))[:, 2]
+    keys = example_keys(state.rng, state.step, jnp.asarray(b["index"]))[:, 2:]
     student, teacher_view = jax.jit(augment.two_views)(keys, raw["image"])
     views = {"image_student": student, "image_teacher": teacher_view,
              "label": b["label"], "index": b["index"]}
