@@ -1,16 +1,7 @@
 """APTOS 2019 (train.csv + train_images/) with the reference hyper-parameters.
 
-`--config configs/aptos.py:ARG` with ARG one of baseline | mt | mt_ccd | crckd (default).
-The folds equal the reference's StratifiedKFold(5, shuffle=True, random_state=2020).
+Defined in `crckd_jax/configs/aptos.py`, which `--config aptos[:arg]` names directly; this
+file keeps `--config configs/aptos.py[:arg]` working.
 """
 
-from crckd_jax import config as config_lib
-
-
-def get_config(arg: str = ""):
-    config = config_lib.default_config()
-    config.data.source = "aptos"
-    config.data.split_seed = 2020
-    config_lib.apply_ablation(config, arg)
-    config.lock()
-    return config
+from crckd_jax.configs.aptos import get_config  # noqa: F401

@@ -1,15 +1,7 @@
 """HAM10000 (or the ISIC 2018 Task 3 layout) with the reference hyper-parameters.
 
-`--config configs/ham10000.py:ARG` with ARG one of baseline | mt | mt_ccd | crckd (default):
-the ablations of the paper, which differ only in the loss weights.
+Defined in `crckd_jax/configs/ham10000.py`, which `--config ham10000[:arg]` names directly; this
+file keeps `--config configs/ham10000.py[:arg]` working.
 """
 
-from crckd_jax import config as config_lib
-
-
-def get_config(arg: str = ""):
-    config = config_lib.default_config()
-    config.data.source = "ham10000"
-    config_lib.apply_ablation(config, arg)
-    config.lock()
-    return config
+from crckd_jax.configs.ham10000 import get_config  # noqa: F401

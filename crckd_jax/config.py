@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from crckd_jax.models.torch_import import CHECKPOINT_SUFFIXES
+
 SOURCES = ("synthetic", "ham10000", "isic2018", "aptos", "csv")
 MODELS = ("densenet121", "densenet169", "densenet201", "densenet_small", "densenet_tiny")
 
@@ -55,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "densenet121"  # backbone: densenet121 | 169 | 201 | densenet_small | _tiny
-    c.model.pretrained = ""  # torchvision DenseNet checkpoint (.pth or .npz); '' = random init
+    c.model.pretrained = ""  # torchvision DenseNet (.safetensors, .pth, .npz); '' = random init
     c.model.hidden_dim = 128  # width of the head's feature layer (the CCD/CRP input)
 
     c.train = ml_collections.ConfigDict()
@@ -247,10 +249,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'data.folds' is {flat['data.folds']!r}: expected fold numbers in "
             f"[0, {flat['data.num_folds'] - 1}] (data.num_folds={flat['data.num_folds']})"
         )
-    if flat["model.pretrained"] and not os.path.isfile(flat["model.pretrained"]):
+    pretrained = flat["model.pretrained"]
+    if pretrained and (not os.path.isfile(pretrained)
+                       or not pretrained.lower().endswith(CHECKPOINT_SUFFIXES)):
         raise ConfigError(
-            f"config key 'model.pretrained' is {flat['model.pretrained']!r}: expected an "
-            "existing torchvision DenseNet checkpoint file (.pth or .npz)"
+            f"config key 'model.pretrained' is {pretrained!r}: expected an existing "
+            f"torchvision DenseNet checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})"
         )
     if flat["data.source"] == "csv" and not flat["data.dir"]:
         raise ConfigError(

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import launch  # the command line module (defines its flags; runs nothing on import)
+from crckd_jax import cli  # the command line (defines its flags; runs nothing on import)
 from crckd_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_two_processes_with_pmap_equal_one_process(runs, tmp_path):
 
 
 def test_cluster_environment_from_launcher_variables():
-    detect = launch.cluster_environment
+    detect = cli.cluster_environment
     assert detect({}) is None
     assert detect({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "JAX_COORDINATOR_ADDRESS"
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0",
@@ -209,5 +209,5 @@ def test_cluster_environment_from_launcher_variables():
     assert detect({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == "Cloud TPU"
     assert detect({"TPU_WORKER_HOSTNAMES": "t0"}) is None
     # No flags and no launcher: nothing is started.
-    assert launch.initialize_distributed(None, None, None, environ={}) is None
-    assert launch.initialize_distributed(None, 1, None, environ={}) is None
+    assert cli.initialize_distributed(None, None, None, environ={}) is None
+    assert cli.initialize_distributed(None, 1, None, environ={}) is None

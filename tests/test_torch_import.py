@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.models import torch_import
 from crckd_jax.models.torch_import import (
     classifier_from_state_dict,
+    convert,
     import_densenet,
     load_state_dict,
     normalize_state_dict_keys,
@@ -206,7 +208,9 @@ def test_load_errors(tmp_path):
         load_state_dict(missing)
     other = tmp_path / "weights.h5"
     other.write_bytes(b"")
-    with pytest.raises(ValueError, match="unsupported checkpoint file"):
+    with pytest.raises(ValueError, match=re.escape(
+            f"unsupported checkpoint file {other}: expected one of ('.safetensors', '.npz', "
+            "'.pth', '.pt', '.pth.tar')")):
         load_state_dict(other)
     npz = tmp_path / "w.npz"
     np.savez(npz, a=np.zeros(1))
@@ -237,3 +241,107 @@ def test_pth_round_trip(tmp_path):
         assert list(loaded) == list(fixture)
         for key, value in fixture.items():
             np.testing.assert_array_equal(loaded[key], value)
+
+
+def _small_template():
+    model = CRCKDNet(densenet_config("densenet_small"), num_classes=3)
+    abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                              jnp.zeros((1, 32, 32, 3)))
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+
+
+def test_safetensors_imports_like_npz(tmp_path):
+    """A .safetensors file of torchvision keys (old names, num_batches_tracked included) gives
+    the same variables as the .npz it was written from."""
+    from safetensors.numpy import save_file
+
+    fixture = load_state_dict(FIXTURES / "densenet_small.npz", prefix="sd/")
+    stored = _to_old_names(fixture)
+    stored["features.norm0.num_batches_tracked"] = np.array(4, np.int64)
+    npz, safetensors = tmp_path / "small.npz", tmp_path / "small.safetensors"
+    np.savez(npz, **stored)
+    save_file(stored, str(safetensors))
+    loaded = load_state_dict(safetensors)
+    assert set(loaded) == set(stored)
+    template = _small_template()
+    from_npz = import_densenet(load_state_dict(npz), template)
+    from_safetensors = import_densenet(loaded, template)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(from_npz):
+        other = from_safetensors
+        for key in path:
+            other = other[key.key]
+        assert other.dtype == leaf.dtype
+        np.testing.assert_array_equal(other, leaf, err_msg=jax.tree_util.keystr(path))
+    kernel = from_safetensors["params"]["features"]["conv0"]["kernel"]
+    np.testing.assert_array_equal(kernel, fixture["features.conv0.weight"].transpose(2, 3, 1, 0))
+    prefix = "features.denseblock1."
+    assert set(load_state_dict(safetensors, prefix=prefix)) == {
+        k.removeprefix(prefix) for k in stored if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name, content, kind", [
+    ("weights.safetensors", b"not a safetensors file at all", "a safetensors file"),
+    ("weights.safetensors", b"", "a safetensors file"),
+    ("weights.npz", b"PK\x03\x04 truncated", "an .npz archive"),
+])
+def test_corrupt_file_error_names_the_file(tmp_path, name, content, kind):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^cannot read {re.escape(str(path))} as {kind}: "):
+        load_state_dict(path)
+
+
+def test_npz_renamed_to_safetensors_is_a_clear_error(tmp_path):
+    path = tmp_path / "densenet.safetensors"
+    path.write_bytes((FIXTURES / "densenet_small.npz").read_bytes())
+    with pytest.raises(ValueError, match=f"^cannot read {re.escape(str(path))} as a "
+                                         "safetensors file"):
+        load_state_dict(path)
+
+
+def test_convert_keeps_every_key(tmp_path, capsys):
+    """The converter (here from an .npz, which needs no torch) writes the same keys and
+    values, old names included; the result imports like the source."""
+    stored = _to_old_names(load_state_dict(FIXTURES / "densenet_small.npz", prefix="sd/"))
+    source, target = tmp_path / "small.npz", tmp_path / "small.safetensors"
+    np.savez(source, **stored)
+    assert torch_import.convert_main([str(source), str(target)]) == 0
+    assert capsys.readouterr().out == f"wrote 116 tensors from {source} to {target}\n"
+    converted = load_state_dict(target)
+    assert set(converted) == set(stored)
+    for key, value in stored.items():
+        assert converted[key].dtype == value.dtype
+        np.testing.assert_array_equal(converted[key], value)
+    from safetensors import safe_open
+
+    with safe_open(str(target), framework="np") as f:
+        assert f.metadata() == {"format": "pt", "source": "small.npz"}
+    # The same through `python -m crckd_jax.models.torch_import convert`.
+    assert torch_import.main(["convert", str(source), str(tmp_path / "again.safetensors")]) == 0
+
+
+def test_convert_errors(tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    assert torch_import.convert_main([str(missing), str(tmp_path / "x.safetensors")]) == 1
+    assert capsys.readouterr().err == f"error: checkpoint file not found: {missing}\n"
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        convert(FIXTURES / "densenet_small.npz", tmp_path / "out.npz")
+
+
+def test_convert_pth(tmp_path):
+    """torchvision .pth -> .safetensors -> the same state dict, without torch for reading."""
+    torch = pytest.importorskip("torch")
+    fixture = _to_old_names(load_state_dict(FIXTURES / "densenet_small.npz", prefix="sd/"))
+    tensors = {k: torch.from_numpy(v) for k, v in fixture.items()}
+    tensors["features.norm0.num_batches_tracked"] = torch.tensor(4)
+    tensors["features.norm5.weight"] = tensors["features.norm5.weight"].to(torch.bfloat16)
+    pth, target = tmp_path / "densenet_small.pth", tmp_path / "densenet_small.safetensors"
+    torch.save({"state_dict": tensors}, pth)
+    assert convert(pth, target) == len(tensors)
+    converted = load_state_dict(target)
+    assert set(converted) == set(tensors)
+    assert converted["features.norm0.num_batches_tracked"] == 4
+    assert converted["features.norm5.weight"].dtype == np.float32  # bfloat16 stored as float32
+    for key, value in fixture.items():
+        if key != "features.norm5.weight":
+            np.testing.assert_array_equal(converted[key], value)

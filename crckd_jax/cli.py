@@ -1,0 +1,242 @@
+"""Command line of crckd-jax: `crckd` (installed), `python launch.py` (a clone), or
+`python -m crckd_jax.cli`, all with the same flags.
+
+    crckd --config demo --workdir W [--mode train]
+    crckd --config configs/demo.py --workdir W          (a config file, e.g. in a clone)
+
+`--config` is a config file (`path.py` or `path.py:arg`) or the name of a packaged config
+(`demo`, `ham10000`, `aptos`, e.g. `aptos:mt_ccd`); its keys can be overridden, e.g.
+`--config.data.dir=/data/HAM10000 --config.train.epochs=5`. Modes:
+  prepare  build the data set, the folds and W/data_summary.json
+  train    prepare if needed, then train fold `data.fold` in W (resumes from W/checkpoints)
+  eval     evaluate the latest checkpoint of W on the test (and validation) split
+  cv       train every fold of `data.folds` in W/fold_<k>, then W/cv_summary.{json,md}
+  predict  write W/predictions.csv for the images of `predict.input`
+
+Several processes (hosts) train together through `jax.distributed`: give every process
+`--coordinator_address HOST:PORT --num_processes N --process_id I` (HOST is process 0's
+machine), or nothing under a launcher JAX recognises (SLURM with several tasks, Open MPI,
+a Cloud TPU VM, or JAX_COORDINATOR_ADDRESS in the environment). See docs/parallel.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from crckd_jax import config as config_lib
+from crckd_jax import configs as packaged_configs
+from crckd_jax import xla_options
+from crckd_jax.data.sources import DataError
+from crckd_jax.models.torch_import import CheckpointError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Config file (path.py[:arg]) or packaged config name[:arg]: "
+    + ", ".join(packaged_configs.names()) + ".")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for data, checkpoints and results.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["prepare", "train", "eval", "cv", "predict"], "What to do."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: HOST:PORT of process 0's coordinator (the same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process runs: number of processes.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's id in [0, num_processes).",
+    lower_bound=0)
+flags.mark_flags_as_required(["config", "workdir"])
+_FLAGS = (_CONFIG, _WORKDIR, _MODE, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def _on_cloud_tpu_vm() -> bool:
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def cluster_environment(environ=None) -> str | None:
+    """The multi-process launcher found in the environment, from which a bare
+    `jax.distributed.initialize()` takes its settings; None for a single process."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if all(k in env for k in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "Cloud TPU"
+    if environ is None and _on_cloud_tpu_vm():
+        return "Cloud TPU"
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, environ=None) -> str | None:
+    """Starts `jax.distributed` when the flags or the environment ask for several processes.
+
+    Must run before any JAX computation. Returns how the processes were found (None: a
+    single process, nothing started).
+    """
+    given = (coordinator_address, num_processes, process_id)
+    if num_processes == 1 and coordinator_address is None:
+        return None  # explicitly one process
+    if all(v is None for v in given):
+        source = cluster_environment(environ)
+        if source is None:
+            return None
+    else:
+        source = "flags"
+    import jax
+
+    # All three flags: no launcher's environment overrides them (under SLURM it would also
+    # restrict each process to one local device); each process uses the devices it sees.
+    detection = "deactivate" if None not in given else None
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   cluster_detection_method=detection)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(
+            f"error: jax.distributed.initialize ({source}): {e}; give --coordinator_address, "
+            "--num_processes and --process_id to every process") from e
+    print(f"process {jax.process_index()} of {jax.process_count()} ({source}): "
+          f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
+    return source
+
+
+def run(mode: str, config, workdir: str) -> None:
+    # Imported here so that a bad flag or config fails before JAX starts.
+    from crckd_jax import cv, predict, train
+    from crckd_jax.data import prepare
+
+    if mode == "prepare":
+        prepare.prepare(config, workdir)
+    elif mode == "train":
+        train.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+        train.evaluate_checkpoint(config, workdir)
+    elif mode == "cv":
+        cv.run_cv(config, workdir)
+    else:
+        predict.predict(config, workdir)
+
+
+def resolve_config_argument(argv: list[str]) -> list[str]:
+    """`argv` with the value of `--config` (`--config V`, `--config=V`, one or two dashes)
+    resolved by `crckd_jax.configs.resolve`: a packaged config's name becomes the path of its
+    module file, which is what ml_collections' config flag loads. Overrides such as
+    `--config.train.epochs=5` and everything after `--` are left alone.
+
+    Raises SystemExit with one `error: ...` line for a missing file or an unknown name.
+    """
+    out = list(argv)
+    i = 1
+    while i < len(out):
+        arg = out[i]
+        if arg == "--":
+            break
+        match = re.fullmatch(r"(--?config)(=(.*))?", arg, flags=re.DOTALL)
+        if match:
+            if match.group(2) is None:  # the value is the next argument
+                if i + 1 < len(out):
+                    out[i + 1] = _resolve_config(out[i + 1])
+                i += 1
+            else:
+                out[i] = f"{match.group(1)}={_resolve_config(match.group(3))}"
+        i += 1
+    return out
+
+
+def _resolve_config(value: str) -> str:
+    try:
+        return packaged_configs.resolve(value)
+    except packaged_configs.UnknownConfigError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error for a config override of an unknown key, and
+    exit status 0 after `--help` (absl exits with 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except SystemExit as e:
+        asked = any(a.lstrip("-") in _HELP_FLAGS for a in argv[1:] if a.startswith("-"))
+        if e.code == 1 and asked:
+            raise SystemExit(0) from None
+        raise
+    except (AttributeError, KeyError) as e:
+        known = config_lib.RULES
+        for arg in argv[1:]:
+            key = arg.removeprefix("--config.").split("=")[0]
+            if arg.startswith("--config.") and key not in known:
+                raise SystemExit(f"error: unknown config key {key!r} (in {arg}); known keys: "
+                                 f"{', '.join(known)}") from e
+        raise SystemExit(f"error: {e}") from e
+    except flags.Error as e:  # e.g. a value of the wrong type: names the flag and value
+        raise SystemExit(f"error: {_without_config_traceback(str(e))}") from e
+
+
+def _without_config_traceback(message: str) -> str:
+    """ml_collections puts the traceback of a failing `get_config` into the flag error; keep
+    its first line (which names the flag and value) and the exception's own message."""
+    if "Error whilst parsing config file" not in message:
+        return message
+    lines = [line for line in message.splitlines() if line.strip()]
+    last = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+    return f"{lines[0].split(': Error whilst')[0]}: {last}"
+
+
+def execute(mode: str, config, workdir: str, coordinator_address: str | None = None,
+            num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Checks `config`, starts `jax.distributed` if asked, runs `mode`. The errors a user
+    fixes (bad config, data or checkpoint, a missing file) end the program with one
+    `error: ...` line."""
+    try:
+        config_lib.validate(config)
+        initialize_distributed(coordinator_address, num_processes, process_id)
+        run(mode, config, workdir)
+    except (DataError, config_lib.ConfigError, CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)
+    execute(_MODE.value, _CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
+            _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _show_in_help() -> None:
+    """`--help` prints the main module's docstring and the flags it owns: make those this
+    module's, whichever script (`crckd`, launch.py) is the main module."""
+    sys.modules["__main__"].__doc__ = __doc__
+    for holder in _FLAGS:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `crckd` command: `argv` (default `sys.argv`) as for `python launch.py`."""
+    argv = list(sys.argv if argv is None else argv)
+    argv = resolve_config_argument(argv)
+    _show_in_help()
+    xla_options.configure()  # before JAX starts: the CPU backend's faster kernels
+    app.run(_main, argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main()

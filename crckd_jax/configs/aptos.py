@@ -1,0 +1,17 @@
+"""APTOS 2019 (train.csv + train_images/) with the reference hyper-parameters.
+
+`--config aptos:ARG` (or `--config configs/aptos.py:ARG` in a clone) with ARG one of
+baseline | mt | mt_ccd | crckd (default).
+The folds equal the reference's StratifiedKFold(5, shuffle=True, random_state=2020).
+"""
+
+from crckd_jax import config as config_lib
+
+
+def get_config(arg: str = ""):
+    config = config_lib.default_config()
+    config.data.source = "aptos"
+    config.data.split_seed = 2020
+    config_lib.apply_ablation(config, arg)
+    config.lock()
+    return config

@@ -1,0 +1,175 @@
+"""The command line: entry points, `--help`, config names, one-line errors for bad input.
+
+Everything here fails (or prints help) before JAX starts, so each subprocess takes ~1 s.
+"""
+
+import importlib
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from crckd_jax import cli
+from crckd_jax import configs as packaged_configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE_CONFIGS = ROOT / "crckd_jax" / "configs"
+
+
+def _python(*args, cwd=ROOT, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=120, **kwargs)
+
+
+def test_console_scripts_resolve():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"crckd": "crckd_jax.cli:main",
+                       "crckd-convert-weights": "crckd_jax.models.torch_import:convert_main"}
+    for target in scripts.values():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), target
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "crckd_jax.cli", "--help"],
+    [str(ROOT / "launch.py"), "--help"],
+    # What the installed `crckd` script does: a main module without a docstring calls main().
+    ["-c", "import sys; sys.argv[0] = 'crckd'; from crckd_jax.cli import main; main()",
+     "--help"],
+])
+def test_help_lists_modes_and_flags(command, tmp_path):
+    done = _python(*command, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for text in ("Command line of crckd-jax", "predict  write W/predictions.csv",
+                 "--config: Config file (path.py[:arg]) or packaged config name[:arg]: aptos,",
+                 "--workdir: Folder for data", "--mode: <prepare|train|eval|cv|predict>",
+                 "--num_processes"):
+        assert text in done.stdout, (text, done.stdout)
+
+
+def test_packaged_config_names_and_files():
+    assert packaged_configs.names() == ["aptos", "demo", "ham10000"]
+    # The top-level configs/ folder has a thin file for every packaged config.
+    assert sorted(p.stem for p in (ROOT / "configs").glob("*.py")) == packaged_configs.names()
+    assert packaged_configs.path("demo") == PACKAGE_CONFIGS / "demo.py"
+
+
+@pytest.mark.parametrize("value, want", [
+    ("demo", str(PACKAGE_CONFIGS / "demo.py")),
+    ("demo:tiny", str(PACKAGE_CONFIGS / "demo.py") + ":tiny"),
+    ("aptos:mt_ccd", str(PACKAGE_CONFIGS / "aptos.py") + ":mt_ccd"),
+    ("configs/ham10000.py", "configs/ham10000.py"),  # a path (relative to the clone) stays
+    (str(ROOT / "configs" / "demo.py") + ":tiny", str(ROOT / "configs" / "demo.py") + ":tiny"),
+])
+def test_resolve_config(value, want, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert packaged_configs.resolve(value) == want
+
+
+def test_resolve_config_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(packaged_configs.UnknownConfigError,
+                       match=r"^unknown config 'apots': expected a config file \(path.py\[:arg\]\) "
+                             r"or one of the packaged configs aptos, demo, ham10000"):
+        packaged_configs.resolve("apots:mt")
+    with pytest.raises(packaged_configs.UnknownConfigError,
+                       match=r"^config file not found: configs/demo.py \(a path, or one of the "
+                             r"packaged configs aptos, demo, ham10000\)"):
+        packaged_configs.resolve("configs/demo.py")  # not in this folder
+    (tmp_path / "mine").write_text("")  # a bare word that names an existing file is a path
+    assert packaged_configs.resolve("mine:x") == "mine:x"
+
+
+def test_resolve_config_argument_rewrites_only_the_config_value():
+    demo = str(PACKAGE_CONFIGS / "demo.py")
+    argv = ["crckd", "--config", "demo:tiny", "--workdir", "w", "--config.train.epochs=2",
+            "--mode=eval"]
+    assert cli.resolve_config_argument(argv) == [
+        "crckd", "--config", demo + ":tiny", "--workdir", "w", "--config.train.epochs=2",
+        "--mode=eval"]
+    assert cli.resolve_config_argument(["crckd", "--config=aptos", "--workdir=w"]) == [
+        "crckd", f"--config={PACKAGE_CONFIGS / 'aptos.py'}", "--workdir=w"]
+    assert cli.resolve_config_argument(["crckd", "-config", "demo"]) == [
+        "crckd", "-config", demo]
+    assert cli.resolve_config_argument(["crckd", "--", "--config", "demo"]) == [
+        "crckd", "--", "--config", "demo"]
+    with pytest.raises(SystemExit, match="^error: unknown config 'nope'"):
+        cli.resolve_config_argument(["crckd", "--config", "nope"])
+
+
+@pytest.mark.parametrize("config, message", [
+    ("apots", "error: unknown config 'apots': expected a config file (path.py[:arg]) or one "
+              "of the packaged configs aptos, demo, ham10000 (name[:arg])"),
+    ("configs/nope.py", "error: config file not found: configs/nope.py (a path, or one of the "
+                        "packaged configs aptos, demo, ham10000)"),
+    ("demo:huge", "unknown config argument 'huge': expected '' or 'tiny'"),
+    ("aptos:mt_cd", "unknown config argument 'mt_cd': expected one of baseline, mt, mt_ccd, "
+                    "crckd"),
+])
+def test_bad_config_is_one_error_line(config, message, tmp_path):
+    done = _python("-m", "crckd_jax.cli", "--config", config, "--workdir", str(tmp_path / "w"),
+                   cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_config_name_runs_the_packaged_config(tmp_path):
+    """`--config aptos` from another folder reaches the config's own validation (data.dir)."""
+    done = _python(str(ROOT / "launch.py"), "--config", "aptos",
+                   "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == ("error: config key 'data.dir' is '': expected the downloaded folder "
+                           "for data.source='aptos'\n")
+
+
+def test_top_level_config_files_equal_the_packaged_ones():
+    for name in packaged_configs.names():
+        top = ROOT / "configs" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"top_{name}", top)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        packaged = importlib.import_module(f"crckd_jax.configs.{name}")
+        assert module.get_config is packaged.get_config
+        arg = "tiny" if name == "demo" else "mt"
+        assert module.get_config(arg).to_dict() == packaged.get_config(arg).to_dict()
+
+
+def test_pretrained_of_unknown_kind_is_a_config_error(tmp_path):
+    from crckd_jax import config as config_lib
+
+    weights = tmp_path / "densenet121.h5"
+    weights.write_bytes(b"")
+    config = importlib.import_module("crckd_jax.configs.demo").get_config("tiny")
+    with config.unlocked():
+        config.model.pretrained = str(weights)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            f"config key 'model.pretrained' is {str(weights)!r}: expected an existing "
+            "torchvision DenseNet checkpoint file (.safetensors, .npz, .pth, .pt, .pth.tar)")):
+        config_lib.validate(config)
+
+
+def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch):
+    """A checkpoint that cannot be read (or does not fit the model) ends the run with its
+    message. The training start-up is replaced by the checkpoint read train.py does."""
+    from crckd_jax.models.torch_import import load_state_dict
+
+    weights = tmp_path / "densenet_small.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    config = importlib.import_module("crckd_jax.configs.demo").get_config("tiny")
+    with config.unlocked():
+        config.model.pretrained = str(weights)
+    monkeypatch.setattr(cli, "run", lambda mode, config, workdir: load_state_dict(
+        config.model.pretrained))
+    with pytest.raises(SystemExit) as info:
+        cli.execute("train", config, str(tmp_path / "w"))
+    assert str(info.value.code).startswith(
+        f"error: cannot read {weights} as a safetensors file: Error while deserializing header")
