@@ -1,13 +1,19 @@
-"""Start-up time: from `python launch.py` to the first finished train step of the demo.
+"""Start-up time: from `python launch.py` to the first finished train step.
 
-Runs the demo twice in fresh workdirs that share one empty persistent compilation cache:
-the first start compiles everything (cold), the second finds the compiled step in the cache
-(warm). The TFDS data set is built once beforehand in a shared folder, so both starts do the
-same work: generating and listing the synthetic images and writing the folds (the stored
-data set is reused), building the model and state, compiling (or loading) the step, and
-one step. Each run is stopped as soon as its first train record appears.
+Runs the job twice in fresh workdirs that share one empty persistent compilation cache:
+the first start compiles everything (cold), the second finds the compiled executables in
+the cache (warm). The TFDS data set is built once beforehand in a shared folder, so both
+starts do the same work: generating and listing the synthetic images and writing the folds
+(the stored data set is reused), building the model and state, compiling (or loading) the
+step, and one step. Each run is stopped as soon as its first train record appears.
 
-    python benchmarks/startup.py [--config configs/demo.py]
+    python benchmarks/startup.py [--config configs/demo.py] [--model densenet121]
+        [--image-size 224] [--batch-size 16] [--xla-options default|none|onednn]
+
+--model, --image-size and --batch-size override the config's (the synthetic images are
+generated at --image-size). Besides the times, it counts the executables each start wrote
+to the cache (JAX writes one entry per compiled executable; a warm start that writes none
+compiled nothing that the cache could hold) and reports the cache's size.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def time_to_first_step(config: str, workdir: pathlib.Path, cache: str, data: str) -> float:
-    command = [sys.executable, str(ROOT / "launch.py"), "--config", config,
-               "--workdir", str(workdir), "--config.train.log_every_steps=1",
-               f"--config.train.compilation_cache_dir={cache}", f"--config.data.tfds_dir={data}"]
+def cache_entries(cache: str) -> set[str]:
+    path = pathlib.Path(cache)
+    return {p.name for p in path.iterdir() if p.name.endswith("-cache")} if path.exists() else set()
+
+
+def time_to_first_step(command: list[str], workdir: pathlib.Path, env: dict) -> float:
     records = workdir / "metrics.jsonl"
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command + ["--workdir", str(workdir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while proc.poll() is None:
             if records.exists() and any(json.loads(line)["split"] == "train"
@@ -47,19 +55,51 @@ def time_to_first_step(config: str, workdir: pathlib.Path, cache: str, data: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))
+    parser.add_argument("--model", default=None, help="model.name override")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="data.image_size and data.synthetic_image_size override")
+    parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size override")
+    parser.add_argument("--xla-options", default=None,
+                        help="CRCKD_XLA_OPTIONS of the runs (default|none|onednn)")
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
+    overrides = []
+    if args.model:
+        overrides.append(f"--config.model.name={args.model}")
+    if args.image_size:
+        overrides += [f"--config.data.image_size={args.image_size}",
+                      f"--config.data.synthetic_image_size={args.image_size}"]
+    if args.batch_size:
+        overrides.append(f"--config.train.batch_size={args.batch_size}")
+    env = dict(os.environ)
+    if args.xla_options:
+        env["CRCKD_XLA_OPTIONS"] = args.xla_options
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         data, cache = str(tmp / "tfds"), str(tmp / "cache")
-        subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", args.config,
-                        "--workdir", str(tmp / "prepared"), "--mode", "prepare",
-                        f"--config.data.tfds_dir={data}"], cwd=ROOT, check=True,
-                       capture_output=True)
-        cold = time_to_first_step(args.config, tmp / "cold", cache, data)
-        warm = time_to_first_step(args.config, tmp / "warm", cache, data)
+        base = [sys.executable, str(ROOT / "launch.py"), "--config", args.config, *overrides,
+                f"--config.data.tfds_dir={data}"]
+        subprocess.run(base + ["--workdir", str(tmp / "prepared"), "--mode", "prepare"],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+        run = base + ["--config.train.log_every_steps=1",
+                      f"--config.train.compilation_cache_dir={cache}"]
+        cold = time_to_first_step(run, tmp / "cold", env)
+        after_cold = cache_entries(cache)
+        warm = time_to_first_step(run, tmp / "warm", env)
+        after_warm = cache_entries(cache)
+        size_mb = sum(p.stat().st_size for p in pathlib.Path(cache).iterdir()) / 2**20 \
+            if pathlib.Path(cache).exists() else 0.0
+    written_cold, written_warm = len(after_cold), len(after_warm - after_cold)
     print(f"first step after start: cold cache {cold:.1f} s, warm cache {warm:.1f} s "
-          f"(ratio {cold / warm:.2f})")
-    print(f"RESULT cold_s={cold:.1f} warm_s={warm:.1f}")
+          f"(ratio {cold / warm:.2f}); executables written to the cache: cold start "
+          f"{written_cold}, warm start {written_warm}; cache {size_mb:.1f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cold_s": cold, "warm_s": warm, "written_cold": written_cold,
+                       "written_warm": written_warm, "cache_mb": size_mb,
+                       "args": vars(args)}, f, indent=1)
+    print(f"RESULT cold_s={cold:.1f} warm_s={warm:.1f} written_cold={written_cold} "
+          f"written_warm={written_warm}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """BatchNorm (torch numerics) and DenseNet / CRCKDNet: structure, init and torchvision parity."""
 
+import collections
 import functools
 import pathlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from crckd_jax.models import kernels as kernels_lib
 from crckd_jax.models.batch_norm import BatchNorm
 from crckd_jax.models.densenet import (
     DENSENET_PRESETS,
@@ -121,8 +124,10 @@ def test_batch_norm_needs_two_values_per_channel_in_training():
         BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
 
 
-def test_batch_norm_axis_name_sync_equals_global_batch():
-    """4 vmapped devices x 2 images with synchronised stats == one device with 8 images."""
+@pytest.mark.parametrize("kernels", ["cpu", "standard"])
+def test_batch_norm_axis_name_sync_equals_global_batch(kernels):
+    """4 vmapped devices x 2 images with synchronised stats == one device with 8 images,
+    with the hand-written backward pass ('cpu') and with autodiff ('standard')."""
     x, variables = _bn_inputs(shape=(8, 5, 3, 6))
     weights = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
 
@@ -139,13 +144,15 @@ def test_batch_norm_axis_name_sync_equals_global_batch():
         )
         return y, stats, grads
 
-    y, stats, (g_params, g_x) = step(BatchNorm(use_running_average=False), x, weights)
+    y, stats, (g_params, g_x) = step(BatchNorm(use_running_average=False, kernels=kernels),
+                                     x, weights)
 
     def split(a):  # [8, ...] -> [4 devices, 2, ...]
         return a.reshape((4, 2) + a.shape[1:])
 
     synced = jax.vmap(
-        functools.partial(step, BatchNorm(use_running_average=False, axis_name="d")),
+        functools.partial(
+            step, BatchNorm(use_running_average=False, axis_name="d", kernels=kernels)),
         axis_name="d",
     )
     y_d, stats_d, (g_params_d, g_x_d) = synced(split(x), split(weights))
@@ -312,17 +319,124 @@ def test_synchronised_batch_norm_network_equals_global_batch(tiny):
         np.testing.assert_allclose(a[1], b, rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_auto_kernels_follow_the_default_backend(monkeypatch):
+    assert kernels_lib.resolve_kernels("cpu") == "cpu"
+    assert kernels_lib.resolve_kernels("standard") == "standard"
+    for backend, expected in (("cpu", "cpu"), ("gpu", "standard"), ("tpu", "standard")):
+        monkeypatch.setattr(kernels_lib.jax, "default_backend", lambda b=backend: b)
+        assert kernels_lib.resolve_kernels("auto") == expected
+    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+        kernels_lib.resolve_kernels("fast")
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Names of all primitives in a jaxpr, sub-jaxprs (custom_vjp, jit, ...) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def _outputs_and_grads(model, variables, x, cotangents):
+    """For eval and train mode: the gradient w.r.t. params and input of
+    sum(outputs * cotangents), the outputs, and the updated batch statistics (train)."""
+
+    def loss(params, x, train):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        if train:
+            out, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+        else:
+            out, upd = model.apply(v, x, train=False), {}
+        return sum(jnp.vdot(out[k], cotangents[k]) for k in out), (out, upd)
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    return {train: grad(variables["params"], x, train) for train in (False, True)}
+
+
+@pytest.mark.parametrize(
+    "name", ["densenet_tiny", pytest.param("densenet_small", marks=pytest.mark.slow)])
+def test_cpu_and_standard_kernels_agree(name):
+    """Same variables, same forward values and the same gradients (params and input, eval
+    and train mode) with the CPU-tuned layers and with JAX's standard differentiation; the
+    traced computations do differ as intended."""
+    cfg = densenet_config(name)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    models = {k: CRCKDNet(cfg, num_classes=3, hidden_dim=16, kernels=k)
+              for k in ("cpu", "standard")}
+    # Identical variable trees: names, shapes, initial values (one compiled call for both).
+    init = jax.jit(lambda key: {k: m.init(key, x, train=False) for k, m in models.items()})(
+        jax.random.key(0))
+    assert jax.tree.structure(init["cpu"]) == jax.tree.structure(init["standard"])
+    for a, b in zip(jax.tree.leaves(init["cpu"]), jax.tree.leaves(init["standard"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    variables = init["cpu"]
+    shapes = jax.eval_shape(lambda: models["cpu"].apply(variables, x, train=False))
+    cotangents = {k: jax.random.normal(jax.random.key(i + 2), s.shape)
+                  for i, (k, s) in enumerate(sorted(shapes.items()))}
+
+    # The forward pass in train mode: one hand-written VJP per BatchNorm and 3x3 convolution
+    # plus the stem pool ('cpu'), none and a reduce_window pool ('standard').
+    layers = sum(cfg.block_config)
+    num_bn = 2 + 2 * layers + len(cfg.block_config) - 1
+    for k, model in models.items():
+        jaxpr = jax.make_jaxpr(
+            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+        counts = collections.Counter(e.primitive.name for e in jaxpr.jaxpr.eqns)
+        assert counts["custom_vjp_call"] == (num_bn + layers + 1 if k == "cpu" else 0), k
+        assert counts["reduce_window_max"] == (0 if k == "cpu" else 1), k
+
+    results = {}
+    for k, model in models.items():
+        traced = jax.jit(functools.partial(_outputs_and_grads, model)).trace(
+            variables, x, cotangents)
+        prims = _primitives(traced.jaxpr.jaxpr)
+        if k == "cpu":  # the stem pool's incoming gradient behind a barrier
+            assert "optimization_barrier" in prims
+            assert "select_and_scatter_add" not in prims
+        else:  # JAX's own gradients: select-and-scatter for the max-pool, no barrier
+            assert "select_and_scatter_add" in prims
+            assert "optimization_barrier" not in prims
+        results[k] = traced.lower().compile()(variables, x, cotangents)
+
+    for train in (False, True):
+        (grads_c, (out_c, upd_c)) = results["cpu"][train]
+        (grads_s, (out_s, upd_s)) = results["standard"][train]
+        # Forward: the same operations in the same order (measured: bit-identical).
+        for a, b in zip(jax.tree.leaves((out_c, upd_c)), jax.tree.leaves((out_s, upd_s)),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        # Gradients: float32 sums in another order (the 3x3 kernel gradient as one matrix
+        # product vs XLA's convolution; BatchNorm's two backward reductions vs autodiff's),
+        # and gradients that are differences of large terms: in train mode the network is
+        # invariant to scaling norm0's output (the next BatchNorm normalises it away), so
+        # norm0's scale gradient is ~1e-6 of the largest gradient and rounding noise at
+        # rtol 1e-5. Measured: largest excess over rtol 1e-5, 5.2e-7 x the tree's largest
+        # gradient (densenet_small, train; tiny 1.2e-7); atol = 2e-6 x that largest gradient.
+        atol = 2e-6 * max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_s))
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_c),
+                                jax.tree.leaves(grads_s), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol,
+                                       err_msg=f"train={train} {jax.tree_util.keystr(path)}")
+
+
 # ----------------------------------------------------------------------------- parity
 
 
-def test_parity_with_torchvision_fixture():
+@pytest.mark.parametrize("kernels", ["cpu", "standard"])
+def test_parity_with_torchvision_fixture(kernels):
     data = np.load(FIXTURE)
     assert float(data["bn_momentum"]) == pytest.approx(0.1)
     assert float(data["bn_eps"]) == pytest.approx(1e-5)
     cfg = DenseNetConfig(
         data["growth_rate"], data["block_config"], data["num_init_features"], data["bn_size"]
     )
-    model = DenseNetFeatures(cfg)
+    model = DenseNetFeatures(cfg, kernels=kernels)
     x = jnp.asarray(data["x"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
     state_dict = load_state_dict(FIXTURE, prefix="sd/")
     # The backbone alone has no head, so an abstract template suffices: no random init.
@@ -333,8 +447,9 @@ def test_parity_with_torchvision_fixture():
     def pooled(fmap):  # torchvision: adaptive_avg_pool2d(relu(features(x)), 1)
         return np.asarray(jnp.maximum(fmap, 0).mean(axis=(1, 2)))
 
-    pooled_eval = pooled(model.apply(variables, x, train=False))
-    fmap, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    pooled_eval = pooled(apply(variables, x, train=False))
+    fmap, upd = apply(variables, x, train=True, mutable=("batch_stats",))
     pooled_train = pooled(fmap)
     norm5 = upd["batch_stats"]["norm5"]
 

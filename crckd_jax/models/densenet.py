@@ -10,6 +10,25 @@ maps onto the parameter tree by renaming (see ``crckd_jax.models.torch_import``)
 Initialisation follows torchvision: conv kernels ``kaiming_normal_`` (fan_in, gain sqrt(2),
 untruncated normal), BatchNorm scale 1 / bias 0, Linear kernels torch's default
 ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` and Linear biases 0.
+
+Kernels. Some layers have two implementations, chosen by the static ``kernels`` field that
+`CRCKDNet` passes down to every layer (`crckd_jax.models.kernels.resolve_kernels`):
+
+* ``'cpu'``: pieces tuned for XLA's CPU backend on a 2-core machine (docs/performance.md):
+  the 3x3 convolutions' kernel gradient as one matrix product (`conv3x3`), the stem max-pool
+  as nine strided slices whose gradient sits behind an optimisation barrier
+  (`max_pool_3x3_s2`), BatchNorm's hand-written backward pass
+  (`crckd_jax.models.batch_norm.batch_norm_train`);
+* ``'standard'``: the same layers with JAX's own differentiation: ``lax.conv_general_dilated``,
+  a ``reduce_window`` max-pool (select-and-scatter gradient), BatchNorm through autodiff;
+* ``'auto'`` (default): ``'cpu'`` when JAX's default backend is the CPU, ``'standard'`` on a
+  GPU or TPU, decided when the model is traced.
+
+Both compute the same function, create the same variables (names, shapes, initialisers, RNG
+streams) and give the same gradients up to float32 summation order (tested), so checkpoints
+and torchvision imports do not depend on the choice. Shared by both: 1x1 convolutions as one
+matrix product (`Conv1x1`; a GEMM is what cuBLAS and XLA's GPU emitters do best as well) and
+the transition's pooling before its 1x1 convolution.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ from flax import linen as nn
 from jax import lax
 
 from crckd_jax.models.batch_norm import BatchNorm
+from crckd_jax.models.kernels import KERNELS, resolve_kernels  # noqa: F401 (re-exported)
 
 # torch.nn.init.kaiming_normal_(w) defaults: mode='fan_in', nonlinearity='leaky_relu', a=0.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -84,7 +104,9 @@ class Conv1x1(nn.Module):
     Same variable as ``nn.Conv(features, (1, 1), use_bias=False)`` (``kernel`` [1, 1, in,
     out], same initialiser and RNG stream), so checkpoints and torch imports are unchanged.
     As a plain dot, its forward and both backward products go to the CPU's matrix-multiply
-    kernels without the layout transposes XLA puts around a convolution's weight gradient.
+    kernels without the layout transposes XLA puts around a convolution's weight gradient;
+    on a GPU they are GEMMs [B*H*W, in] x [in, out], which cuBLAS and XLA's GEMM fusions
+    handle at least as well as a 1x1 convolution. So both ``kernels`` choices use it.
     """
 
     features: int
@@ -110,7 +132,8 @@ def avg_pool_2x2(x):
 
 @jax.custom_vjp
 def max_pool_3x3_s2(x):
-    """torch ``MaxPool2d(3, stride=2, padding=1)`` on NHWC: the max of nine strided slices.
+    """torch ``MaxPool2d(3, stride=2, padding=1)`` on NHWC: the max of nine strided slices
+    (the ``kernels='cpu'`` stem pool; `max_pool_3x3_s2_standard` is the other).
 
     Same values as ``nn.max_pool`` (padding with -inf). Its gradient is built from
     elementwise maxima instead of XLA's select-and-scatter, which is several times slower
@@ -147,9 +170,16 @@ def _max_pool_3x3_s2(x):
 max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def max_pool_3x3_s2_standard(x):
+    """The same pooling as `max_pool_3x3_s2` as one ``reduce_window`` (padding -inf), with
+    JAX's gradient (select-and-scatter: a tied maximum gets the whole gradient)."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 @jax.custom_vjp
 def conv3x3(x, kernel):
-    """3x3 convolution, stride 1, padding 1, NHWC x [B, H, W, I], HWIO kernel [3, 3, I, O].
+    """3x3 convolution, stride 1, padding 1, NHWC x [B, H, W, I], HWIO kernel [3, 3, I, O]
+    (the ``kernels='cpu'`` version; ``'standard'`` differentiates `_conv3x3` directly).
 
     The forward pass and the input gradient are XLA's convolutions. The kernel gradient is
     one matrix product ``x^T [BHW, I] @ D [BHW, 9 O]``, where D stacks the nine shifted
@@ -189,7 +219,8 @@ conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 class Conv3x3(nn.Module):
-    """A 3x3 convolution without bias, padding 1 (see `conv3x3`).
+    """A 3x3 convolution without bias, padding 1: `conv3x3` with ``kernels='cpu'``, a plain
+    ``lax.conv_general_dilated`` with JAX's gradient with ``'standard'``.
 
     Same variable as ``nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)),
     use_bias=False)`` (``kernel`` [3, 3, in, out], same initialiser and RNG stream).
@@ -198,12 +229,14 @@ class Conv3x3(nn.Module):
     features: int
     dtype: Any = jnp.float32
     kernel_init: Any = conv_kernel_init
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
                             jnp.float32)
-        return conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+        conv = conv3x3 if resolve_kernels(self.kernels) == "cpu" else _conv3x3
+        return conv(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class _DenseLayer(nn.Module):
@@ -211,14 +244,16 @@ class _DenseLayer(nn.Module):
     bn_size: int
     dtype: Any
     bn_axis_name: str | None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        bn = dict(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype)
+        bn = dict(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
+                  kernels=self.kernels)
         y = nn.relu(BatchNorm(name="norm1", **bn)(x))
         y = Conv1x1(self.bn_size * self.growth_rate, self.dtype, name="conv1")(y)
         y = nn.relu(BatchNorm(name="norm2", **bn)(y))
-        y = Conv3x3(self.growth_rate, self.dtype, name="conv2")(y)
+        y = Conv3x3(self.growth_rate, self.dtype, kernels=self.kernels, name="conv2")(y)
         return jnp.concatenate([x, y], axis=-1)
 
 
@@ -228,12 +263,13 @@ class _DenseBlock(nn.Module):
     bn_size: int
     dtype: Any
     bn_axis_name: str | None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
         for j in range(self.num_layers):
             x = _DenseLayer(
-                self.growth_rate, self.bn_size, self.dtype, self.bn_axis_name,
+                self.growth_rate, self.bn_size, self.dtype, self.bn_axis_name, self.kernels,
                 name=f"denselayer{j + 1}",
             )(x, train)
         return x
@@ -243,12 +279,13 @@ class _Transition(nn.Module):
     num_output_features: int
     dtype: Any
     bn_axis_name: str | None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = BatchNorm(
             use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
-            name="norm",
+            kernels=self.kernels, name="norm",
         )(x)
         # torch: conv then pool. Both are linear and act per pixel / per channel, so
         # pooling first gives the same values with a 1x1 convolution on 4x fewer pixels.
@@ -262,21 +299,24 @@ class DenseNetFeatures(nn.Module):
     ``h, w`` are about ``H/32, W/32`` (same output-size rounding as torch at each of the five
     stride-2 stages) and ``F = config.num_features``. The output is taken after ``norm5``,
     without the final ReLU, in ``dtype``. ``bn_axis_name`` synchronises every BatchNorm's
-    batch statistics across that mapped axis.
+    batch statistics across that mapped axis. ``kernels``: 'auto' | 'cpu' | 'standard' (see
+    the module docstring); it changes how gradients are computed, not the variables.
     """
 
     config: DenseNetConfig
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         cfg = self.config
+        kernels = resolve_kernels(self.kernels)  # resolved once, at trace time
 
         def norm(name):
             return BatchNorm(
                 use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                name=name,
+                kernels=kernels, name=name,
             )
 
         x = nn.Conv(
@@ -284,18 +324,19 @@ class DenseNetFeatures(nn.Module):
             use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv0",
         )(x)
         x = nn.relu(norm("norm0")(x))
-        x = max_pool_3x3_s2(x)
+        x = max_pool_3x3_s2(x) if kernels == "cpu" else max_pool_3x3_s2_standard(x)
         channels = cfg.num_init_features
         for i, num_layers in enumerate(cfg.block_config):
             x = _DenseBlock(
                 num_layers, cfg.growth_rate, cfg.bn_size, self.dtype, self.bn_axis_name,
-                name=f"denseblock{i + 1}",
+                kernels, name=f"denseblock{i + 1}",
             )(x, train)
             channels += num_layers * cfg.growth_rate
             if i != len(cfg.block_config) - 1:
                 channels //= 2
                 x = _Transition(
-                    channels, self.dtype, self.bn_axis_name, name=f"transition{i + 1}"
+                    channels, self.dtype, self.bn_axis_name, kernels,
+                    name=f"transition{i + 1}",
                 )(x, train)
         return norm("norm5")(x)
 
@@ -310,7 +351,9 @@ class CRCKDNet(nn.Module):
       distillation losses use);
     * ``'logits'`` [B, num_classes]: ``classifier(feature)``.
 
-    The backbone runs in ``dtype``; the head always runs in float32.
+    The backbone runs in ``dtype``; the head always runs in float32. ``kernels`` ('auto',
+    'cpu' or 'standard') picks the backbone's layer implementations (module docstring);
+    'auto' follows JAX's default backend.
     """
 
     config: DenseNetConfig
@@ -318,12 +361,12 @@ class CRCKDNet(nn.Module):
     hidden_dim: int = 128
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
-        fmap = DenseNetFeatures(self.config, self.dtype, self.bn_axis_name, name="features")(
-            x, train
-        )
+        fmap = DenseNetFeatures(self.config, self.dtype, self.bn_axis_name, self.kernels,
+                                name="features")(x, train)
         pooled = jnp.mean(nn.relu(fmap.astype(jnp.float32)), axis=(1, 2))
         dense = dict(kernel_init=linear_kernel_init, bias_init=nn.initializers.zeros)
         feature = nn.Dense(self.hidden_dim, name="fc_layer", **dense)(pooled)
