@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crckd_jax import config as config_lib
-from crckd_jax import losses, metrics, report
+from crckd_jax import losses, metrics, report, xla_options
 from crckd_jax.checkpoint import Checkpointer
 from crckd_jax.data import pipeline, prepare
 from crckd_jax.data.sources import DataError
@@ -47,14 +47,6 @@ MEAN_LAST = 10  # epochs averaged by the reference's protocol
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache, so a second start skips most compiling."""
-    directory = directory or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "crckd_jax", "xla")
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def load_data(config: ml_collections.ConfigDict, data_workdir: str,
@@ -232,7 +224,7 @@ def _trainer(config: ml_collections.ConfigDict, data_workdir: str,
              log: Callable[[str], None]) -> Trainer:
     """Checks the config, enables the compilation cache, loads the data, builds the run."""
     config_lib.validate(config)
-    enable_compilation_cache(config.train.compilation_cache_dir)
+    xla_options.enable_compilation_cache(config.train.compilation_cache_dir)
     return Trainer.build(config, load_data(config, data_workdir, log))
 
 
