@@ -8,8 +8,8 @@ folder and renames it when complete, so a crash during a save never leaves a che
 that looks finished. The last `keep` checkpoints are kept.
 
 Leftover temporary folders of saves that a crash interrupted (`*.orbax-checkpoint-tmp*`) are
-incomplete by construction: orbax removes them when the manager opens the folder for
-writing. A checkpoint that does not restore (e.g. a truncated file) is reported in one line
+incomplete by construction: they are removed (process 0) when a run opens the folder for
+writing, and ignored by reads. A checkpoint that does not restore (e.g. a truncated file) is reported in one line
 and, when training, moved to `<workdir>/damaged_checkpoints/<step>-<time>` (never deleted);
 the newest checkpoint that restores is used instead. A failed write (full disk, ...) raises
 StorageError naming the folder and the last good checkpoint.
@@ -40,6 +40,18 @@ class Restored:
     meta: dict
 
 
+def _remove_leftovers(directory: str) -> list[str]:
+    """Removes the temporary folders of interrupted saves in `directory` (process 0)."""
+    import jax
+
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return []
+    leftovers = sorted(p for p in os.listdir(directory) if ".orbax-checkpoint-tmp" in p)
+    for name in leftovers:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return leftovers
+
+
 class Checkpointer:
     """An orbax CheckpointManager for one run directory."""
 
@@ -47,6 +59,8 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
+        if not read_only:
+            self.removed_leftovers = _remove_leftovers(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
             read_only=read_only, cleanup_tmp_directories=not read_only)

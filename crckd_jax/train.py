@@ -253,6 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _check_config_change(config, workdir, checkpoints_dir, allow_config_change, log)
     trainer = _trainer(config, data_workdir or workdir, log)
     checkpoints = Checkpointer(checkpoints_dir, keep=config.train.keep_checkpoints)
+    if checkpoints.removed_leftovers:
+        log(f"removed the unfinished save(s) of an interrupted run: "
+            f"{', '.join(checkpoints.removed_leftovers)} ({checkpoints.directory})")
     logger, failed = None, True
     try:
         restored = None
