@@ -108,6 +108,12 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure means: not restorable
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 where = os.path.join(self.directory, str(step))
+                import jax
+
+                if move_damaged and not self.read_only and jax.process_index() != 0:
+                    log(f"warning: checkpoint step {step} cannot be restored "
+                        f"({reason[:300]}); process 0 moves it aside")
+                    continue
                 if move_damaged and not self.read_only:
                     aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
                                          f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")

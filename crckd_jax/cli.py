@@ -281,7 +281,8 @@ def _exit_code(e: BaseException) -> int:
 
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (SIGINT) before training started; nothing was lost"
+        return ("interrupted (SIGINT) outside the training steps; a train run resumes from its "
+                "last committed checkpoint")
     if isinstance(e, (errors.RunError, config_lib.ConfigError, DataError, CheckpointError,
                       FileNotFoundError)):
         return str(e)

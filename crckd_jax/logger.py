@@ -52,7 +52,7 @@ class MetricLogger:
             # A resumed run hides the events after its step that an earlier run wrote.
             self._tb = SummaryWriter(
                 os.path.join(workdir, "tensorboard"), flush_secs=30,
-                purge_step=purge_after + 1 if purge_after else None)
+                purge_step=None if purge_after is None else purge_after + 1)
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (left by a run that was killed after its checkpoint)."""

@@ -78,7 +78,12 @@ def test_train_writes_every_artefact(trained):
 
 def test_eval_and_predict_use_the_checkpoint(trained, cache):
     workdir, _ = trained
-    launch(workdir, cache, "--mode", "eval")
+    # No --config: eval reads the run's W/config.json; overrides apply on top.
+    command = [a for a in launch_command(workdir, cache, "--mode", "eval")
+               if a not in ("--config", TINY)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "densenet_small"
     results = json.loads((workdir / "eval.json").read_text())
     summary = json.loads((workdir / "summary.json").read_text())
     assert results["test"]["bacc"] == pytest.approx(summary["final"]["bacc"])
@@ -173,6 +178,28 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resume_matches_uninterrupted(tmp_p
                                           .splitlines()) if r["split"] == "train"]
     assert train_steps == list(range(1, 81))  # no step twice, none missing
     assert len(list((stopped / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
+    flags = ("--config.train.checkpoint_every_steps=1",)
+    launch(tmp_path / "straight", cache, *flags)
+    victim = max((p for p in (tmp_path / "straight" / "checkpoints" / "2").rglob("*")
+                  if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+    # eval: reports the damaged one, uses step 1, moves nothing.
+    evaluated = launch(tmp_path / "straight", cache, "--mode", "eval")
+    assert "warning: checkpoint step 2 (" in evaluated.stdout
+    assert (tmp_path / "straight" / "checkpoints" / "2").is_dir()
+    # train: moves it aside, resumes from step 1 and ends at step 2 again.
+    (tmp_path / "straight" / "summary.json").unlink()
+    resumed = launch(tmp_path / "straight", cache, *flags)
+    assert "warning: checkpoint step 2 cannot be restored" in resumed.stdout
+    assert "resumed from step 1" in resumed.stdout
+    moved = list((tmp_path / "straight" / "damaged_checkpoints").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["2"]
+    step, _, _ = final_state(tmp_path / "straight")
+    assert step == 2
 
 
 def test_cv_two_folds_writes_both_summaries(tmp_path, cache):
