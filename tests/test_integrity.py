@@ -236,3 +236,21 @@ def test_failures_end_with_one_line_and_their_exit_code(tmp_path, monkeypatch, c
         cli.execute("train", tiny(), str(tmp_path), tracebacks=True)
     monkeypatch.setenv("CRCKD_TRACEBACK", "1")
     assert cli.show_tracebacks()
+
+
+def test_predict_skips_bad_images_only_when_asked(tmp_path):
+    from PIL import Image
+
+    from crckd_jax.data.sources import DataError
+    from crckd_jax.predict import _good_images
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = [str(good), str(broken), str(tmp_path / "missing.png"), str(good)]
+    bad = []
+    kept = [p for p, image in _good_images(paths, 16, True, bad)]
+    assert kept == [str(good), str(good)] and bad == paths[1:3]
+    with pytest.raises(DataError, match=r"broken\.jpg.*data\.skip_bad_images=True"):
+        list(_good_images(paths, 16, False, []))
