@@ -9,9 +9,10 @@ that looks finished. The last `keep` checkpoints are kept.
 
 Leftover temporary folders of saves that a crash interrupted (`*.orbax-checkpoint-tmp*`) are
 incomplete by construction: they are removed (process 0) when a run opens the folder for
-writing, and ignored by reads. A checkpoint that does not restore (e.g. a truncated file) is reported in one line
-and, when training, moved to `<workdir>/damaged_checkpoints/<step>-<time>` (never deleted);
-the newest checkpoint that restores is used instead. A failed write (full disk, ...) raises
+writing, and ignored by reads. A checkpoint that does not restore (e.g. a truncated file)
+is reported in one line and, when training, moved to
+`<workdir>/damaged_checkpoints/<step>-<time>` (never deleted); the newest checkpoint that
+restores is used instead. A failed write (full disk, ...) raises
 StorageError naming the folder and the last good checkpoint.
 """
 
@@ -23,9 +24,10 @@ import shutil
 import time
 from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
-from crckd_jax.errors import CheckpointUnavailable, StorageError
+from crckd_jax.errors import StorageError
 
 DAMAGED_DIR = "damaged_checkpoints"  # next to the checkpoints folder
 
@@ -42,8 +44,6 @@ class Restored:
 
 def _remove_leftovers(directory: str) -> list[str]:
     """Removes the temporary folders of interrupted saves in `directory` (process 0)."""
-    import jax
-
     if jax.process_index() != 0 or not os.path.isdir(directory):
         return []
     leftovers = sorted(p for p in os.listdir(directory) if ".orbax-checkpoint-tmp" in p)
@@ -59,8 +59,8 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
-        if not read_only:
-            self.removed_leftovers = _remove_leftovers(self.directory)
+        self.removed_leftovers = [] if read_only else _remove_leftovers(self.directory)
+        self.failure: str | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
             read_only=read_only, cleanup_tmp_directories=not read_only)
@@ -100,33 +100,44 @@ class Checkpointer:
 
     def restore_newest_good(self, target_state: Any, log: Callable[[str], None] = print,
                             move_damaged: bool = True) -> "Restored | None":
-        """The newest checkpoint that restores (None when there is none). Each newer one
-        that fails is reported in one line and, with `move_damaged`, moved aside."""
+        """The newest checkpoint that restores; None (with the newest one's failure as
+        `self.failure`) when none does. Each newer one that fails is reported in one line and,
+        with `move_damaged`, moved aside by process 0 once an older one has restored (when
+        none restores, the config more likely does not fit the checkpoints: nothing moves)."""
+        failed = []
+        self.failure = None
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return self.restore(target_state, step)
+                restored = self.restore(target_state, step)
             except Exception as e:  # noqa: BLE001 - any failure means: not restorable
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                where = os.path.join(self.directory, str(step))
-                import jax
-
-                if move_damaged and not self.read_only and jax.process_index() != 0:
-                    log(f"warning: checkpoint step {step} cannot be restored "
-                        f"({reason[:300]}); process 0 moves it aside")
-                    continue
-                if move_damaged and not self.read_only:
-                    aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
-                                         f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-                    os.makedirs(os.path.dirname(aside), exist_ok=True)
-                    shutil.move(where, aside)
-                    self.manager.reload()
-                    log(f"warning: checkpoint step {step} cannot be restored ({reason[:300]}); "
-                        f"moved to {aside}, trying the previous one")
-                else:
-                    log(f"warning: checkpoint step {step} ({where}) cannot be restored "
-                        f"({reason[:300]}); trying the previous one")
-        self._last_good = self.manager.latest_step()
+                text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                failed.append((step, f"{type(e).__name__}: {text}"))
+                continue
+            for bad, reason in failed:
+                self._report_damaged(bad, reason, log, move_damaged)
+            if failed and move_damaged and not self.read_only:
+                self.manager.reload()
+            return restored
+        if failed:
+            self.failure = f"step {failed[0][0]}: {failed[0][1]}"
         return None
+
+    def _report_damaged(self, step: int, reason: str, log: Callable[[str], None],
+                        move: bool) -> None:
+        where = os.path.join(self.directory, str(step))
+        if not move or self.read_only:
+            log(f"warning: checkpoint step {step} ({where}) cannot be restored ({reason}); "
+                "using an earlier one")
+        elif jax.process_index() != 0:
+            log(f"warning: checkpoint step {step} cannot be restored ({reason}); process 0 "
+                "moves it aside")
+        else:
+            aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
+                                 f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(where, aside)
+            log(f"warning: checkpoint step {step} cannot be restored ({reason}); moved to "
+                f"{aside}, using an earlier one")
 
     def restore(self, target_state: Any, step: int | None = None) -> Restored:
         """The checkpoint `step` (default: latest), its state laid out like `target_state`."""

@@ -264,9 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 trainer.parallel.abstract_state(trainer.initial_state), log=log)
             if restored is None:
                 raise CheckpointUnavailable(
-                    f"no checkpoint in {checkpoints.directory} can be restored (each was moved "
-                    f"to {os.path.join(workdir, 'damaged_checkpoints')}); run again to start "
-                    "from scratch")
+                    f"no checkpoint in {checkpoints.directory} can be restored with this config "
+                    f"({checkpoints.failure}); check that the config fits the run, or move the "
+                    "checkpoints folder away to start from scratch")
         if jax.process_index() == 0:
             _write(lambda: config_lib.write_config_file(config, workdir),
                    os.path.join(workdir, config_lib.CONFIG_FILE))
@@ -473,7 +473,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
             move_damaged=False)
         if restored is None:
             raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory} can be "
-                                        "restored")
+                                        f"restored with this config ({checkpoints.failure})")
     finally:
         checkpoints.close()
     return trainer, trainer.parallel.put_state(restored.state)

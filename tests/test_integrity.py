@@ -176,7 +176,7 @@ def test_damaged_newest_checkpoint_is_reported_moved_and_the_previous_restored(t
     reader.close()
     assert restored.step == 1 and restored.data == {"pos": 1}
     np.testing.assert_array_equal(restored.state["w"], np.full((4, 3), 1.0))
-    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 2 (")
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 2 (") and "earlier one" in lines[0]
     assert (directory / "2").is_dir()
 
     # train: the damaged one goes to damaged_checkpoints/, the leftover tmp folder is removed.
@@ -192,6 +192,19 @@ def test_damaged_newest_checkpoint_is_reported_moved_and_the_previous_restored(t
     checkpoints.save(2, small_state(5.0), {"pos": 2}, {})  # the step can be saved again
     checkpoints.close()
     assert Checkpointer(str(directory)).restore(small_state(0.0)).state["w"][0, 0] == 5.0
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_steps(directory, [1, 2])
+    checkpoints = Checkpointer(str(directory), asynchronous=False)
+    lines = []
+    wrong_shape = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(5)}  # a config that does not fit
+    assert checkpoints.restore_newest_good(wrong_shape, log=lines.append) is None
+    checkpoints.close()
+    assert checkpoints.failure.startswith("step 2: ") and lines == []
+    assert (directory / "1").is_dir() and (directory / "2").is_dir()
+    assert not (tmp_path / "damaged_checkpoints").exists()
 
 
 def test_full_disk_during_a_save_names_the_folder_and_the_last_good_checkpoint(
