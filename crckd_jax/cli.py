@@ -13,6 +13,15 @@
   cv       train every fold of `data.folds` in W/fold_<k>, then W/cv_summary.{json,md}
   predict  write W/predictions.csv for the images of `predict.input`
 
+`eval` and `predict` use the run's saved config (W/config.json, written by `train`) when
+`--config` is not given; `--config.KEY=VALUE` overrides still apply. A resumed `train` whose
+config changes the computation stops, naming the keys, unless `--allow_config_change`.
+
+Errors end with one `error: ...` line and an exit status per kind: 2 config, 3 data,
+4 checkpoint, 5 disk/I/O, 6 non-finite loss, 7 workdir in use by another run, 75 stopped by
+SIGTERM/SIGINT after saving a checkpoint (requeue), 1 anything else. `--verbosity=1` or
+CRCKD_TRACEBACK=1 shows the traceback.
+
 Several processes (hosts) train together through `jax.distributed`: give every process
 `--coordinator_address HOST:PORT --num_processes N --process_id I` (HOST is process 0's
 machine), or nothing under a launcher JAX recognises (SLURM with several tasks, Open MPI,
@@ -21,23 +30,26 @@ a Cloud TPU VM, or JAX_COORDINATOR_ADDRESS in the environment). See docs/paralle
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from crckd_jax import config as config_lib
 from crckd_jax import configs as packaged_configs
-from crckd_jax import xla_options
+from crckd_jax import errors, xla_options
 from crckd_jax.data.sources import DataError
 from crckd_jax.models.torch_import import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Config file (path.py[:arg]) or packaged config name[:arg]: "
-    + ", ".join(packaged_configs.names()) + ".")
+    + ", ".join(packaged_configs.names()) + ". Optional for eval and predict when the "
+    "workdir holds the run's config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for data, checkpoints and results.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["prepare", "train", "eval", "cv", "predict"], "What to do."
@@ -50,8 +62,21 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "Multi-process runs: this process's id in [0, num_processes).",
     lower_bound=0)
-flags.mark_flags_as_required(["config", "workdir"])
-_FLAGS = (_CONFIG, _WORKDIR, _MODE, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "train/cv: resume even when computation-changing config keys differ from the run's "
+    "config.json (the changes are listed).")
+flags.mark_flags_as_required(["workdir"])
+_FLAGS = (_CONFIG, _WORKDIR, _MODE, _ALLOW_CONFIG_CHANGE, _COORDINATOR, _NUM_PROCESSES,
+          _PROCESS_ID)
+_RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_config.py")
+_LOCKING_MODES = ("prepare", "train", "cv")  # the modes that write a run's files
+
+
+def fail(message: str, code: int) -> None:
+    """Ends the program with one `error: ...` line on stderr and exit status `code`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                "SLURM_LOCALID")
@@ -107,29 +132,35 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    cluster_detection_method=detection)
     except (ValueError, TypeError) as e:
-        raise SystemExit(
-            f"error: jax.distributed.initialize ({source}): {e}; give --coordinator_address, "
-            "--num_processes and --process_id to every process") from e
+        fail(f"jax.distributed.initialize ({source}): {e}; give --coordinator_address, "
+             "--num_processes and --process_id to every process", errors.EXIT_CONFIG)
     print(f"process {jax.process_index()} of {jax.process_count()} ({source}): "
           f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
     return source
 
 
-def run(mode: str, config, workdir: str) -> None:
+def run(mode: str, config, workdir: str, allow_config_change: bool = False) -> None:
+    """Runs `mode`; prepare, train and cv hold the workdir's lock (process 0)."""
     # Imported here so that a bad flag or config fails before JAX starts.
+    import jax
+
     from crckd_jax import cv, predict, train
     from crckd_jax.data import prepare
+    from crckd_jax.runlock import WorkdirLock
 
-    if mode == "prepare":
-        prepare.prepare(config, workdir)
-    elif mode == "train":
-        train.train_and_evaluate(config, workdir)
-    elif mode == "eval":
-        train.evaluate_checkpoint(config, workdir)
-    elif mode == "cv":
-        cv.run_cv(config, workdir)
-    else:
-        predict.predict(config, workdir)
+    if mode in ("eval", "predict"):  # read the run; write only their own result file
+        if mode == "eval":
+            train.evaluate_checkpoint(config, workdir)
+        else:
+            predict.predict(config, workdir)
+        return
+    with WorkdirLock(workdir, mode, enabled=jax.process_index() == 0):
+        if mode == "prepare":
+            prepare.prepare(config, workdir)
+        elif mode == "train":
+            train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+        else:
+            cv.run_cv(config, workdir, allow_config_change=allow_config_change)
 
 
 def resolve_config_argument(argv: list[str]) -> list[str]:
@@ -162,7 +193,40 @@ def _resolve_config(value: str) -> str:
     try:
         return packaged_configs.resolve(value)
     except packaged_configs.UnknownConfigError as e:
-        raise SystemExit(f"error: {e}") from e
+        fail(str(e), errors.EXIT_CONFIG)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name V` / `--name=V` (one or two dashes) in `argv`, None if absent."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        match = re.fullmatch(rf"--?{name}(=(.*))?", arg, flags=re.DOTALL)
+        if match:
+            value = match.group(2) if match.group(1) else (
+                argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def add_run_config(argv: list[str]) -> list[str]:
+    """`argv` with `--config <W>/config.json` (through crckd_jax/run_config.py) when `--config`
+    is not given and the mode is eval or predict; an `error:` line when a config is needed
+    and W has none. Help and other flags are left to absl."""
+    given = any(re.fullmatch(r"--?config(=.*)?", a, flags=re.DOTALL) for a in argv[1:])
+    asked_help = any(a.lstrip("-").split("=")[0] in _HELP_FLAGS
+                     for a in argv[1:] if a.startswith("-"))
+    workdir = _flag_value(argv, "workdir")
+    if given or asked_help or workdir is None:
+        return argv
+    mode = _flag_value(argv, "mode") or "train"
+    saved = os.path.join(workdir, "config.json")
+    if mode in ("eval", "predict"):
+        if os.path.isfile(saved):
+            return [argv[0], f"--config={_RUN_CONFIG}:{os.path.abspath(saved)}", *argv[1:]]
+        fail(f"--config is required: {workdir} has no config.json (written by --mode train)",
+             errors.EXIT_CONFIG)
+    fail(f"--config is required for --mode {mode}", errors.EXIT_CONFIG)
 
 
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
@@ -183,11 +247,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         for arg in argv[1:]:
             key = arg.removeprefix("--config.").split("=")[0]
             if arg.startswith("--config.") and key not in known:
-                raise SystemExit(f"error: unknown config key {key!r} (in {arg}); known keys: "
-                                 f"{', '.join(known)}") from e
-        raise SystemExit(f"error: {e}") from e
+                fail(f"unknown config key {key!r} (in {arg}); known keys: "
+                     f"{', '.join(known)}", errors.EXIT_CONFIG)
+        fail(str(e), errors.EXIT_CONFIG)
     except flags.Error as e:  # e.g. a value of the wrong type: names the flag and value
-        raise SystemExit(f"error: {_without_config_traceback(str(e))}") from e
+        fail(_without_config_traceback(str(e)), errors.EXIT_CONFIG)
 
 
 def _without_config_traceback(message: str) -> str:
@@ -200,25 +264,77 @@ def _without_config_traceback(message: str) -> str:
     return f"{lines[0].split(': Error whilst')[0]}: {last}"
 
 
+def _exit_code(e: BaseException) -> int:
+    """The exit status of a failure (see crckd_jax/errors.py)."""
+    if isinstance(e, errors.RunError):
+        return e.exit_code
+    if isinstance(e, config_lib.ConfigError):
+        return errors.EXIT_CONFIG
+    if isinstance(e, (DataError, FileNotFoundError)):
+        return errors.EXIT_DATA
+    if isinstance(e, CheckpointError):
+        return errors.EXIT_CHECKPOINT
+    if isinstance(e, OSError):
+        return errors.EXIT_IO
+    return errors.EXIT_UNEXPECTED
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return ("interrupted (SIGINT) outside the training steps; a train run resumes from its "
+                "last committed checkpoint")
+    if isinstance(e, (errors.RunError, config_lib.ConfigError, DataError, CheckpointError,
+                      FileNotFoundError)):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        full = " (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"I/O error{where}: {e.strerror or e}{full}"
+    return (f"unexpected {type(e).__name__}: {e} (run with CRCKD_TRACEBACK=1 for the "
+            "traceback)")
+
+
+def show_tracebacks() -> bool:
+    """Whether failures show their traceback: CRCKD_TRACEBACK=1 or --verbosity >= 1."""
+    if os.environ.get("CRCKD_TRACEBACK", "") not in ("", "0"):
+        return True
+    try:
+        return flags.FLAGS["verbosity"].value >= 1 and flags.FLAGS["verbosity"].present
+    except (KeyError, flags.Error):
+        return False
+
+
 def execute(mode: str, config, workdir: str, coordinator_address: str | None = None,
-            num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Checks `config`, starts `jax.distributed` if asked, runs `mode`. The errors a user
-    fixes (bad config, data or checkpoint, a missing file) end the program with one
-    `error: ...` line."""
+            num_processes: int | None = None, process_id: int | None = None,
+            allow_config_change: bool = False, tracebacks: bool | None = None) -> None:
+    """Checks `config`, starts `jax.distributed` if asked, runs `mode`. Every failure ends
+    the program with one `error: ...` line and the exit status of its kind
+    (crckd_jax/errors.py); with `tracebacks` (default: `show_tracebacks()`) the exception
+    propagates with its traceback instead."""
+    tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
         config_lib.validate(config)
         initialize_distributed(coordinator_address, num_processes, process_id)
-        run(mode, config, workdir)
-    except (DataError, config_lib.ConfigError, CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from e
+        if allow_config_change:
+            run(mode, config, workdir, allow_config_change=True)
+        else:
+            run(mode, config, workdir)
+    except SystemExit:
+        raise
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the command's last word
+        if tracebacks:
+            raise
+        code = 130 if isinstance(e, KeyboardInterrupt) else _exit_code(e)
+        fail(_message(e), code)
 
 
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tracebacks = show_tracebacks()
     logging.set_verbosity(logging.ERROR)
     execute(_MODE.value, _CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
-            _NUM_PROCESSES.value, _PROCESS_ID.value)
+            _NUM_PROCESSES.value, _PROCESS_ID.value, _ALLOW_CONFIG_CHANGE.value, tracebacks)
 
 
 def _show_in_help() -> None:
@@ -232,7 +348,7 @@ def _show_in_help() -> None:
 def main(argv: list[str] | None = None) -> None:
     """The `crckd` command: `argv` (default `sys.argv`) as for `python launch.py`."""
     argv = list(sys.argv if argv is None else argv)
-    argv = resolve_config_argument(argv)
+    argv = add_run_config(resolve_config_argument(argv))
     _show_in_help()
     xla_options.configure()  # before JAX starts: the CPU backend's faster kernels
     app.run(_main, argv=argv, flags_parser=parse_flags)

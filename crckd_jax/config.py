@@ -8,6 +8,8 @@ key, a missing key, a wrong type or an out-of-range value, before anything is lo
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from typing import Any, Callable
 
@@ -202,6 +204,54 @@ RULES: dict[str, _Rule] = {
 }
 
 
+# Keys that may differ between a run and its resumption (`train` on a workdir with
+# checkpoints): they change how the run is logged, checkpointed, read or evaluated, not what
+# it computes. A change of any other key stops the resumption (see `config_changes`) unless
+# the command line says `--allow_config_change`.
+RESUME_FREE_KEYS = frozenset({
+    "train.log_every_steps", "train.keep_checkpoints", "train.checkpoint_every_steps",
+    "train.compilation_cache_dir", "train.eval_teacher",
+    "data.read_threads", "data.prefetch_batches", "data.device_prefetch", "data.worker_count",
+    "data.build_threads", "data.folds",
+    "predict.input", "predict.image_column",
+})
+
+CONFIG_FILE = "config.json"  # the run's full validated config, in its workdir
+
+
+def config_changes(old: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) of each computation-changing key that differs between the
+    config a run was started with (`old`, as in its config.json) and `new`."""
+    before, after = _flatten(old), _flatten(new)
+    missing = object()
+    return [(k, before.get(k, missing), after.get(k, missing))
+            for k in sorted(set(before) | set(after))
+            if k not in RESUME_FREE_KEYS and before.get(k, missing) != after.get(k, missing)]
+
+
+def write_config_file(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes `<workdir>/config.json` (atomically: a complete file or the previous one)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config.to_dict(), f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_config_file(workdir: str) -> dict | None:
+    """The config dict of `<workdir>/config.json`, None when there is none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the run's config {path}: {e}") from None
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in node.items():
@@ -215,7 +265,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _type_ok(value: Any, kind: type) -> bool:
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)

@@ -55,7 +55,7 @@ def markdown(result: dict) -> str:
 
 
 def run_cv(config: ml_collections.ConfigDict, workdir: str,
-           log: Callable[[str], None] = print) -> dict:
+           log: Callable[[str], None] = print, allow_config_change: bool = False) -> dict:
     config_lib.validate(config)
     summaries = {}
     for fold in folds_to_run(config):
@@ -69,7 +69,8 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str,
         fold_config = ml_collections.ConfigDict(config.to_dict())
         fold_config.data.fold = fold
         log(f"fold {fold}: training in {fold_dir}")
-        summaries[fold] = train_and_evaluate(fold_config, fold_dir, data_workdir=workdir, log=log)
+        summaries[fold] = train_and_evaluate(fold_config, fold_dir, data_workdir=workdir, log=log,
+                                             allow_config_change=allow_config_change)
     result = aggregate(summaries)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "cv_summary.json"), "w") as f:

@@ -3,6 +3,10 @@
 Each record is a flat dict with a `split` ('train' | 'test' | 'val'), the `step` and the
 `epoch`; eval records also name the `model` ('student' | 'teacher'). TensorBoard tags are
 `<split>/<key>` (`<split>_<model>/<key>` for the teacher).
+
+A resumed run (from step S) drops the JSONL records after S (`truncate_after`) and opens a
+new TensorBoard event file that purges the events after S from the earlier files
+(tensorboardX's `purge_step`), so no step appears twice in either.
 """
 
 from __future__ import annotations
@@ -13,19 +17,30 @@ import os
 import jax
 import numpy as np
 
+from crckd_jax.errors import StorageError
+
 
 def read_records(path: str) -> list[dict]:
     """All records of a metrics JSONL file (an empty list when it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+            # the last line of a run killed while writing it: dropped
+    return records
 
 
 class MetricLogger:
     """Appends records to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, purge_after: int | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
         self._tb = None
@@ -34,28 +49,39 @@ class MetricLogger:
 
             # Written out every 30 s and at close, not after every record: a flush fsyncs
             # the event file, ~50 ms on a shared disk, which would stall the training loop.
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+            # A resumed run hides the events after its step that an earlier run wrote.
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), flush_secs=30,
+                purge_step=None if purge_after is None else purge_after + 1)
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (left by a run that was killed after its checkpoint)."""
         if not self.enabled:
             return
         kept = [r for r in read_records(self.path) if r["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        try:
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {k: (v.item() if isinstance(v, (np.generic, np.ndarray)) else v)
                   for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {e.strerror or e}") from None
         prefix = record["split"] + ("_teacher" if record.get("model") == "teacher" else "")
         for key, value in record.items():
             if key not in ("split", "step", "model") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def close(self) -> None:
+        """Stops the TensorBoard writer's thread (idempotent: every exit path calls it)."""
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            tb.close()

@@ -4,7 +4,9 @@
 `predict.image_column` holds image paths (relative to the CSV's folder or absolute). Images
 go through the evaluation transform of training: decoded to RGB, resized to the stored
 size, then to the model size, ImageNet-normalised on the devices. Each row of the output: path, predicted
-class name, one probability column per class.
+class name, one probability column per class. An image that is missing or cannot be decoded
+stops the run with one error naming it, or, with `data.skip_bad_images`, is left out of the
+output and listed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def list_inputs(spec: str, image_column: str) -> list[str]:
     raise DataError(f"config key 'predict.input' is {spec!r}: no such folder or CSV file")
 
 
+def _good_images(paths: list[str], store: int, skip_bad: bool, bad: list[str]):
+    """(path, decoded image at the stored size) of each of `paths` in order: DataError at the
+    first one that is missing or undecodable, or with `skip_bad` that one left out and
+    appended to `bad`."""
+    for path in paths:
+        try:
+            yield path, np.asarray(sources.load_rgb(path, store))
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{e} (data.skip_bad_images=True skips such images)") from None
+            bad.append(path)
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str,
             log: Callable[[str], None] = print) -> str:
     """Writes predictions.csv for `predict.input` with the latest checkpoint of `workdir`."""
@@ -47,16 +62,25 @@ def predict(config: ml_collections.ConfigDict, workdir: str,
     trainer, state = load_trained(config, workdir, log=log)
     store, size = config_lib.store_size(config), config.data.image_size
     batch_size = config.train.batch_size
-    probs = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+    probs, kept, bad = [], [], []
+    images_in = _good_images(paths, store, config.data.skip_bad_images, bad)
+    while True:
+        chunk = [item for _, item in zip(range(batch_size), images_in)]
+        if not chunk:
+            break
         images = np.zeros((batch_size, size, size, 3), np.uint8)  # normalised on device
-        for i, path in enumerate(chunk):
-            stored = np.asarray(sources.load_rgb(path, store))
+        for i, (path, stored) in enumerate(chunk):
             images[i] = np.asarray(augment.resize(stored, size))
         local = trainer.parallel.process_rows({"image": images})
         out = trainer.eval_step[False](state, trainer.parallel.put_batch(local))
         probs.append(trainer.parallel.gather_examples(out)["probs"][:len(chunk)])
+        kept += [path for path, _ in chunk]
+    if bad:
+        log(f"skipped {len(bad)} image(s) that are missing or cannot be decoded: "
+            + ", ".join(bad))
+    if not kept:
+        raise DataError(f"none of the {len(paths)} input images can be read")
+    paths = kept
     probs = np.concatenate(probs)
     names = list(trainer.data.class_names)
     out_path = os.path.join(workdir, "predictions.csv")

@@ -27,6 +27,9 @@ from tqdm import tqdm
 from crckd_jax import config as config_lib
 from crckd_jax import losses, metrics, report, xla_options
 from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, StorageError,
+                              TrainingDiverged)
+from crckd_jax.preemption import StopRequest
 from crckd_jax.data import pipeline, prepare
 from crckd_jax.data.sources import DataError
 from crckd_jax.distillation import ContrastConfig
@@ -45,8 +48,6 @@ METRIC_KEYS = ("acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo", "spec",
 MEAN_LAST = 10  # epochs averaged by the reference's protocol
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def load_data(config: ml_collections.ConfigDict, data_workdir: str,
@@ -230,39 +231,105 @@ def _trainer(config: ml_collections.ConfigDict, data_workdir: str,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        data_workdir: str | None = None,
-                       log: Callable[[str], None] = print) -> dict:
+                       log: Callable[[str], None] = print,
+                       allow_config_change: bool = False) -> dict:
     """Trains one fold in `workdir` (resuming if possible); returns the summary dict.
 
-    `data_workdir` holds the prepared data set and folds (default: `workdir`).
+    `data_workdir` holds the prepared data set and folds (default: `workdir`). The run's
+    config is written to `<workdir>/config.json`; resuming with a config that differs in a
+    computation-changing key raises ConfigChanged before anything is restored, unless
+    `allow_config_change`. On SIGTERM/SIGINT the run saves a checkpoint at the step it
+    reached and raises Preempted.
     """
     os.makedirs(workdir, exist_ok=True)
+    config_lib.validate(config)
+    checkpoints_dir = os.path.join(workdir, "checkpoints")
+    _check_config_change(config, workdir, checkpoints_dir, allow_config_change, log)
     trainer = _trainer(config, data_workdir or workdir, log)
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"),
-                               keep=config.train.keep_checkpoints)
-    logger = MetricLogger(workdir)
-    iterator = trainer.train_iterator()
-    start = checkpoints.latest_step() or 0
-    if start:
-        restored = checkpoints.restore(trainer.parallel.abstract_state(trainer.initial_state),
-                                       start)
-        state = trainer.parallel.put_state(restored.state)
-        iterator.set_state(pipeline.rescale_iterator_state(
-            restored.data, config.train.batch_size,
-            restored.meta.get("process_count", jax.process_count())))
-        logger.truncate_after(start)
-        log(f"resumed from step {start} ({checkpoints.directory})")
-    else:
-        state = trainer.parallel.put_state(trainer.initial_state)
-        logger.truncate_after(0)
+    checkpoints = Checkpointer(checkpoints_dir, keep=config.train.keep_checkpoints)
+    if checkpoints.removed_leftovers:
+        log(f"removed the unfinished save(s) of an interrupted run: "
+            f"{', '.join(checkpoints.removed_leftovers)} ({checkpoints.directory})")
+    logger, failed = None, True
     try:
-        state, last_test = _train_loop(trainer, state, iterator, start, checkpoints, logger)
-    finally:
+        restored = None
+        if checkpoints.latest_step() is not None:
+            restored = checkpoints.restore_newest_good(
+                trainer.parallel.abstract_state(trainer.initial_state), log=log)
+            if restored is None:
+                raise CheckpointUnavailable(
+                    f"no checkpoint in {checkpoints.directory} can be restored with this config "
+                    f"({checkpoints.failure}); check that the config fits the run, or move the "
+                    "checkpoints folder away to start from scratch")
+        if jax.process_index() == 0:
+            _write(lambda: config_lib.write_config_file(config, workdir),
+                   os.path.join(workdir, config_lib.CONFIG_FILE))
+        start = restored.step if restored else 0
+        logger = MetricLogger(workdir, purge_after=start)
+        iterator = trainer.train_iterator()
+        if restored:
+            state = trainer.parallel.put_state(restored.state)
+            iterator.set_state(pipeline.rescale_iterator_state(
+                restored.data, config.train.batch_size,
+                restored.meta.get("process_count", jax.process_count())))
+            log(f"resumed from step {start} ({checkpoints.directory})")
+        else:
+            state = trainer.parallel.put_state(trainer.initial_state)
+        logger.truncate_after(start)
+        with StopRequest() as stop:
+            state, last_test = _train_loop(trainer, state, iterator, start, checkpoints,
+                                           logger, stop)
         checkpoints.wait()
-        checkpoints.close()
-    return _finish(trainer, state, last_test, workdir, logger, log)
+        summary = _finish(trainer, state, last_test, workdir, logger, log)
+        failed = False
+        return summary
+    finally:
+        # Every exit path: the pending save ends (its error, if any, only when nothing else
+        # failed), the TensorBoard writer's thread stops, the manager closes.
+        try:
+            checkpoints.wait()
+        except StorageError:
+            if not failed:
+                raise
+        finally:
+            if logger is not None:
+                logger.close()
+            checkpoints.close()
 
 
-def _train_loop(trainer, state, iterator, start, checkpoints, logger):
+def _write(write: Callable[[], Any], path: str) -> Any:
+    """`write()`, an OSError of which becomes StorageError naming `path`."""
+    try:
+        return write()
+    except OSError as e:
+        raise StorageError(f"cannot write {getattr(e, 'filename', None) or path}: "
+                           f"{e.strerror or e}") from None
+
+
+def _check_config_change(config, workdir, checkpoints_dir, allow, log) -> None:
+    """ConfigChanged when `workdir` has checkpoints and a config.json whose computation-
+    changing keys differ from `config` (nothing is restored or written before)."""
+    if not os.path.isdir(checkpoints_dir) or not any(
+            p.isdigit() for p in os.listdir(checkpoints_dir)):
+        return
+    old = config_lib.read_config_file(workdir)
+    if old is None:
+        return
+    changes = config_lib.config_changes(old, config)
+    if not changes:
+        return
+    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+    if allow:
+        log(f"warning: resuming with a changed config (--allow_config_change): {listing}")
+        return
+    raise ConfigChanged(
+        f"the config differs from the one this run was started with "
+        f"({os.path.join(workdir, config_lib.CONFIG_FILE)}) in {len(changes)} key(s) that "
+        f"change the computation: {listing}. Resume with the same config, use a new "
+        f"--workdir, or pass --allow_config_change to resume with the new values")
+
+
+def _train_loop(trainer, state, iterator, start, checkpoints, logger, stop=None):
     """Steps `start + 1 .. total`; returns the state and the last epoch's student test
     evaluation (None when no step was left to run).
 
@@ -270,6 +337,8 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger):
     (`data.device_prefetch`), the steps' metrics stay on the devices and are read together
     every `train.log_every_steps` steps, at epoch ends and before each checkpoint
     (`_check_finite`: a non-finite loss stops the run before anything after it is saved).
+    `stop` (a StopRequest) is asked once per step; when it says so, the step's checkpoint
+    is saved and committed and Preempted is raised.
     """
     config = trainer.config
     per_epoch, total = trainer.steps_per_epoch, trainer.total_steps
@@ -287,8 +356,9 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger):
         pending.append((step, terms))
         bar.update(1)
         epoch_end = step % per_epoch == 0
+        stopping = stop is not None and step < total and stop.reached(step)
         log_now = step % config.train.log_every_steps == 0 or epoch_end
-        save_now = epoch_end or (every and step % every == 0)
+        save_now = epoch_end or (every and step % every == 0) or stopping
         if log_now or save_now:
             terms = _check_finite(trainer, pending, checkpoints)
             pending = []
@@ -309,6 +379,13 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger):
             checkpoints.save(step, trainer.parallel.get_state(state), data_state,
                              {"epoch": step / per_epoch, "config": config.to_dict(),
                               "process_count": jax.process_count()})
+        if stopping:
+            checkpoints.wait()
+            bar.close()
+            raise Preempted(
+                f"stopped by {stop.signal_name} after step {step} of {total}: checkpoint "
+                f"step {step} saved in {checkpoints.directory}; run the same command again "
+                "to resume")
     if pending:
         _check_finite(trainer, pending, checkpoints)
     bar.close()
@@ -373,14 +450,26 @@ def _finish(trainer, state, evaluation, workdir, logger, log):
 def load_trained(config: ml_collections.ConfigDict, workdir: str,
                  data_workdir: str | None = None,
                  log: Callable[[str], None] = print) -> tuple[Trainer, Any]:
-    """The trainer of `config` and the latest checkpointed state of `workdir`."""
+    """The trainer of `config` and the newest checkpointed state of `workdir` that restores
+    (read-only: a damaged newer checkpoint is reported, not moved)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointUnavailable(f"no checkpoint in {os.path.abspath(directory)}: train "
+                                    f"first (--mode train with --workdir {workdir})")
     trainer = _trainer(config, data_workdir or workdir, log)
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
-    if checkpoints.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}: train first "
-                                f"(--mode train with --workdir {workdir})")
-    restored = checkpoints.restore(trainer.parallel.abstract_state(trainer.initial_state))
-    checkpoints.close()
+    checkpoints = Checkpointer(directory, read_only=True)
+    try:
+        if checkpoints.latest_step() is None:
+            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory}: train "
+                                        f"first (--mode train with --workdir {workdir})")
+        restored = checkpoints.restore_newest_good(
+            trainer.parallel.abstract_state(trainer.initial_state), log=log,
+            move_damaged=False)
+        if restored is None:
+            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory} can be "
+                                        f"restored with this config ({checkpoints.failure})")
+    finally:
+        checkpoints.close()
     return trainer, trainer.parallel.put_state(restored.state)
 
 

@@ -86,7 +86,7 @@ def test_resolve_config_errors(tmp_path, monkeypatch):
     assert packaged_configs.resolve("mine:x") == "mine:x"
 
 
-def test_resolve_config_argument_rewrites_only_the_config_value():
+def test_resolve_config_argument_rewrites_only_the_config_value(capsys):
     demo = str(PACKAGE_CONFIGS / "demo.py")
     argv = ["crckd", "--config", "demo:tiny", "--workdir", "w", "--config.train.epochs=2",
             "--mode=eval"]
@@ -99,8 +99,9 @@ def test_resolve_config_argument_rewrites_only_the_config_value():
         "crckd", "-config", demo]
     assert cli.resolve_config_argument(["crckd", "--", "--config", "demo"]) == [
         "crckd", "--", "--config", "demo"]
-    with pytest.raises(SystemExit, match="^error: unknown config 'nope'"):
+    with pytest.raises(SystemExit, match="^2$"):
         cli.resolve_config_argument(["crckd", "--config", "nope"])
+    assert capsys.readouterr().err.startswith("error: unknown config 'nope'")
 
 
 @pytest.mark.parametrize("config, message", [
@@ -115,7 +116,7 @@ def test_resolve_config_argument_rewrites_only_the_config_value():
 def test_bad_config_is_one_error_line(config, message, tmp_path):
     done = _python("-m", "crckd_jax.cli", "--config", config, "--workdir", str(tmp_path / "w"),
                    cwd=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2  # a config error
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
@@ -126,7 +127,7 @@ def test_config_name_runs_the_packaged_config(tmp_path):
     """`--config aptos` from another folder reaches the config's own validation (data.dir)."""
     done = _python(str(ROOT / "launch.py"), "--config", "aptos",
                    "--workdir", str(tmp_path / "w"), cwd=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr == ("error: config key 'data.dir' is '': expected the downloaded folder "
                            "for data.source='aptos'\n")
 
@@ -157,7 +158,7 @@ def test_pretrained_of_unknown_kind_is_a_config_error(tmp_path):
         config_lib.validate(config)
 
 
-def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch):
+def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch, capsys):
     """A checkpoint that cannot be read (or does not fit the model) ends the run with its
     message. The training start-up is replaced by the checkpoint read train.py does."""
     from crckd_jax.models.torch_import import load_state_dict
@@ -170,6 +171,7 @@ def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "run", lambda mode, config, workdir: load_state_dict(
         config.model.pretrained))
     with pytest.raises(SystemExit) as info:
-        cli.execute("train", config, str(tmp_path / "w"))
-    assert str(info.value.code).startswith(
+        cli.execute("train", config, str(tmp_path / "w"), tracebacks=False)
+    assert info.value.code == 4  # a checkpoint error
+    assert capsys.readouterr().err.startswith(
         f"error: cannot read {weights} as a safetensors file: Error while deserializing header")

@@ -1,8 +1,11 @@
 """The training loop in-process on `configs/demo.py:tiny`: one compile of the train step,
-metrics read only at log points and before checkpoints, the deferred non-finite guard."""
+metrics read only at log points and before checkpoints, the deferred non-finite guard, the
+clean stop on SIGTERM."""
 
 import importlib.util
+import os
 import pathlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ import pytest
 
 from crckd_jax import train
 from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.errors import Preempted
+from crckd_jax.preemption import StopRequest
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.parallel import DataParallel
 
@@ -54,7 +59,7 @@ def count_traces(monkeypatch) -> list[str]:
     return traced
 
 
-def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None):
+def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None, stop=None):
     """Runs `_train_loop` from step 0; returns the trainer, the sizes of the metric reads,
     and the checkpointer."""
     trainer = train._trainer(config, data_dir, log=lambda _: None)
@@ -69,7 +74,8 @@ def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None):
     logger = MetricLogger(str(workdir))
     state = trainer.parallel.put_state(trainer.initial_state)
     try:
-        train._train_loop(trainer, state, trainer.train_iterator(), 0, checkpoints, logger)
+        train._train_loop(trainer, state, trainer.train_iterator(), 0, checkpoints, logger,
+                          stop)
     finally:
         logger.close()
         checkpoints.close()
@@ -130,3 +136,43 @@ def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
         assert isinstance(device_batch["image"], jax.Array)
         assert (jax.device_get(device_batch["index"]) == index).all()
         assert got_state == state
+
+
+def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_path,
+                                                                  monkeypatch):
+    """SIGTERM during step 2 (mid-epoch, between log points): the pending metrics are checked,
+    step 2 is saved with the iterator state after its batch, then Preempted."""
+    def signal_in_step_2(step_fn):
+        calls = []
+
+        def step(state, batch):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step_fn(state, batch)
+        return step
+
+    before = signal.getsignal(signal.SIGTERM)
+    reads = []
+    check = train._check_finite
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 2 of 8: checkpoint "
+                                        r"step 2 saved in .*run the same command again"):
+        with StopRequest() as stop:
+            monkeypatch.setattr(train, "_check_finite", lambda t, p, c: reads.append(
+                [s for s, _ in p]) or check(t, p, c))
+            run_loop(tiny_config(), data_dir, tmp_path, monkeypatch,
+                     wrap_step=signal_in_step_2, stop=stop)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert reads[-1] == [1, 2]
+    checkpoints = Checkpointer(str(tmp_path / "checkpoints"))
+    assert checkpoints.manager.all_steps() == [2]
+    saved = checkpoints.manager.restore(2, args=ocp_args())["data"]
+    plain = train._trainer(tiny_config(), data_dir, log=lambda _: None).train_iterator()
+    next(plain), next(plain)
+    assert saved == plain.get_state()
+
+
+def ocp_args():
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(data=ocp.args.JsonRestore())

@@ -21,9 +21,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -193,6 +195,41 @@ def test_two_processes_with_pmap_equal_one_process(runs, tmp_path):
     multi = tmp_path / "multi_pmap"
     finish(start_pair(multi, tmp_path / "cache", "--config.parallel.backend=pmap"))
     assert_same_run(multi, single)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption service makes both processes stop after
+    the same step, which process 0 checkpoints; both exit with 75."""
+    flags = ("--config.train.epochs=2", "--config.train.steps_per_epoch=40",
+             "--config.train.checkpoint_every_steps=0", "--config.train.log_every_steps=1")
+    workdir = tmp_path / "multi"
+    procs = start_pair(workdir, tmp_path / "cache", *flags)
+    metrics_file = workdir / "metrics.jsonl"
+    deadline = time.time() + 500
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics_file.exists() and '"split": "train"' in metrics_file.read_text():
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    stopped = []
+    for code, err in results:
+        assert code == 75, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: stopped by SIGTERM after step "), last
+        stopped.append(int(last.split("after step ")[1].split()[0]))
+    assert stopped[0] == stopped[1] < 80
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == stopped[0]
 
 
 def test_cluster_environment_from_launcher_variables():

@@ -78,7 +78,12 @@ def test_train_writes_every_artefact(trained):
 
 def test_eval_and_predict_use_the_checkpoint(trained, cache):
     workdir, _ = trained
-    launch(workdir, cache, "--mode", "eval")
+    # No --config: eval reads the run's W/config.json; overrides apply on top.
+    command = [a for a in launch_command(workdir, cache, "--mode", "eval")
+               if a not in ("--config", TINY)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "densenet_small"
     results = json.loads((workdir / "eval.json").read_text())
     summary = json.loads((workdir / "summary.json").read_text())
     assert results["test"]["bacc"] == pytest.approx(summary["final"]["bacc"])
@@ -124,6 +129,77 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, cache):
     assert a.keys() == b.keys() and len(a) > 100
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def wait_for_train_record(workdir, proc, timeout=400):
+    """Waits until the run at `workdir` logged a training step (it is past compiling)."""
+    metrics_file = pathlib.Path(workdir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and '"split": "train"' in metrics_file.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError("no training step was logged before the run ended or timed out")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_exits_75_and_resume_matches_uninterrupted(tmp_path, cache):
+    flags = ("--config.train.epochs=2", "--config.train.steps_per_epoch=40",
+             "--config.train.checkpoint_every_steps=0", "--config.train.log_every_steps=1")
+    straight = subprocess.Popen(launch_command(tmp_path / "straight", cache, *flags), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(launch_command(stopped, cache, *flags), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_train_record(stopped, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM after step "), err[-3000:]
+    step = int(last.split("after step ")[1].split()[0])
+    assert f"checkpoint step {step} saved" in last and step < 40, last
+    steps = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [step]  # only the signal's save: mid-epoch, no periodic checkpoint
+    assert "Traceback" not in err and "can't create new thread" not in err
+
+    resumed = launch(stopped, cache, *flags)
+    assert f"resumed from step {step}" in resumed.stdout
+    assert "can't create new thread" not in resumed.stderr
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+    step_a, state_a, data_a = final_state(tmp_path / "straight")
+    step_b, state_b, data_b = final_state(stopped)
+    assert step_a == step_b == 80 and data_a == data_b
+    a, b = leaves(state_a), leaves(state_b)
+    assert a.keys() == b.keys() and len(a) > 100
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    train_steps = [r["step"] for r in map(json.loads, (stopped / "metrics.jsonl").read_text()
+                                          .splitlines()) if r["split"] == "train"]
+    assert train_steps == list(range(1, 81))  # no step twice, none missing
+    assert len(list((stopped / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
+    flags = ("--config.train.checkpoint_every_steps=1",)
+    launch(tmp_path / "straight", cache, *flags)
+    victim = max((p for p in (tmp_path / "straight" / "checkpoints" / "2").rglob("*")
+                  if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+    # eval: reports the damaged one, uses step 1, moves nothing.
+    evaluated = launch(tmp_path / "straight", cache, "--mode", "eval")
+    assert "warning: checkpoint step 2 (" in evaluated.stdout
+    assert (tmp_path / "straight" / "checkpoints" / "2").is_dir()
+    # train: moves it aside, resumes from step 1 and ends at step 2 again.
+    (tmp_path / "straight" / "summary.json").unlink()
+    resumed = launch(tmp_path / "straight", cache, *flags)
+    assert "warning: checkpoint step 2 cannot be restored" in resumed.stdout
+    assert "resumed from step 1" in resumed.stdout
+    moved = list((tmp_path / "straight" / "damaged_checkpoints").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["2"]
+    step, _, _ = final_state(tmp_path / "straight")
+    assert step == 2
 
 
 def test_cv_two_folds_writes_both_summaries(tmp_path, cache):

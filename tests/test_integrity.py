@@ -1,0 +1,269 @@
+"""Run integrity without training: the workdir lock, config.json and the resume check,
+damaged checkpoints, a full disk, the exit codes and one-line errors of the command line.
+(The clean stop on SIGTERM is in test_loop.py (in-process) and test_train.py (slow).)"""
+
+import errno
+import importlib
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from crckd_jax import cli, errors
+from crckd_jax import config as config_lib
+from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.runlock import WorkdirLock
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny():
+    return importlib.import_module("crckd_jax.configs.demo").get_config("tiny")
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+# --- the workdir lock ----------------------------------------------------------------------
+
+HOLD = ("import sys, time; from crckd_jax.runlock import WorkdirLock; "
+        "l = WorkdirLock(sys.argv[1], 'train'); l.acquire(); print('held', flush=True); "
+        "time.sleep(120)")
+
+
+def test_second_run_fails_fast_naming_the_holder_and_a_dead_holder_never_blocks(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], env=env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(errors.WorkdirLocked, match=rf"pid {holder.pid} mode train"):
+            WorkdirLock(str(tmp_path), "train").acquire()
+        # Through the command line: one error line, exit status 7, before any data work.
+        start = time.time()
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "launch.py"), "--config", "demo:tiny", "--workdir",
+             str(tmp_path), "--mode", "prepare"], capture_output=True, text=True, env=env(),
+            timeout=120)
+        assert done.returncode == errors.EXIT_LOCKED, done.stderr
+        assert done.stderr.startswith(f"error: workdir {tmp_path} is in use by another run")
+        assert f"pid {holder.pid}" in done.stderr and done.stderr.count("\n") == 1
+        assert not (tmp_path / "data").exists() and time.time() - start < 60
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's file stays behind; its lock went with the process.
+    assert f"pid {holder.pid}" in (tmp_path / "run.lock").read_text()
+    with WorkdirLock(str(tmp_path), "cv"):
+        assert f"pid {os.getpid()} mode cv" in (tmp_path / "run.lock").read_text()
+    with WorkdirLock(str(tmp_path), "train"):  # released on exit
+        pass
+
+
+# --- config.json and the resume check ------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [("optim.max_lr", math.inf),
+                                        ("loss.ccd_weight", math.nan),
+                                        ("memory.temperature", -math.inf)])
+def test_non_finite_config_values_are_rejected(key, value):
+    config = tiny()
+    section, name = key.split(".")
+    with config.unlocked():
+        config[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}' is"):
+        config_lib.validate(config)
+
+
+def test_config_changes_ignore_the_free_keys():
+    old = tiny().to_dict()
+    config = tiny()
+    with config.unlocked():
+        config.train.log_every_steps = 1
+        config.train.checkpoint_every_steps = 7
+        config.data.read_threads = 1
+        config.predict.input = "x"
+    assert config_lib.config_changes(old, config) == []
+    with config.unlocked():
+        config.optim.max_lr = 1e-3
+        config.train.epochs = 5
+    assert config_lib.config_changes(old, config) == [
+        ("optim.max_lr", 3e-4, 1e-3), ("train.epochs", 1, 5)]
+    assert config_lib.RESUME_FREE_KEYS <= set(config_lib.RULES)
+
+
+def started_run(workdir):
+    """A workdir as `train` leaves it: config.json and a checkpoint folder."""
+    config_lib.write_config_file(tiny(), str(workdir))
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+
+
+def test_resume_with_a_changed_config_stops_before_restoring(tmp_path, capsys):
+    started_run(tmp_path)
+    config = tiny()
+    with config.unlocked():
+        config.optim.max_lr = 1e-3
+        config.train.log_every_steps = 1  # free
+    with pytest.raises(SystemExit) as info:
+        cli.execute("train", config, str(tmp_path), tracebacks=False)
+    err = capsys.readouterr().err
+    assert info.value.code == errors.EXIT_CONFIG and err.count("\n") == 1
+    assert "optim.max_lr: 0.0003 -> 0.001" in err and "log_every_steps" not in err
+    assert "--allow_config_change" in err
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["max_lr"] == 3e-4
+    assert not (tmp_path / "data").exists()  # stopped before loading anything
+
+
+def test_eval_and_predict_take_the_config_from_the_workdir(tmp_path):
+    argv = ["crckd", "--workdir", str(tmp_path), "--mode=eval", "--config.train.batch_size=4"]
+    with pytest.raises(SystemExit):
+        cli.add_run_config(argv)  # no config.json yet
+    config_lib.write_config_file(tiny(), str(tmp_path))
+    got = cli.add_run_config(argv)
+    assert got[1] == f"--config={ROOT / 'crckd_jax' / 'run_config.py'}:{tmp_path}/config.json"
+    assert got[2:] == argv[1:]
+    assert cli.add_run_config(["crckd", "--workdir", str(tmp_path), "--config", "demo"]) == [
+        "crckd", "--workdir", str(tmp_path), "--config", "demo"]
+    from crckd_jax import run_config
+
+    assert run_config.get_config(str(tmp_path / "config.json")).to_dict() == tiny().to_dict()
+
+
+def test_config_is_required_for_train_without_it(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, env=env(), timeout=120)
+    assert done.returncode == errors.EXIT_CONFIG
+    assert done.stderr == "error: --config is required for --mode train\n"
+
+
+# --- checkpoints: damaged, leftovers, full disk --------------------------------------------
+
+def small_state(value):
+    return {"w": jnp.full((4, 3), value, jnp.float32), "b": jnp.arange(5.0) * value}
+
+
+def save_steps(directory, steps):
+    checkpoints = Checkpointer(str(directory), asynchronous=False)
+    for step in steps:
+        checkpoints.save(step, small_state(float(step)), {"pos": step}, {"epoch": step})
+    checkpoints.close()
+
+
+def largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_newest_checkpoint_is_reported_moved_and_the_previous_restored(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_steps(directory, [1, 2])
+    victim = largest_file(directory / "2" / "state")
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # truncated
+    (directory / "3.orbax-checkpoint-tmp-1234").mkdir()  # a killed save's leftover
+
+    # eval: read-only, reports and falls back, moves nothing.
+    lines = []
+    reader = Checkpointer(str(directory), read_only=True)
+    restored = reader.restore_newest_good(small_state(0.0), log=lines.append,
+                                          move_damaged=False)
+    reader.close()
+    assert restored.step == 1 and restored.data == {"pos": 1}
+    np.testing.assert_array_equal(restored.state["w"], np.full((4, 3), 1.0))
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 2 (") and "earlier one" in lines[0]
+    assert (directory / "2").is_dir()
+
+    # train: the damaged one goes to damaged_checkpoints/, the leftover tmp folder is removed.
+    lines = []
+    checkpoints = Checkpointer(str(directory), asynchronous=False)
+    assert not (directory / "3.orbax-checkpoint-tmp-1234").exists()
+    restored = checkpoints.restore_newest_good(small_state(0.0), log=lines.append)
+    assert restored.step == 1 and len(lines) == 1
+    assert "checkpoint step 2 cannot be restored" in lines[0]
+    moved = list((tmp_path / "damaged_checkpoints").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("2-") and f"moved to {moved[0]}" in lines[0]
+    assert not (directory / "2").exists() and checkpoints.latest_step() == 1
+    checkpoints.save(2, small_state(5.0), {"pos": 2}, {})  # the step can be saved again
+    checkpoints.close()
+    assert Checkpointer(str(directory)).restore(small_state(0.0)).state["w"][0, 0] == 5.0
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_steps(directory, [1, 2])
+    checkpoints = Checkpointer(str(directory), asynchronous=False)
+    lines = []
+    wrong_shape = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(5)}  # a config that does not fit
+    assert checkpoints.restore_newest_good(wrong_shape, log=lines.append) is None
+    checkpoints.close()
+    assert checkpoints.failure.startswith("step 2: ") and lines == []
+    assert (directory / "1").is_dir() and (directory / "2").is_dir()
+    assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+def test_full_disk_during_a_save_names_the_folder_and_the_last_good_checkpoint(
+        tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    save_steps(directory, [1])
+    checkpoints = Checkpointer(str(directory), asynchronous=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "2"))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(errors.StorageError) as info:
+        checkpoints.save(2, small_state(2.0), {}, {})
+    message = str(info.value)
+    assert message == (f"saving checkpoint step 2 failed: No space left on device "
+                       f"({directory / '2'}); the last good checkpoint is step 1 in {directory}")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    checkpoints.close()
+    assert Checkpointer(str(directory)).latest_step() == 1  # nothing earlier lost
+
+
+def test_failures_end_with_one_line_and_their_exit_code(tmp_path, monkeypatch, capsys):
+    cases = [
+        (errors.StorageError("saving checkpoint step 2 failed: disk"), errors.EXIT_IO),
+        (OSError(errno.ENOSPC, "No space left on device", "/w/x"), errors.EXIT_IO),
+        (errors.TrainingDiverged("non-finite loss at step 2"), errors.EXIT_DIVERGED),
+        (errors.Preempted("stopped by SIGTERM after step 3"), errors.EXIT_PREEMPTED),
+        (errors.CheckpointUnavailable("no checkpoint"), errors.EXIT_CHECKPOINT),
+        (RuntimeError("boom"), errors.EXIT_UNEXPECTED),
+    ]
+    for error, code in cases:
+        def raising(mode, config, workdir, error=error):
+            raise error
+        monkeypatch.setattr(cli, "run", raising)
+        with pytest.raises(SystemExit) as info:
+            cli.execute("train", tiny(), str(tmp_path), tracebacks=False)
+        err = capsys.readouterr().err
+        assert info.value.code == code, (error, err)
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError, match="boom"):  # CRCKD_TRACEBACK=1 / --verbosity=1
+        cli.execute("train", tiny(), str(tmp_path), tracebacks=True)
+    monkeypatch.setenv("CRCKD_TRACEBACK", "1")
+    assert cli.show_tracebacks()
+
+
+def test_predict_skips_bad_images_only_when_asked(tmp_path):
+    from PIL import Image
+
+    from crckd_jax.data.sources import DataError
+    from crckd_jax.predict import _good_images
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = [str(good), str(broken), str(tmp_path / "missing.png"), str(good)]
+    bad = []
+    kept = [p for p, image in _good_images(paths, 16, True, bad)]
+    assert kept == [str(good), str(good)] and bad == paths[1:3]
+    with pytest.raises(DataError, match=r"broken\.jpg.*data\.skip_bad_images=True"):
+        list(_good_images(paths, 16, False, []))
