@@ -122,7 +122,10 @@ def assert_same_run(multi, single, *, params=1e-3, other=1e-4):
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and ra
     for x, y in zip(ra, rb):
         for key in TRAIN_TERMS:
-            assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+            # gloo's all-reduce sums the gradients in another order than one process does:
+            # parameters differ by ~2e-5 (relative) after the first Adam step, which moves the
+            # small CRP term (~0.03) by a few 1e-6; the floor is 1e-5 of a loss of order 1.
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
     steps = sorted(int(p.name) for p in (single / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == sorted(int(p.name) for p in (multi / "checkpoints").iterdir()
                            if p.name.isdigit())
@@ -151,6 +154,7 @@ def runs(tmp_path_factory):
     return root, single, multi, outputs
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(runs):
     root, single, multi, outputs = runs
     assert "process 0 of 2 (flags): 2 local of 4 devices" in outputs[1]
@@ -167,6 +171,7 @@ def test_two_processes_equal_one_process_with_four_devices(runs):
     assert meta["process_count"] == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_restored_by_one(runs):
     root, single, multi, _ = runs
     # Evaluation of the two processes' last checkpoint in one process.
