@@ -1,0 +1,218 @@
+"""The benchmark tools: step_time.py's variants and profile parser, the GPU check driver."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+import step_time  # noqa: E402
+
+# ----------------------------------------------------------------------------- step_time
+
+
+def test_variants_default_to_the_flags_and_pair_torch_with_bank_only():
+    args = step_time.parse_args(["--batch-size", "16", "--compare-torch", "--torch-amp"])
+    (v,) = step_time.parse_variants(args)
+    assert (v.batch_size, v.dtype, v.memory, v.kernels, v.xla, v.torch) == (
+        16, "float32", "bank", "auto", "default", "amp")
+    args = step_time.parse_args([
+        "--compare-torch", "--variants",
+        "batch=64,dtype=bfloat16;batch=64,memory=queue;xla=none,kernels=standard,torch=off"])
+    a, b, c = step_time.parse_variants(args)
+    assert (a.batch_size, a.dtype, a.torch) == (64, "bfloat16", "float32")
+    assert (b.memory, b.torch) == ("queue", "off")  # torch implements only the bank
+    assert (c.batch_size, c.xla, c.kernels, c.torch) == (8, "none", "standard", "off")
+    assert len({a.label, b.label, c.label}) == 3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("batch=8;batch=8", "repeats"),
+    ("size=3", "bad variant item"),
+    ("dtype=float16", "expected one of"),
+    ("memory=queue,torch=amp", "only the bank"),
+])
+def test_bad_variants_are_rejected(spec, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        step_time.parse_variants(step_time.parse_args(["--variants", spec]))
+
+
+def _xspace(planes: str):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax._src.lib import _profile_data
+
+        return _profile_data.ProfileData.from_text_proto(planes)
+
+
+GPU_TRACE = """
+planes {
+  id: 1 name: "/device:GPU:0"
+  lines { id: 1 name: "Stream #13(Compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 stats { metadata_id: 1 str_value: "fusion.3" } }
+    events { metadata_id: 1 offset_ps: 5000000 duration_ps: 2000000 stats { metadata_id: 1 str_value: "fusion.7" } }
+    events { metadata_id: 2 offset_ps: 8000000 duration_ps: 2000000 }
+  }
+  lines { id: 2 name: "Stream #14(MemcpyD2D)" timestamp_ns: 1000
+    events { metadata_id: 4 offset_ps: 0 duration_ps: 2000000 }
+  }
+  lines { id: 3 name: "XLA Modules" timestamp_ns: 1000
+    events { metadata_id: 3 offset_ps: 0 duration_ps: 90000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "loop_add_fusion_3" } }
+  event_metadata { key: 2 value { id: 2 name: "void cutlass::Kernel2<cutlass_80_tensorop>(Params)" } }
+  event_metadata { key: 3 value { id: 3 name: "jit_train_step" } }
+  event_metadata { key: 4 value { id: 4 name: "MemcpyD2D" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+planes { id: 2 name: "/host:CPU"
+  lines { id: 1 name: "python" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 50000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction(train_step)" } }
+}
+"""
+
+
+def test_profile_of_a_gpu_trace_counts_stream_kernels_once():
+    total, rows, source = step_time.summarise_xspace(_xspace(GPU_TRACE), steps=2)
+    assert source == "device stream lines"
+    got = {name: (ms, calls) for name, ms, _, calls in rows}
+    # fusion.3 and fusion.7 (by their hlo_op) are one kind; the cutlass kernel by name; the
+    # derived "XLA Modules" line and the host plane are not counted.
+    assert got == {"fusion": (3e-3, 1.0), "void cutlass::Kernel2": (1e-3, 0.5),
+                   "MemcpyD2D": (1e-3, 0.5)}
+    assert total == pytest.approx(5e-3)
+    assert sum(share for _, _, share, _ in rows) == pytest.approx(1.0)
+
+
+def test_profile_prefers_the_xla_ops_line_when_the_trace_has_one():
+    trace = GPU_TRACE.replace('name: "XLA Modules"', 'name: "XLA Ops"')
+    total, rows, source = step_time.summarise_xspace(_xspace(trace), steps=1)
+    assert source == "device XLA Ops line"
+    assert [name for name, *_ in rows] == ["jit_train_step"] and total == pytest.approx(0.09)
+
+
+def test_profile_of_a_cpu_trace_counts_xla_thunks_on_any_thread():
+    trace = """
+planes { id: 1 name: "/host:CPU"
+  lines { id: 1 name: "tf_XLAPjRtCpuClient/123" timestamp_ns: 0
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 3000000 stats { metadata_id: 1 str_value: "custom-call.6__onednn$convolution" } }
+    events { metadata_id: 2 offset_ps: 0 duration_ps: 9000000 stats { metadata_id: 1 str_value: "while.2" } }
+  }
+  lines { id: 2 name: "tf_XLAEigen/5" timestamp_ns: 0
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 1000000 stats { metadata_id: 1 str_value: "custom-call.9__onednn$convolution" } }
+    events { metadata_id: 3 offset_ps: 0 duration_ps: 7000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "custom-call" } }
+  event_metadata { key: 2 value { id: 2 name: "while" } }
+  event_metadata { key: 3 value { id: 3 name: "ThreadpoolListener::Record" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+    total, rows, source = step_time.summarise_xspace(_xspace(trace), steps=1)
+    assert source == "host events with hlo_op"
+    # The while loop spans its body's ops, which count themselves.
+    assert [(n, ms, c) for n, ms, _, c in rows] == [
+        ("custom-call__onednn$convolution", pytest.approx(4e-3), 2.0)]
+
+
+# ----------------------------------------------------------------------------- gpu_check
+
+
+def test_trainer_figures_from_process_cpu_time(tmp_path):
+    rows = [{"split": "train", "step": 20 * i, "images_per_s": rate, "process_cpu_s": cpu}
+            for i, (rate, cpu) in enumerate([(5.0, 10.0), (50.0, 12.0), (60.0, 14.0),
+                                             (70.0, 16.5)], start=1)]
+    rows.insert(2, {"split": "test", "step": 40, "bacc": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = gpu_check.trainer_figures(str(tmp_path), batch_size=64, warmup_records=1,
+                                    child_cpu_s=999.0)
+    assert fig["steps"] == 80 and fig["images_per_s_median"] == 60.0
+    # (16.5 - 12.0) s over (80 - 40) steps x 64 images
+    assert fig["host_cpu_ms_per_image"] == pytest.approx(1000 * 4.5 / (40 * 64))
+    assert fig["host_cpu_source"].startswith("process_cpu_s")
+
+
+def test_trainer_figures_fall_back_to_the_whole_run_cpu_time(tmp_path):
+    rows = [{"split": "train", "step": s, "images_per_s": 10.0} for s in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = gpu_check.trainer_figures(str(tmp_path), batch_size=8, warmup_records=1,
+                                    child_cpu_s=24.0)
+    assert fig["host_cpu_ms_per_image"] == pytest.approx(1000 * 24.0 / (6 * 8))
+    assert fig["host_cpu_source"].startswith("whole run's CPU time")
+
+
+def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    start = time.monotonic()
+    result = gpu_check.run_part([sys.executable, "-c", script], str(tmp_path / "x.log"), 3)
+    assert result["status"] == "timeout" and time.monotonic() - start < 30
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    # The grandchild went with the group: gone, or a zombie waiting for init to reap it.
+    status = pathlib.Path(f"/proc/{child}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()
+
+
+def test_failing_parts_do_not_stop_the_check(tmp_path):
+    """Every part fails at once (an interpreter that exits 1); the check still runs each,
+    records its status and writes both summaries."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--tiny",
+         "--python", "/bin/false", "--wheels", str(tmp_path / "none"),
+         "--workdir", str(tmp_path / "work"), "--budget", "120"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    status = {name: part["status"] for name, part in summary["parts"].items()}
+    assert status == {"wheels": "skipped", "env": "failed", "step_b64": "failed",
+                      "trainer": "failed", "demo": "failed", "step_b32": "failed"}
+    text = (out / "summary.txt").read_text()
+    assert "step_b32   failed" in text
+    assert summary["parts"]["step_b64"]["figures"]["variants"] == []
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The whole GPU check with tiny settings on the CPU: every part runs and reports its
+    figures (torch rows skipped when this interpreter cannot import torch)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--tiny",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    parts = summary["parts"]
+    assert {n: p["status"] for n, p in parts.items() if n != "wheels"} == {
+        "env": "ok", "step_b64": "ok", "trainer": "ok", "demo": "ok", "step_b32": "ok"}
+    assert parts["env"]["figures"]["jax_backend"] == "cpu"
+    torch_ok = "error" not in parts["env"]["figures"]["torch"]
+    for name in ("step_b64", "step_b32"):
+        variants = parts[name]["figures"]["variants"]
+        assert [(v["dtype"], v["memory"]) for v in variants] == [
+            ("bfloat16", "bank"), ("bfloat16", "queue"), ("float32", "bank"),
+            ("float32", "queue")]
+        assert all(v["jax_img_s"] > 0 for v in variants)
+        for v in variants[0], variants[2]:  # the bank variants have a torch partner
+            assert (v.get("torch_img_s", 0) > 0) if torch_ok else v["torch"].startswith(
+                "skipped")
+        assert parts[name]["figures"]["profile"]["top_ops"]
+    trainer = parts["trainer"]["figures"]
+    assert trainer["steps"] == 8 and trainer["images_per_s_median"] > 0
+    assert trainer["host_cpu_ms_per_image"] > 0 and trainer["step_only_images_per_s"] > 0
+    assert 0 <= parts["demo"]["figures"]["summary"]["final"]["bacc"] <= 1
+    assert "step_b64: step benchmark" in (out / "summary.txt").read_text()
