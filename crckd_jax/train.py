@@ -190,10 +190,13 @@ def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainStat
         load_state_dict(path), {"params": state.params["student"],
                                 "batch_stats": state.batch_stats},
         name=f"model {model.config}")
+    # The teacher gets its own copy: the step donates the state, and two leaves sharing a
+    # buffer would be donated twice.
+    teacher = jax.tree.map(jnp.copy, variables)
     return state.replace(
         params={**state.params, "student": variables["params"]},
-        batch_stats=variables["batch_stats"], ema_params=variables["params"],
-        ema_batch_stats=variables["batch_stats"])
+        batch_stats=variables["batch_stats"], ema_params=teacher["params"],
+        ema_batch_stats=teacher["batch_stats"])
 
 
 def summarise(records: list[dict], model: str = "student") -> dict:
