@@ -6,19 +6,30 @@
 Made for a GPU machine without network (docs/performance.md, "GPU check"); `--tiny` is the
 CPU dry run of the same parts with tiny settings. Every part runs in its own process with
 its own time limit (and never past the overall --budget), so one failure or timeout does
-not stop the others; the parts, in this order:
+not stop the others. The default parts, in this order:
 
   wheels     installs the wheels of --wheels (made by benchmarks/fetch_gpu_wheels.sh) whose
              distributions this interpreter lacks, into WORKDIR/site (added to PYTHONPATH)
   env        GPU name, driver, memory (nvidia-smi), Python and package versions, devices
-  step_b64   benchmarks/step_time.py, DenseNet-121 at 224 px, batch 64, variants in turn:
-             bfloat16 + bank vs torch AMP (with the jax.profiler top-ops table), bfloat16 +
-             queue, float32 + bank vs torch float32, float32 + queue
-  trainer    launch.py on generated 224 px images: DenseNet-121, bfloat16, batch 64, queue
-             memory with P = 20, K = 4096, a few hundred steps; images/s of the trainer
-             against step_b64's step-only images/s of the same setting; host CPU per image
+  step_b64   benchmarks/step_time.py, DenseNet-121 at 224 px, batch 64, the views made
+             beforehand (the step alone): bfloat16 vs torch AMP (with the jax.profiler
+             top-ops table), then float32 vs torch float32, both with the bank memory
+  loop       benchmarks/train_loop.py --real-step: the trainer's loop (input pipeline,
+             device augmentation, prefetch, deferred metric reads) against the same compiled
+             step alone, back to back in one process: DenseNet-121, bfloat16, batch 64,
+             queue memory with P = 20, K = 4096; images/s of both and host CPU per image
   demo       one epoch of configs/demo.py, its summary.json
+and, on request (--parts), after them:
+  trainer    launch.py on generated 224 px images (the loop's setting, 3 x 100 steps)
+  kernels    step_time.py, bfloat16 + queue at batch 64: the model's standard kernels
+             against the CPU-tuned ones (crckd_jax.models.kernels) on this backend
+  startup    benchmarks/startup.py: seconds to the first train step, cold and warm cache
   step_b32   as step_b64 at batch 32
+
+On a fresh H200 the first compile of the DenseNet-121 step took over 150 s (XLA autotunes
+each convolution; the autotuning results go to the persistent cache, WORKDIR/jax_cache,
+which later compiles on the same machine reuse: 52 s), so the step part gets the largest
+share of the default 475 s.
 
 Writes OUT_DIR/summary.json and OUT_DIR/summary.txt (the same figures, readable), each
 part's log (OUT_DIR/<part>.log, the last 200 kB) and the step benchmarks' JSON. JAX's
@@ -57,6 +68,7 @@ class Settings:
     trainer_config: str
     trainer_overrides: tuple[str, ...]
     trainer_warmup_records: int  # train records left out of the trainer's images/s
+    loop_args: tuple[str, ...]  # train_loop.py --real-step flags (model, size, batch, ...)
     demo_config: str
     demo_overrides: tuple[str, ...]
     limits: dict  # part -> seconds
@@ -77,9 +89,13 @@ def gpu_settings() -> Settings:
             "--config.train.log_every_steps=20", "--config.data.worker_count=0",
             "--config.data.read_threads=16", "--config.data.build_threads=16"),
         trainer_warmup_records=2,
+        loop_args=("--model", "densenet121", "--image-size", "224", "--batch-size", "64",
+                   "--dtype", "bfloat16", "--steps", "100", "--log-every", "20",
+                   "--num-images", "256", "--num-positives", "20", "--num-negatives", "4096",
+                   "--queue-size", "585"),
         demo_config="configs/demo.py", demo_overrides=("--config.train.epochs=1",),
-        limits={"wheels": 60, "env": 60, "step_b64": 200, "trainer": 150, "demo": 75,
-                "step_b32": 150})
+        limits={"wheels": 60, "env": 60, "step_b64": 270, "loop": 130, "demo": 60,
+                "trainer": 200, "kernels": 200, "startup": 200, "step_b32": 200})
 
 
 def tiny_settings() -> Settings:
@@ -93,12 +109,17 @@ def tiny_settings() -> Settings:
             "--config.train.steps_per_epoch=4", "--config.train.epochs=2",
             "--config.train.log_every_steps=2"),
         trainer_warmup_records=1,
+        loop_args=("--model", "densenet_tiny", "--image-size", "32", "--batch-size", "8",
+                   "--dtype", "bfloat16", "--steps", "4", "--log-every", "2",
+                   "--num-images", "64"),
         demo_config="configs/demo.py:tiny", demo_overrides=(),
-        limits={"wheels": 60, "env": 60, "step_b64": 400, "trainer": 300, "demo": 300,
-                "step_b32": 400})
+        limits={"wheels": 60, "env": 60, "step_b64": 400, "loop": 300, "demo": 300,
+                "trainer": 300, "kernels": 400, "startup": 400, "step_b32": 400})
 
 
-PARTS = ("wheels", "env", "step_b64", "trainer", "demo", "step_b32")
+PARTS = ("wheels", "env", "step_b64", "loop", "demo", "trainer", "kernels", "startup",
+         "step_b32")
+DEFAULT_PARTS = PARTS[:5]
 MIN_USEFUL_S = 20  # a part with less time left than this is skipped
 
 
@@ -107,15 +128,16 @@ def parse_args(argv=None):
     p.add_argument("out", help="output folder (summary.json, summary.txt, logs)")
     p.add_argument("--tiny", action="store_true", help="CPU dry run with tiny settings")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for all parts together (default 470; --tiny 1500)")
+                   help="seconds for all parts together (default 475; --tiny 1500)")
     p.add_argument("--wheels", default=os.path.join(ROOT, ".whl"))
     p.add_argument("--workdir", default="/tmp/crckd_gpu_check")
     p.add_argument("--python", default=sys.executable, help="interpreter of the parts")
     p.add_argument("--torch-python", default=None,
                    help="interpreter with torch + torchvision (default: --python if it "
                         "imports them; else the torch rows are skipped)")
-    p.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated, of {','.join(PARTS)} (run in that order; default "
+                        f"{','.join(DEFAULT_PARTS)})")
     return p.parse_args(argv)
 
 
@@ -307,12 +329,7 @@ def part_env(ctx) -> dict:
 
 
 def step_variants(batch: int) -> str:
-    return ";".join([
-        f"batch={batch},dtype=bfloat16,memory=bank,torch=amp",
-        f"batch={batch},dtype=bfloat16,memory=queue,torch=off",
-        f"batch={batch},dtype=float32,memory=bank,torch=float32",
-        f"batch={batch},dtype=float32,memory=queue,torch=off",
-    ])
+    return f"batch={batch},dtype=bfloat16,torch=amp;batch={batch},dtype=float32,torch=float32"
 
 
 def probe_torch(ctx) -> str | None:
@@ -340,7 +357,7 @@ def part_step(ctx, name, batch) -> dict:
                                                                          "torch=off")
     cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
            "--image-size", str(s.image_size), *s.step_args, "--schedule", "sequential",
-           "--variants", variants, "--profile", trace, "--json", out_json,
+           "--memory", "bank", "--augment", "host", "--variants", variants, "--profile", trace, "--json", out_json,
            "--compilation-cache", ctx.cache]
     if ctx.torch_python:
         cmd += ["--torch-python", ctx.torch_python]
@@ -362,8 +379,9 @@ def step_figures(path, torch_available=True) -> dict:
     rows, profile = [], None
     for v in data.get("variants", []):
         jax_ = v.get("jax", {})
-        row = {"label": v.get("label"), **{k: v["spec"][k] for k in
-                                           ("batch_size", "dtype", "memory", "torch")}}
+        row = {"label": v.get("label"), **{k: v["spec"].get(k) for k in
+                                           ("batch_size", "dtype", "memory", "augment",
+                                            "torch")}}
         for key in ("img_s", "median_step_s", "compile_s", "init_s", "trace_s", "loss",
                     "device_peak_mb", "kernels"):
             if key in jax_:
@@ -430,14 +448,13 @@ def part_trainer(ctx) -> dict:
     batch = int(next(o.split("=")[1] for o in s.trainer_overrides
                      if o.startswith("--config.train.batch_size=")))
     figures = trainer_figures(workdir, batch, s.trainer_warmup_records, result["child_cpu_s"])
-    # Step-only images/s of the same setting (bfloat16, queue, same batch) from step_b64.
-    step = ctx.results.get("step_b64", {}).get("figures", {}).get("variants", [])
-    same = [v for v in step if v.get("batch_size") == batch and v.get("dtype") == "bfloat16"
-            and v.get("memory") == "queue" and v.get("jax_img_s")]
-    if same:
-        figures["step_only_images_per_s"] = same[0]["jax_img_s"]
+    # Step-only images/s of the same setting (bfloat16, queue, device augmentation, same
+    # batch), from the loop part.
+    step_only = ctx.results.get("loop", {}).get("figures", {}).get("step_img_s")
+    if isinstance(step_only, float):
+        figures["step_only_images_per_s"] = step_only
         if figures.get("images_per_s_median"):
-            figures["trainer_vs_step"] = figures["images_per_s_median"] / same[0]["jax_img_s"]
+            figures["trainer_vs_step"] = figures["images_per_s_median"] / step_only
     result["figures"] = figures
     return result
 
@@ -462,6 +479,61 @@ def part_demo(ctx) -> dict:
     return result
 
 
+def part_loop(ctx) -> dict:
+    cmd = [ctx.args.python, "benchmarks/train_loop.py", "--real-step", *ctx.settings.loop_args,
+           "--workdir", os.path.join(ctx.work, "train_loop")]
+    log = ctx.log("loop")
+    result = run_part(cmd, log, ctx.limit("loop"), env=ctx.env)
+    result["figures"] = _result_line(log)
+    return result
+
+
+def part_kernels(ctx) -> dict:
+    s = ctx.settings
+    out_json = os.path.join(ctx.out, "kernels.json")
+    batch = s.batches[0]
+    variants = ";".join(f"batch={batch},dtype=bfloat16,memory=queue,augment=device,"
+                        f"kernels={k},torch=off" for k in ("standard", "cpu"))
+    cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
+           "--image-size", str(s.image_size), *s.step_args, "--schedule", "interleaved",
+           "--variants", variants, "--json", out_json, "--compilation-cache", ctx.cache]
+    result = run_part(cmd, ctx.log("kernels"), ctx.limit("kernels"), env=ctx.env)
+    result["figures"] = step_figures(out_json, torch_available=False)
+    return result
+
+
+def part_startup(ctx) -> dict:
+    s = ctx.settings
+    out_json = os.path.join(ctx.work, "startup.json")
+    cmd = [ctx.args.python, "benchmarks/startup.py", "--config", s.trainer_config,
+           "--model", s.model, "--image-size", str(s.image_size),
+           "--batch-size", str(s.batches[0]), "--json", out_json]
+    result = run_part(cmd, ctx.log("startup"), ctx.limit("startup"), env=ctx.env)
+    try:
+        with open(out_json) as f:
+            result["figures"] = {k: v for k, v in json.load(f).items() if k != "args"}
+    except (OSError, json.JSONDecodeError):
+        result["figures"] = {"note": "no startup JSON (see the log)"}
+    return result
+
+
+def _result_line(log_path) -> dict:
+    """The KEY=VALUE pairs of a benchmark's last `RESULT` line, as floats where they parse."""
+    figures = {}
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line for line in f if line.startswith("RESULT ")]
+    except OSError:
+        lines = []
+    for item in (lines[-1].split()[1:] if lines else []):
+        key, _, value = item.partition("=")
+        try:
+            figures[key] = float(value)
+        except ValueError:
+            figures[key] = value
+    return figures or {"note": "no RESULT line (see the log)"}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -472,7 +544,7 @@ class Context:
         self.work = os.path.abspath(args.workdir)
         self.site = os.path.join(self.work, "site")
         self.cache = os.path.join(self.work, "jax_cache")
-        budget = args.budget or (1500.0 if args.tiny else 470.0)
+        budget = args.budget or (1500.0 if args.tiny else 475.0)
         self.deadline = time.monotonic() + budget
         self.budget = budget
         self.results: dict[str, dict] = {}
@@ -528,13 +600,13 @@ def summary_text(summary: dict) -> str:
         if env.get("import_errors"):
             out.append("import errors: " + "; ".join(env["import_errors"]))
         out.append(f"torch: {env.get('torch')}")
-    for name in ("step_b64", "step_b32"):
+    for name in ("step_b64", "kernels", "step_b32"):
         fig = parts.get(name, {}).get("figures", {})
         if not fig.get("variants"):
             continue
         out.append("")
         out.append(f"{name}: step benchmark (img/s = batch / median step time)")
-        out.append(f"  {'variant':42} {'JAX img/s':>10} {'compile s':>9} {'torch':>14} "
+        out.append(f"  {'variant':56} {'JAX img/s':>10} {'compile s':>9} {'torch':>14} "
                    f"{'torch img/s':>11} {'ratio':>6}")
         for v in fig["variants"]:
             if v.get("torch_mode"):  # e.g. "amp float16 NCHW threads=16"
@@ -545,7 +617,7 @@ def summary_text(summary: dict) -> str:
             else:
                 torch_mode = "skipped" if "skipped" in v["torch"] else "missing"
             out.append(
-                f"  {v['label']:42} {_f(v.get('jax_img_s'), 10, 1)} "
+                f"  {v['label']:56} {_f(v.get('jax_img_s'), 10, 1)} "
                 f"{_f(v.get('jax_compile_s'), 9, 1)} {torch_mode[:14]:>14} "
                 f"{_f(v.get('torch_img_s'), 11, 1)} {_f(v.get('ratio'), 6, 2)}")
         prof = fig.get("profile")
@@ -567,6 +639,20 @@ def summary_text(summary: dict) -> str:
             f"{_f(tr.get('trainer_vs_step'), 0, 2)}; host CPU "
             f"{_f(tr.get('host_cpu_ms_per_image'), 0, 2)} ms per image "
             f"({tr.get('host_cpu_source', '-')})")
+    loop = parts.get("loop", {}).get("figures", {})
+    if "ratio" in loop:
+        out.append("")
+        out.append(f"loop (one process, back to back): trainer "
+                   f"{_f(loop.get('trainer_img_s'), 0, 1)} img/s, step only "
+                   f"{_f(loop.get('step_img_s'), 0, 1)} img/s, ratio {_f(loop['ratio'], 0, 3)}; "
+                   f"host CPU {_f(loop.get('trainer_cpu_ms_per_image'), 0, 2)} ms per "
+                   "trained image (trainer process, all threads)")
+    start = parts.get("startup", {}).get("figures", {})
+    if "cold_s" in start:
+        out.append("")
+        out.append(f"startup: first step {start['cold_s']:.1f} s cold, {start['warm_s']:.1f} s "
+                   f"warm cache ({start.get('written_cold')} executables cached, "
+                   f"{start.get('written_warm')} written by the warm start)")
     demo = parts.get("demo", {}).get("figures", {})
     if demo.get("summary"):
         final = demo["summary"].get("final") or {}
@@ -594,7 +680,8 @@ def main(argv=None):
     runners = {
         "wheels": part_wheels, "env": part_env,
         "step_b64": lambda c: part_step(c, "step_b64", settings.batches[0]),
-        "trainer": part_trainer, "demo": part_demo,
+        "trainer": part_trainer, "demo": part_demo, "loop": part_loop,
+        "kernels": part_kernels, "startup": part_startup,
         "step_b32": lambda c: part_step(c, "step_b32", settings.batches[1]),
     }
 

@@ -28,7 +28,9 @@ Variants. --variants times several settings in one process, e.g.
 `--variants 'xla=default;xla=onednn'` (the XLA options of `crckd_jax.xla_options` against
 its oneDNN choice, the same step compiled twice) or
 `--variants 'batch=64,dtype=bfloat16,torch=amp;batch=64,memory=queue,torch=off'`. Keys:
-batch, dtype, memory, kernels (the model's layer implementations, `crckd_jax.models.kernels`),
+batch, dtype, memory, augment (host: the views made beforehand, the step alone; device: uint8
+images and both views made inside the step, as the trainer runs it), kernels (the model's
+layer implementations, `crckd_jax.models.kernels`),
 xla (default|none|onednn: the compiler options of `crckd_jax.xla_options` for that
 CRCKD_XLA_OPTIONS choice, given to this variant's executable; default: the environment's
 choice), torch
@@ -74,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--memory", choices=("queue", "bank"), default="bank")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the backbone (parameters stay float32)")
+    p.add_argument("--augment", choices=("host", "device"), default="host",
+                   help="host: the batches carry the two views, made beforehand (the step "
+                        "alone); device: uint8 images, both views made inside the step "
+                        "(crckd_jax.augment), as the trainer runs it")
     p.add_argument("--kernels", choices=("auto", "cpu", "standard"), default="auto",
                    help="the model's layer implementations (crckd_jax.models.kernels)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
@@ -100,7 +106,8 @@ def parse_args(argv=None):
                         "dots on the CPU)")
     p.add_argument("--variants", default=None,
                    help="';'-separated variants, each ','-separated KEY=VALUE (keys: batch, "
-                        "dtype, memory, kernels, xla, torch); see the module docstring")
+                        "dtype, memory, augment, kernels, xla, torch); see the module "
+                        "docstring")
     p.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved")
     p.add_argument("--profile", default=None,
                    help="directory: trace 2 extra steps of the first variant with "
@@ -128,19 +135,21 @@ class Variant:
     batch_size: int
     dtype: str
     memory: str
+    augment: str
     kernels: str
     xla: str
     torch: str
 
     @property
     def label(self) -> str:
-        return (f"b{self.batch_size}-{self.dtype}-{self.memory}-kernels_{self.kernels}"
-                f"-xla_{self.xla}")
+        return (f"b{self.batch_size}-{self.dtype}-{self.memory}-aug_{self.augment}"
+                f"-kernels_{self.kernels}-xla_{self.xla}")
 
 
 _VARIANT_KEYS = {"batch": "batch_size", "dtype": "dtype", "memory": "memory",
-                 "kernels": "kernels", "xla": "xla", "torch": "torch"}
+                 "augment": "augment", "kernels": "kernels", "xla": "xla", "torch": "torch"}
 _VARIANT_CHOICES = {"dtype": ("float32", "bfloat16"), "memory": ("bank", "queue"),
+                    "augment": ("host", "device"),
                     "kernels": ("auto", "cpu", "standard"), "xla": ("default", "none", "onednn"),
                     "torch": ("float32", "amp", "off")}
 
@@ -149,7 +158,7 @@ def parse_variants(args) -> list[Variant]:
     """The variants of --variants (one from the plain flags without it)."""
     default_torch = "amp" if args.torch_amp else "float32"
     base = dict(batch_size=args.batch_size, dtype=args.dtype, memory=args.memory,
-                kernels=args.kernels, xla=args.xla_options, torch=None)
+                augment=args.augment, kernels=args.kernels, xla=args.xla_options, torch=None)
     specs = [s for s in (args.variants or "").split(";") if s.strip()] or [""]
     variants = []
     for spec in specs:
@@ -185,7 +194,9 @@ def class_counts(num_items: int) -> list[int]:
 
 
 def make_inputs(args, batch_size: int):
-    """Training labels [N] and `distinct_batches` batches of numpy arrays (NHWC images)."""
+    """Training labels [N] and `distinct_batches` batches of numpy arrays: both views
+    (float32 NHWC, for the host-augmentation variants and torch) and the uint8 image they
+    would come from (for the device-augmentation variants)."""
     import numpy as np
 
     rng = np.random.default_rng(args.seed)
@@ -198,6 +209,7 @@ def make_inputs(args, batch_size: int):
         batches.append({
             "image_student": rng.standard_normal(shape, np.float32),
             "image_teacher": rng.standard_normal(shape, np.float32),
+            "image": rng.integers(0, 256, shape, np.uint8),
             "label": train_labels[index],
             "index": index,
         })
@@ -352,7 +364,9 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
                                (args.image_size, args.image_size, 3), args.embed_dim)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    batches = [jax.device_put(b) for b in np_batches]
+    dropped = ("image_student", "image_teacher") if variant.augment == "device" else ("image",)
+    batches = [jax.device_put({k: v for k, v in b.items() if k not in dropped})
+               for b in np_batches]
     jax.block_until_ready(batches)
 
     t0 = time.perf_counter()
@@ -453,7 +467,7 @@ class TorchServer:
         npz = os.path.join(self.tmp.name, "inputs.npz")
         arrays = {"train_labels": train_labels}
         for i, b in enumerate(np_batches):
-            arrays.update({f"{k}_{i}": v for k, v in b.items()})
+            arrays.update({f"{k}_{i}": v for k, v in b.items() if k != "image"})
         np.savez(npz, **arrays)
         cmd = [python, os.path.join(ROOT, "benchmarks", "torch_reference.py"),
                "--inputs", npz, "--serve", "--model", args.model,

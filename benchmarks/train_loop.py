@@ -59,9 +59,9 @@ def make_config(args, augment_on: str):
     c.train.log_every_steps = args.log_every
     c.train.checkpoint_every_steps = 0
     c.train.dtype = args.dtype
-    c.memory.num_positives = 4
-    c.memory.num_negatives = 256
-    c.memory.queue_size = 32
+    c.memory.num_positives = args.num_positives
+    c.memory.num_negatives = args.num_negatives
+    c.memory.queue_size = args.queue_size
     return c
 
 
@@ -191,6 +191,7 @@ def real_rows(args, data_dir, tmp):
     wall, cpu = new_loop(trainer, trainer.train_iterator(), os.path.join(tmp, "real"))
     print(f'{"CRCKD step":<38}{"images/s":>10}{"wall ms/step":>16}{"host CPU ms/step":>18}')
     trainer_rate = report("trainer loop", args.steps, args.batch_size, wall, cpu)
+    cpu_ms_per_image = cpu / (args.steps * args.batch_size) * 1e3
     # The same compiled step alone, on one batch already on the device.
     batch = trainer.parallel.put_batch(next(trainer.train_iterator()))
     state = trainer.parallel.put_state(trainer.initial_state)
@@ -203,7 +204,8 @@ def real_rows(args, data_dir, tmp):
     step_rate = report("step only", args.steps, args.batch_size,
                        time.perf_counter() - wall0, time.process_time() - cpu0)
     print(f"RESULT trainer_img_s={trainer_rate:.3f} step_img_s={step_rate:.3f} "
-          f"ratio={trainer_rate / step_rate:.3f}")
+          f"ratio={trainer_rate / step_rate:.3f} "
+          f"trainer_cpu_ms_per_image={cpu_ms_per_image:.3f}")
 
 
 def main():
@@ -216,6 +218,9 @@ def main():
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--num-images", type=int, default=640)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--num-positives", type=int, default=4, help="memory.num_positives (P)")
+    p.add_argument("--num-negatives", type=int, default=256, help="memory.num_negatives (K)")
+    p.add_argument("--queue-size", type=int, default=32, help="memory.queue_size (rows/class)")
     p.add_argument("--workdir", default="/tmp/crckd_train_loop_benchmark",
                    help="the synthetic data set is prepared (once) here")
     args = p.parse_args()

@@ -74,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 10  # period of train-metric records (JSONL, TensorBoard)
     c.train.keep_checkpoints = 3  # number of most recent checkpoints kept
     c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, memory stay f32)
+    # float32 convolutions and matrix products: default (XLA's choice: TF32 on NVIDIA GPUs
+    # since Ampere, about 3 decimal digits) | highest (full float32, as on the CPU)
+    c.train.matmul_precision = "default"
     c.train.compilation_cache_dir = ""  # persistent XLA cache; '' = ~/.cache/crckd_jax/xla
 
     c.parallel = ml_collections.ConfigDict()
@@ -179,6 +182,7 @@ RULES: dict[str, _Rule] = {
     "train.log_every_steps": _int(1),
     "train.keep_checkpoints": _int(1),
     "train.dtype": _choice("float32", "bfloat16"),
+    "train.matmul_precision": _choice("default", "highest"),
     "train.compilation_cache_dir": _ANY_STR,
     "parallel.backend": _choice("shard_map", "pmap"),
     "parallel.sync_batch_norm": _BOOL,

@@ -10,6 +10,7 @@ continues where it stopped and ends with the same parameters as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -133,12 +134,16 @@ class Trainer:
         class_weight = losses.class_weights(data.class_counts)
         train_fn = make_train_step(model, optimizer, class_weight, step_config)
 
+        precision = config.train.matmul_precision
+
         def train_with_lr(state, batch):
-            new_state, out = train_fn(state, batch)
+            with matmul_precision(precision):
+                new_state, out = train_fn(state, batch)
             return new_state, {**out, "learning_rate": current_learning_rate(new_state.opt_state)}
 
         def eval_fn(state, batch, use_teacher):
-            return eval_step(state, batch, model=model, use_teacher=use_teacher)
+            with matmul_precision(precision):
+                return eval_step(state, batch, model=model, use_teacher=use_teacher)
 
         compiled_eval = {
             teacher: parallel.compile(functools.partial(eval_fn, use_teacher=teacher),
@@ -222,6 +227,15 @@ def summarise(records: list[dict], model: str = "student") -> dict:
 
 def _format_metrics(terms: dict) -> str:
     return " ".join(f"{k}={terms[k]:.4g}" for k in LOSS_KEYS if k in terms)
+
+
+def matmul_precision(precision: str):
+    """The context that traces a step at `train.matmul_precision`: 'default' leaves float32
+    convolutions and matrix products to XLA (TF32 on recent NVIDIA GPUs), 'highest' asks
+    for full float32 on every backend."""
+    if precision == "default":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
 
 
 def _trainer(config: ml_collections.ConfigDict, data_workdir: str,

@@ -179,40 +179,49 @@ def test_failing_parts_do_not_stop_the_check(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     status = {name: part["status"] for name, part in summary["parts"].items()}
     assert status == {"wheels": "skipped", "env": "failed", "step_b64": "failed",
-                      "trainer": "failed", "demo": "failed", "step_b32": "failed"}
+                      "loop": "failed", "demo": "failed"}
     text = (out / "summary.txt").read_text()
-    assert "step_b32   failed" in text
+    assert "demo       failed" in text
     assert summary["parts"]["step_b64"]["figures"]["variants"] == []
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    """The whole GPU check with tiny settings on the CPU: every part runs and reports its
-    figures (torch rows skipped when this interpreter cannot import torch)."""
+    """The whole GPU check, every part, with tiny settings on the CPU: each part runs and
+    reports its figures (torch rows skipped when this interpreter cannot import torch)."""
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--tiny",
-         "--workdir", str(tmp_path / "work")],
+         "--workdir", str(tmp_path / "work"), "--parts", ",".join(gpu_check.PARTS)],
         capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     parts = summary["parts"]
     assert {n: p["status"] for n, p in parts.items() if n != "wheels"} == {
-        "env": "ok", "step_b64": "ok", "trainer": "ok", "demo": "ok", "step_b32": "ok"}
+        n: "ok" for n in gpu_check.PARTS if n != "wheels"}
     assert parts["env"]["figures"]["jax_backend"] == "cpu"
     torch_ok = "error" not in parts["env"]["figures"]["torch"]
     for name in ("step_b64", "step_b32"):
         variants = parts[name]["figures"]["variants"]
-        assert [(v["dtype"], v["memory"]) for v in variants] == [
-            ("bfloat16", "bank"), ("bfloat16", "queue"), ("float32", "bank"),
-            ("float32", "queue")]
+        assert [(v["dtype"], v["memory"], v["augment"]) for v in variants] == [
+            ("bfloat16", "bank", "host"), ("float32", "bank", "host")]
         assert all(v["jax_img_s"] > 0 for v in variants)
-        for v in variants[0], variants[2]:  # the bank variants have a torch partner
+        for v in variants:  # each has a torch partner
             assert (v.get("torch_img_s", 0) > 0) if torch_ok else v["torch"].startswith(
                 "skipped")
         assert parts[name]["figures"]["profile"]["top_ops"]
+    loop = parts["loop"]["figures"]
+    assert loop["trainer_img_s"] > 0 and loop["step_img_s"] > 0
+    assert loop["ratio"] == pytest.approx(loop["trainer_img_s"] / loop["step_img_s"], rel=1e-2)
+    assert loop["trainer_cpu_ms_per_image"] > 0
     trainer = parts["trainer"]["figures"]
     assert trainer["steps"] == 8 and trainer["images_per_s_median"] > 0
-    assert trainer["host_cpu_ms_per_image"] > 0 and trainer["step_only_images_per_s"] > 0
+    assert trainer["host_cpu_ms_per_image"] > 0
+    assert trainer["step_only_images_per_s"] == loop["step_img_s"]
+    kernels = parts["kernels"]["figures"]["variants"]
+    assert [v["label"].split("kernels_")[1].split("-")[0] for v in kernels] == ["standard",
+                                                                                  "cpu"]
+    assert parts["startup"]["figures"]["cold_s"] > 0
     assert 0 <= parts["demo"]["figures"]["summary"]["final"]["bacc"] <= 1
-    assert "step_b64: step benchmark" in (out / "summary.txt").read_text()
+    text = (out / "summary.txt").read_text()
+    assert "step_b64: step benchmark" in text and "loop (one process" in text

@@ -176,3 +176,22 @@ def ocp_args():
     import orbax.checkpoint as ocp
 
     return ocp.args.Composite(data=ocp.args.JsonRestore())
+
+
+@pytest.mark.parametrize("precision, expected", [("default", 0), ("highest", None)])
+def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision, expected):
+    """`train.matmul_precision=highest` marks every convolution and dot of the compiled
+    train and eval steps HIGHEST; 'default' marks none (XLA chooses, TF32 on GPUs)."""
+    trainer = train._trainer(tiny_config(matmul_precision=precision), data_dir,
+                             log=lambda _: None)
+    state = trainer.parallel.put_state(trainer.initial_state)
+    batch = trainer.parallel.put_batch(next(trainer.train_iterator()))
+    eval_batch = {"image": batch["image"]}
+    for step, args in ((trainer.train_step, (state, batch)),
+                       (trainer.eval_step[False], (state, eval_batch))):
+        text = step.lower(*args).as_text()
+        ops = text.count("stablehlo.convolution") + text.count("stablehlo.dot_general")
+        marked = text.count("HIGHEST")
+        assert ops > 10
+        # each op lists the precision of its two operands
+        assert marked == (2 * ops if expected is None else expected), (ops, marked)
