@@ -8,7 +8,10 @@ Default (`--trivial-step`): the real trainer loop of `crckd_jax.train` (prefetch
 device, deferred metric reads, logging every `--log-every` steps) drives a trivial compiled
 step that only reads its batch, so the loop and the input pipeline are all that is timed.
 Rows, on a synthetic data set stored at --image-size:
-  loop alone       in-memory batches: the loop's own cost per step (goal <= 1 ms at batch 32);
+  trivial step alone  the trivial step called back to back on one batch on the device: what
+                   the step itself costs (reading a batch of images), to subtract below;
+  loop alone       in-memory batches: the loop's cost per step plus the trivial step's
+                   (goal: the difference <= 1 ms at batch 32);
   loop + pipeline  the grain pipeline with `data.augment=device` (uint8 batches);
   old loop         the loop of the first version, for comparison: per-step `.item()` of
                    every metric, the batch put on the device after that wait, views made
@@ -155,6 +158,20 @@ def old_loop(trainer, iterator, log_every):
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
 
+def step_alone(trainer, iterator, steps):
+    """The compiled step alone on one batch already on the device, `steps` times after one
+    untimed call; returns (wall s, cpu s)."""
+    batch = trainer.parallel.put_batch(next(iterator))
+    state = trainer.parallel.put_state(trainer.initial_state)
+    state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(state)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
 def report(label, steps, batch, wall, cpu):
     print(f"{label:<38}{steps * batch / wall:>10.1f}{wall / steps * 1e3:>16.2f}"
           f"{cpu / steps * 1e3:>18.2f}", flush=True)
@@ -170,6 +187,10 @@ def trivial_rows(args, data_dir, tmp):
         trainer = train._trainer(config, data_dir, log=lambda _: None)
         trainer = dataclasses.replace(
             trainer, train_step=trainer.parallel.compile(trivial_step))
+        if loop == "new":  # the trivial step's own cost, to subtract from the loop rows
+            wall, cpu = step_alone(trainer, trainer.train_iterator(), args.steps)
+            results["trivial step alone"] = report("trivial step alone", args.steps,
+                                                   args.batch_size, wall, cpu)
         for source in ("memory", "pipeline"):
             iterator = trainer.train_iterator()
             if source == "memory":
@@ -193,16 +214,8 @@ def real_rows(args, data_dir, tmp):
     trainer_rate = report("trainer loop", args.steps, args.batch_size, wall, cpu)
     cpu_ms_per_image = cpu / (args.steps * args.batch_size) * 1e3
     # The same compiled step alone, on one batch already on the device.
-    batch = trainer.parallel.put_batch(next(trainer.train_iterator()))
-    state = trainer.parallel.put_state(trainer.initial_state)
-    state, _ = trainer.train_step(state, batch)
-    jax.block_until_ready(state)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    for _ in range(args.steps):
-        state, metrics = trainer.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    step_rate = report("step only", args.steps, args.batch_size,
-                       time.perf_counter() - wall0, time.process_time() - cpu0)
+    wall, cpu = step_alone(trainer, trainer.train_iterator(), args.steps)
+    step_rate = report("step only", args.steps, args.batch_size, wall, cpu)
     print(f"RESULT trainer_img_s={trainer_rate:.3f} step_img_s={step_rate:.3f} "
           f"ratio={trainer_rate / step_rate:.3f} "
           f"trainer_cpu_ms_per_image={cpu_ms_per_image:.3f}")

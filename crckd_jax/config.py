@@ -59,13 +59,27 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "densenet121"  # backbone: densenet121 | 169 | 201 | densenet_small | _tiny
-    c.model.pretrained = ""  # torchvision DenseNet (.safetensors, .pth, .npz); '' = random init
+    # torchvision DenseNet weights (.safetensors, .pth, .npz) for student and teacher;
+    # 'none' = random init (an explicit choice: real data sets need one or the other);
+    # '' = random init, for the synthetic source only
+    c.model.pretrained = ""
     c.model.hidden_dim = 128  # width of the head's feature layer (the CCD/CRP input)
+    # BatchNorm statistics over groups of this many items of each device's batch, running
+    # statistics from the first group of the first device (the reference: DataParallel on
+    # 2 GPUs, groups of 32); 0 = over each device's whole batch (or all devices, see
+    # parallel.sync_batch_norm)
+    c.model.bn_group_size = 0
+    # the reference's second pass through features[0:9]: BatchNorm running statistics of
+    # norm0 .. denseblock3 updated twice per step (student and train-mode teacher)
+    c.model.reference_double_bn_update = False
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 80  # training epochs per fold
     c.train.batch_size = 32  # global batch size (all processes and devices together)
     c.train.steps_per_epoch = 0  # steps per epoch; 0 = one pass over the training fold
+    # the reference's loader: every pass ends with its partial batch (padded and masked)
+    # instead of leaving the remainder to other passes
+    c.train.keep_partial_batch = False
     c.train.checkpoint_every_steps = 500  # checkpoint period in steps; 0 = at epoch ends only
     c.train.ema_decay = 0.99  # mean-teacher EMA decay
     c.train.teacher_bn = "train"  # teacher BatchNorm: train (reference, own batch stats) | eval
@@ -102,9 +116,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.begin_epoch = 20  # epoch from which the distillation terms are on (reference preset)
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-4  # Adam base learning rate
+    c.optim.learning_rate = 1e-4  # Adam base learning rate (the epoch-end reset's value)
     c.optim.max_lr = 3e-4  # OneCycle peak learning rate
     c.optim.weight_decay = 5e-4  # coupled L2 weight decay
+    # the reference's epoch-end reset: the first step of every later epoch at learning_rate
+    c.optim.reset_lr_each_epoch = False
 
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # --mode predict: a folder of images or a CSV with an image column
@@ -171,9 +187,12 @@ RULES: dict[str, _Rule] = {
     "model.name": _choice(*MODELS),
     "model.pretrained": _ANY_STR,
     "model.hidden_dim": _int(1),
+    "model.bn_group_size": _int(0),
+    "model.reference_double_bn_update": _BOOL,
     "train.epochs": _int(1),
     "train.batch_size": _int(1),
     "train.steps_per_epoch": _int(0),
+    "train.keep_partial_batch": _BOOL,
     "train.checkpoint_every_steps": _int(0),
     "train.ema_decay": _float(0.0, 1.0),
     "train.teacher_bn": _choice("train", "eval"),
@@ -203,6 +222,7 @@ RULES: dict[str, _Rule] = {
     "optim.learning_rate": _float(0.0, open_lo=True),
     "optim.max_lr": _float(0.0, open_lo=True),
     "optim.weight_decay": _float(0.0),
+    "optim.reset_lr_each_epoch": _BOOL,
     "predict.input": _ANY_STR,
     "predict.image_column": _ANY_STR,
 }
@@ -276,6 +296,14 @@ def _type_ok(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+# torchvision's ImageNet checkpoints of the DenseNets (torchvision.models.densenet).
+TORCHVISION_WEIGHTS = {
+    "densenet121": "densenet121-a639ec97.pth",
+    "densenet169": "densenet169-b2777c0a.pth",
+    "densenet201": "densenet201-c1103571.pth",
+}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad dotted key and what was expected."""
     flat = _flatten(config)
@@ -305,11 +333,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"[0, {flat['data.num_folds'] - 1}] (data.num_folds={flat['data.num_folds']})"
         )
     pretrained = flat["model.pretrained"]
-    if pretrained and (not os.path.isfile(pretrained)
+    if pretrained not in ("", "none") and (not os.path.isfile(pretrained)
                        or not pretrained.lower().endswith(CHECKPOINT_SUFFIXES)):
         raise ConfigError(
             f"config key 'model.pretrained' is {pretrained!r}: expected an existing "
-            f"torchvision DenseNet checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})"
+            f"torchvision DenseNet checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}), or "
+            "'none' for random weights"
+        )
+    if flat["model.bn_group_size"] and flat["parallel.sync_batch_norm"]:
+        raise ConfigError(
+            f"config key 'model.bn_group_size' is {flat['model.bn_group_size']}: expected 0 "
+            "with parallel.sync_batch_norm=True (groups are per device; synchronised "
+            "statistics span all devices)"
         )
     if flat["data.source"] == "csv" and not flat["data.dir"]:
         raise ConfigError(
@@ -322,6 +357,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def require_initialisation(config: ml_collections.ConfigDict) -> None:
+    """Training on a real data set needs `model.pretrained`: the reference's weights file,
+    or 'none' for random weights (ConfigError naming torchvision's file otherwise)."""
+    pretrained = config.model.pretrained
+    if config.data.source != "synthetic" and not pretrained:
+        name = config.model.name
+        file = TORCHVISION_WEIGHTS.get(name, f"{name}-<hash>.pth")
+        raise ConfigError(
+            f"config key 'model.pretrained' is '': the reference starts {name} from "
+            f"torchvision's ImageNet weights ({file}, "
+            f"https://download.pytorch.org/models/{file}); expected the path of that file "
+            f"(or its .safetensors/.npz conversion), or 'none' to train from random weights"
+        )
+
+
 # Loss weights (consistency, ccd_weight, crp_weight) of the paper's ablations.
 ABLATIONS = {
     "baseline": (0.0, 0.0, 0.0),
@@ -331,12 +381,39 @@ ABLATIONS = {
 }
 
 
+# The authors' training run (train_CRCKD.py with its defaults on two GPUs): what a real-data
+# config's `reference` argument sets.
+REFERENCE_PROTOCOL = {
+    ("train", "batch_size"): 64,  # --batch_size 32 per GPU x 2 GPUs
+    ("train", "keep_partial_batch"): True,  # DataLoader(drop_last=False)
+    ("model", "bn_group_size"): 32,  # DataParallel: BatchNorm statistics per GPU
+    ("model", "reference_double_bn_update"): True,  # second pass of features[0:9]
+    ("optim", "reset_lr_each_epoch"): True,  # lr back to 1e-4 at every epoch end
+    ("memory", "kind"): "bank",  # one memory row per training item
+}
+
+
+def apply_dataset_arguments(config: ml_collections.ConfigDict, arg: str) -> None:
+    """The argument of a real-data config: comma-separated, an ablation (a key of ABLATIONS;
+    default crckd) and/or `reference` (REFERENCE_PROTOCOL: the authors' run)."""
+    items = [a.strip() for a in arg.split(",") if a.strip()]
+    ablations = [a for a in items if a != "reference"]
+    if len(ablations) > 1:
+        raise ConfigError(f"config argument {arg!r} names {len(ablations)} ablations: expected "
+                          f"at most one of {', '.join(ABLATIONS)}, and/or 'reference'")
+    apply_ablation(config, ablations[0] if ablations else "")
+    if "reference" in items:
+        for (section, key), value in REFERENCE_PROTOCOL.items():
+            config[section][key] = value
+
+
 def apply_ablation(config: ml_collections.ConfigDict, arg: str) -> None:
     """Sets the loss weights of ablation `arg` (a key of ABLATIONS; '' = crckd)."""
     arg = arg or "crckd"
     if arg not in ABLATIONS:
         raise ConfigError(
-            f'unknown config argument {arg!r}: expected one of {", ".join(ABLATIONS)}'
+            f'unknown config argument {arg!r}: expected one of {", ".join(ABLATIONS)}, '
+            "or 'reference'"
         )
     config.loss.consistency, config.loss.ccd_weight, config.loss.crp_weight = ABLATIONS[arg]
 

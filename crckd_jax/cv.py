@@ -19,7 +19,7 @@ import numpy as np
 from crckd_jax import config as config_lib
 from crckd_jax.train import METRIC_KEYS, train_and_evaluate
 
-VIEWS = ("final", "mean_last_10", "best_val")
+VIEWS = ("final", "mean_last_11", "best_val")
 
 
 def folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
@@ -57,6 +57,7 @@ def markdown(result: dict) -> str:
 def run_cv(config: ml_collections.ConfigDict, workdir: str,
            log: Callable[[str], None] = print, allow_config_change: bool = False) -> dict:
     config_lib.validate(config)
+    config_lib.require_initialisation(config)
     summaries = {}
     for fold in folds_to_run(config):
         fold_dir = os.path.join(workdir, f"fold_{fold}")

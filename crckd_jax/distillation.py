@@ -86,12 +86,22 @@ def _pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
-def normalise_scores(u, z, num_rows, z_momentum, axis_name=None):
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def normalise_scores(u, z, num_rows, z_momentum, axis_name=None, mask=None):
     """Z-normalised scores `u / Z` and the new Z; Z = M * mean(u) when unset (< 0).
 
-    u [B, L] raw exp-scores; z float32 scalar. Z is a constant for autodiff.
+    u [B, L] raw exp-scores; z float32 scalar; mask [B] bool: the rows averaged (all when
+    None). Z is a constant for autodiff.
     """
-    estimate = jax.lax.stop_gradient(num_rows * _pmean(jnp.mean(u), axis_name))
+    if mask is None:
+        mean = _pmean(jnp.mean(u), axis_name)
+    else:
+        total = jnp.sum(jnp.where(mask[:, None], u, 0.0))
+        mean = _psum(total, axis_name) / (_psum(jnp.sum(mask), axis_name) * u.shape[1])
+    estimate = jax.lax.stop_gradient(num_rows * mean)
     tracked = z_momentum * z + (1.0 - z_momentum) * estimate if z_momentum else z
     z_new = jnp.where(z < 0, estimate, tracked).astype(jnp.float32)
     return u / z_new, z_new
@@ -117,6 +127,7 @@ def ccd_crp(
     contrast_idx: jax.Array,
     config: ContrastConfig,
     axis_name: str | None = None,
+    mask: jax.Array | None = None,
 ) -> tuple[CcdCrpOutput, Memory]:
     """CCD and CRP losses for one batch, and the updated memory.
 
@@ -124,18 +135,27 @@ def ccd_crp(
     contrast_idx [B, P + K] row ids into `memory.rows()`. Student embeddings are scored
     against the teacher rows (out_s, the reference's out_v1) and teacher embeddings
     against the student rows (out_t, out_v2). Gradient reaches embed_s from both losses
-    and embed_t from its NCE loss only.
+    and embed_t from its NCE loss only. Without `mask` the losses are this device's batch
+    means; with `mask` [B] bool (a partial batch's padding False) they are this device's
+    share of the mean over the unmasked items of all devices, and only those items are
+    written to the memory.
     """
+    count = None if mask is None else _psum(jnp.sum(mask).astype(jnp.float32), axis_name)
     rows_s, rows_t = memory.rows()
     u_s = contrast_scores(rows_t, embed_s, contrast_idx, config.temperature)
     u_t = contrast_scores(rows_s, embed_t, contrast_idx, config.temperature)
     n = memory.num_rows
-    out_s, z_s = normalise_scores(u_s, memory.z_student, n, config.z_momentum, axis_name)
-    out_t, z_t = normalise_scores(u_t, memory.z_teacher, n, config.z_momentum, axis_name)
+    out_s, z_s = normalise_scores(u_s, memory.z_student, n, config.z_momentum, axis_name,
+                                  mask)
+    out_t, z_t = normalise_scores(u_t, memory.z_teacher, n, config.z_momentum, axis_name,
+                                  mask)
     noise = config.num_negatives / n
-    loss_s = losses.nce_loss(out_s, config.num_positives, noise)
-    loss_t = losses.nce_loss(out_t, config.num_positives, noise)
+    loss_s = losses.nce_loss(out_s, config.num_positives, noise, mask, count)
+    loss_t = losses.nce_loss(out_t, config.num_positives, noise, mask, count)
 
+    if mask is not None:  # padding is written nowhere: an out-of-range class and row
+        labels = jnp.where(mask, labels, memory.num_classes)
+        index = jnp.where(mask, index, memory.num_items)
     new_memory = memory.replace(z_student=z_s, z_teacher=z_t).update(
         _gather(jax.lax.stop_gradient(embed_s), axis_name),
         _gather(jax.lax.stop_gradient(embed_t), axis_name),
@@ -144,7 +164,8 @@ def ccd_crp(
         config.momentum,
     )
     cent_s, cent_t = new_memory.centroids()
-    loss_crp = losses.crp_loss(embed_s, embed_t, cent_s, cent_t, config.temperature)
+    loss_crp = losses.crp_loss(embed_s, embed_t, cent_s, cent_t, config.temperature, mask,
+                               count)
     output = CcdCrpOutput(
         loss_ccd=loss_s + loss_t, loss_crp=loss_crp, loss_s=loss_s, loss_t=loss_t,
         embed_s=embed_s, embed_t=embed_t, out_s=out_s, out_t=out_t,

@@ -93,6 +93,15 @@ class QueueMemory(struct.PyTreeNode):
     def num_rows(self) -> int:
         return self.student.shape[0] * self.student.shape[1]
 
+    @property
+    def num_classes(self) -> int:
+        return self.student.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        """Bound of the training index (a queue holds no per-item row: any value)."""
+        return 2**31 - 1
+
     def rows(self) -> tuple[jax.Array, jax.Array]:
         dim = self.student.shape[-1]
         return self.student.reshape(-1, dim), self.teacher.reshape(-1, dim)
@@ -107,13 +116,16 @@ class QueueMemory(struct.PyTreeNode):
         return jax.vmap(sample)(keys, labels)
 
     def update(self, e_s, e_t, labels, index, momentum):
-        """Enqueue a batch (e [B, d], labels [B]) in order; only a class's last Q items stay."""
+        """Enqueue a batch (e [B, d], labels [B]) in order; only a class's last Q items stay.
+        Items whose label is out of range (>= C) are not enqueued."""
         del index, momentum
         num_classes, capacity, _ = self.student.shape
-        one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
+        one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)  # 0 out of range
+        valid = labels < num_classes
+        labels = jnp.minimum(labels, num_classes - 1)
         rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), labels[:, None], 1)[:, 0] - 1
         per_class = jnp.sum(one_hot, axis=0)
-        keep = rank >= per_class[labels] - capacity
+        keep = valid & (rank >= per_class[labels] - capacity)
         slot = jnp.where(keep, (self.head[labels] + rank) % capacity, capacity)
         write = lambda table, e: table.at[labels, slot].set(e, mode="drop")
         return self.replace(
@@ -176,6 +188,14 @@ class BankMemory(struct.PyTreeNode):
     def num_rows(self) -> int:
         return self.student.shape[0]
 
+    @property
+    def num_classes(self) -> int:
+        return self.class_count.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        return self.student.shape[0]
+
     def rows(self) -> tuple[jax.Array, jax.Array]:
         return self.student, self.teacher
 
@@ -188,10 +208,11 @@ class BankMemory(struct.PyTreeNode):
         return with_anchor_column(idx, index)
 
     def update(self, e_s, e_t, labels, index, momentum):
-        """Rows `index` [B] (distinct) <- norm(m * row + (1 - m) * e), e [B, d]."""
+        """Rows `index` [B] (distinct) <- norm(m * row + (1 - m) * e), e [B, d]; an index
+        out of range (>= N) writes nothing."""
         del labels
         mix = lambda table, e: table.at[index].set(
-            l2_normalize(momentum * table[index] + (1.0 - momentum) * e))
+            l2_normalize(momentum * table[index] + (1.0 - momentum) * e), mode="drop")
         return self.replace(student=mix(self.student, e_s), teacher=mix(self.teacher, e_t))
 
     def centroids(self) -> tuple[jax.Array, jax.Array]:

@@ -17,6 +17,11 @@ Equivalences with torch (update ``t`` = 0, 1, ..., ``T - 1``):
   corrections ``1 - beta1_t**(t+1)``, ``1 - b2**(t+1)`` with the CURRENT beta1, as
   torch does; ``p <- p - lr_t * m_hat / (sqrt(v_hat) + eps)``.
 
+At every epoch end the reference also sets the optimizer's lr back to ``base_lr`` (1e-4);
+``OneCycleLR`` overwrites it only after the next ``optimizer.step()``, so the first update
+of every later epoch runs at ``base_lr`` (beta1 keeps its schedule). ``reset_lr_every`` =
+steps per epoch reproduces that (:func:`with_epoch_resets`).
+
 ``optax.cosine_onecycle_schedule`` is not used: it puts the peak at step
 ``int(pct_start * T)`` and the end at step ``T``, whereas torch peaks at
 ``float(pct_start * T) - 1`` and ends at ``T - 1``.
@@ -29,7 +34,8 @@ import math
 import jax.numpy as jnp
 import optax
 
-__all__ = ["onecycle_schedules", "make_optimizer", "current_learning_rate"]
+__all__ = ["onecycle_schedules", "with_epoch_resets", "make_optimizer",
+           "current_learning_rate"]
 
 
 def _two_phase_cosine(
@@ -102,6 +108,19 @@ def onecycle_schedules(
     return lr, beta1
 
 
+def with_epoch_resets(schedule: optax.Schedule, steps_per_epoch: int,
+                      reset_lr: float) -> optax.Schedule:
+    """``schedule`` with updates ``k * steps_per_epoch`` (k >= 1, the first update of every
+    epoch after the first) at ``reset_lr``: the reference's epoch-end lr reset."""
+
+    def schedule_with_resets(count):
+        value = schedule(count)
+        first_of_epoch = (count > 0) & (count % steps_per_epoch == 0)
+        return jnp.where(first_of_epoch, jnp.asarray(reset_lr, value.dtype), value)
+
+    return schedule_with_resets
+
+
 def _adam_coupled_l2(learning_rate, b1, b2, eps, weight_decay):
     """torch Adam with ``weight_decay``: L2 term added to the gradient, then Adam."""
     return optax.chain(
@@ -123,11 +142,14 @@ def make_optimizer(
     final_div_factor: float = 1e4,
     base_momentum: float = 0.85,
     max_momentum: float = 0.95,
+    reset_lr_every: int = 0,
+    reset_lr: float = 1e-4,
 ) -> optax.GradientTransformation:
     """torch ``Adam(weight_decay)`` driven by ``OneCycleLR`` over ``total_steps`` updates.
 
-    ``total_steps`` = epochs * steps_per_epoch. ``update`` needs ``params`` (for the L2
-    term). The state is an ``optax.InjectStatefulHyperparamsState``; see
+    ``total_steps`` = epochs * steps_per_epoch. ``reset_lr_every`` > 0 (steps per epoch):
+    the first update of every later epoch at ``reset_lr`` (the reference's reset). ``update``
+    needs ``params`` (for the L2 term). The state is an ``optax.InjectStatefulHyperparamsState``; see
     :func:`current_learning_rate`.
     """
     lr_schedule, beta1_schedule = onecycle_schedules(
@@ -139,6 +161,8 @@ def make_optimizer(
         base_momentum=base_momentum,
         max_momentum=max_momentum,
     )
+    if reset_lr_every:
+        lr_schedule = with_epoch_resets(lr_schedule, reset_lr_every, reset_lr)
     return optax.inject_hyperparams(_adam_coupled_l2)(
         learning_rate=lr_schedule,
         b1=beta1_schedule,

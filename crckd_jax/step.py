@@ -11,7 +11,9 @@ With `axis_name=None` the collectives vanish and the step is the reference compu
 Batch (per device): image uint8 [B, H, W, 3] (the step makes the student's and the
 teacher's augmented views from it, `crckd_jax.augment`), or image_student, image_teacher
 float32 [B, H, W, 3] made on the host; label, index int32 [B] (index = the item's position
-in the training set). Eval batch: image [B, H, W, 3] (uint8, normalised here, or float32
+in the training set); optionally mask bool [B] (a partial batch: False on padding, which
+enters no BatchNorm statistics, no loss and no memory row; CE, CCD and CRP average the
+unmasked items, MT keeps the configured divisor, as the reference does). Eval batch: image [B, H, W, 3] (uint8, normalised here, or float32
 already normalised), label [B], mask bool [B].
 """
 
@@ -38,6 +40,8 @@ class StepConfig(NamedTuple):
     consistency_divisor: the MT loss divisor, the configured global batch size (reference).
     teacher_bn: 'train' (reference: batch statistics, own running stats) or 'eval'.
     teacher_rotate: random 90-degree rotation + flip of the teacher view, on device.
+    running_stats_of_first_device: BatchNorm running statistics of the first device kept
+      (the reference's DataParallel), instead of their mean over the devices.
     axis_name: the data-parallel axis, or None on one device.
     """
 
@@ -49,11 +53,19 @@ class StepConfig(NamedTuple):
     consistency_divisor: float = 32.0
     teacher_bn: str = "train"
     teacher_rotate: bool = True
+    running_stats_of_first_device: bool = False
     axis_name: str | None = None
 
 
 def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _of_first_device(tree, axis_name):
+    """Every leaf as it is on device 0 of `axis_name`, on all devices."""
+    first = jax.lax.axis_index(axis_name) == 0
+    return jax.tree.map(lambda x: jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)),
+                                               axis_name), tree)
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
@@ -75,10 +87,11 @@ def _views(batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, jax
     return batch["image_student"], batch["image_teacher"]
 
 
-def _teacher_forward(model, state, images, config):
+def _teacher_forward(model, state, images, config, mask):
     variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
     if config.teacher_bn == "train":
-        out, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        out, updated = model.apply(variables, images, train=True, mask=mask,
+                                   mutable=["batch_stats"])
         return jax.lax.stop_gradient(out), updated["batch_stats"]
     if config.teacher_bn == "eval":
         return jax.lax.stop_gradient(model.apply(variables, images, train=False)), \
@@ -98,34 +111,39 @@ def train_step(
     """One optimizer step on one (per-device) batch; see the module docstring."""
     axis = config.axis_name
     labels, index = batch["label"], batch["index"]
+    mask = batch.get("mask")  # a partial batch's padding: False
     keys = example_keys(state.rng, state.step, index)
     images_s, images_t = _views(batch, keys[:, 2:])
     if config.teacher_rotate:
         images_t = jax.vmap(teacher.rotate_flip)(keys[:, 0], images_t)
-    out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config)
+    out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config, mask)
     contrast_idx = state.memory.sample_contrast(
         keys[:, 1], labels, index, config.contrast.num_positives,
         config.contrast.num_negatives)
     epoch = state.step // config.steps_per_epoch
     weights = loss_weights(config.loss, epoch)
-    num_devices = _psum(1, axis)
-    weight_sum = _psum(jnp.sum(class_weight[labels]), axis)
+    # ccd_crp's losses are this device's batch means, or with a mask already its share of
+    # the global mean
+    num_devices = _psum(1, axis) if mask is None else 1
+    item_weight = class_weight[labels] if mask is None else jnp.where(
+        mask, class_weight[labels], 0.0)
+    weight_sum = _psum(jnp.sum(item_weight), axis)
 
     def loss_fn(params):
         out_s, updated = model.apply(
             {"params": params["student"], "batch_stats": state.batch_stats},
-            images_s, train=True, mutable=["batch_stats"])
+            images_s, train=True, mask=mask, mutable=["batch_stats"])
         embed = Embed(config.embed_dim)
         e_s = embed.apply({"params": params["embed_s"]}, out_s["feature"])
         e_t = embed.apply({"params": params["embed_t"]}, out_t["feature"])
         distill, memory = ccd_crp(e_s, e_t, state.memory, labels, index, contrast_idx,
-                                  config.contrast, axis)
+                                  config.contrast, axis, mask)
         # This device's share of each term of the global batch's loss.
         terms = {
             "ce": losses.weighted_cross_entropy(out_s["logits"], labels, class_weight,
-                                                weight_sum),
+                                                weight_sum, mask),
             "mt": losses.softmax_kl(out_s["logits"], out_t["logits"],
-                                    config.consistency_divisor),
+                                    config.consistency_divisor, mask),
             "ccd": distill.loss_ccd / num_devices,
             "crp": distill.loss_crp / num_devices,
         }
@@ -138,9 +156,11 @@ def train_step(
     grads = _psum(grads, axis)
     if axis is not None:
         # Per-device BatchNorm statistics (unless the model synchronises them) leave
-        # per-device running statistics; their mean keeps the state replicated.
-        batch_stats = jax.lax.pmean(batch_stats, axis)
-        ema_batch_stats = jax.lax.pmean(ema_batch_stats, axis)
+        # per-device running statistics; their mean (or the first device's) keeps the
+        # state replicated.
+        combine = _of_first_device if config.running_stats_of_first_device else jax.lax.pmean
+        batch_stats = combine(batch_stats, axis)
+        ema_batch_stats = combine(ema_batch_stats, axis)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = teacher.ema_update(state.ema_params, params["student"], state.step,

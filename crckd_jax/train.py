@@ -36,6 +36,7 @@ from crckd_jax.data.sources import DataError
 from crckd_jax.distillation import ContrastConfig
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.memory import BankMemory, QueueMemory
+from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
 from crckd_jax.models.torch_import import import_densenet, load_state_dict
 from crckd_jax.objective import TERMS, LossConfig
@@ -46,7 +47,9 @@ from crckd_jax.step import StepConfig, eval_step, make_train_step
 
 LOSS_KEYS = ("loss", *TERMS)  # the total and its terms, as the step reports them
 METRIC_KEYS = ("acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo", "spec", "kappa")
-MEAN_LAST = 10  # epochs averaged by the reference's protocol
+# Epochs averaged by the reference's protocol: its test metrics of every epoch with
+# (epoch + 1) >= epochs - 10 (0-based epoch), i.e. the last 11, though its log says 10.
+MEAN_LAST = 11
 
 
 
@@ -97,15 +100,27 @@ class Trainer:
             raise config_lib.ConfigError(
                 f"config key 'train.batch_size' is {config.train.batch_size}: expected a "
                 f"multiple of the {parallel.num_devices} devices")
+        group = config.model.bn_group_size
+        per_device = config.train.batch_size // parallel.num_devices
+        if group and per_device % group:
+            raise config_lib.ConfigError(
+                f"config key 'model.bn_group_size' is {group}: expected a divisor of the "
+                f"per-device batch ({config.train.batch_size} / {parallel.num_devices} "
+                f"devices = {per_device}); BatchNorm groups cannot span devices")
         dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
+        bn = BatchNormSettings(axis_name=AXIS if config.parallel.sync_batch_norm else None,
+                               group_size=group)
         model = CRCKDNet(densenet_config(config.model.name), num_classes,
-                         hidden_dim=config.model.hidden_dim, dtype=dtype,
-                         bn_axis_name=AXIS if config.parallel.sync_batch_norm else None)
+                         hidden_dim=config.model.hidden_dim, dtype=dtype, bn=bn,
+                         double_update_until_block=3 if config.model.reference_double_bn_update
+                         else 0)
         steps_per_epoch = config.train.steps_per_epoch or pipeline.steps_per_pass(
-            len(data.fold.train), config.train.batch_size)
+            len(data.fold.train), config.train.batch_size, config.train.keep_partial_batch)
         total_steps = steps_per_epoch * config.train.epochs
-        optimizer = make_optimizer(total_steps, max_lr=config.optim.max_lr,
-                                   weight_decay=config.optim.weight_decay)
+        optimizer = make_optimizer(
+            total_steps, max_lr=config.optim.max_lr, weight_decay=config.optim.weight_decay,
+            reset_lr_every=steps_per_epoch if config.optim.reset_lr_each_epoch else 0,
+            reset_lr=config.optim.learning_rate)
         mem = config.memory
         if mem.kind == "queue":
             make_memory = functools.partial(QueueMemory.create, num_classes=num_classes,
@@ -116,7 +131,7 @@ class Trainer:
         size = config.data.image_size
         state = create_train_state(jax.random.key(config.seed), model, optimizer,
                                    make_memory, (size, size, 3), mem.embed_dim)
-        if config.model.pretrained:
+        if config.model.pretrained not in ("", "none"):
             state = _with_pretrained(state, model, config.model.pretrained)
         loss = config.loss
         step_config = StepConfig(
@@ -130,7 +145,7 @@ class Trainer:
             embed_dim=mem.embed_dim, ema_decay=config.train.ema_decay,
             steps_per_epoch=steps_per_epoch, consistency_divisor=config.train.batch_size,
             teacher_bn=config.train.teacher_bn, teacher_rotate=config.train.teacher_rotate,
-            axis_name=AXIS)
+            running_stats_of_first_device=bool(group), axis_name=AXIS)
         class_weight = losses.class_weights(data.class_counts)
         train_fn = make_train_step(model, optimizer, class_weight, step_config)
 
@@ -158,7 +173,8 @@ class Trainer:
             self.data, global_batch_size=c.train.batch_size, image_size=c.data.image_size,
             num_epochs=c.train.epochs, seed=c.seed, steps_per_epoch=c.train.steps_per_epoch,
             read_threads=c.data.read_threads, prefetch_batches=c.data.prefetch_batches,
-            worker_count=c.data.worker_count, augment_on=c.data.augment))
+            worker_count=c.data.worker_count, augment_on=c.data.augment,
+            keep_partial_batch=c.train.keep_partial_batch, group_size=c.model.bn_group_size))
 
     @property
     def eval_splits(self) -> list[str]:
@@ -205,16 +221,17 @@ def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainStat
 
 
 def summarise(records: list[dict], model: str = "student") -> dict:
-    """The three views of the test metrics: final epoch, mean of the last 10 epochs, and
+    """The three views of the test metrics: final epoch, mean of the last 11 epochs (the
+    reference's average), and
     the epoch with the best validation balanced accuracy (None without a validation split)."""
     test = [r for r in records if r["split"] == "test" and r.get("model") == model]
     if not test:
-        return {"final": None, "mean_last_10": None, "best_val": None}
+        return {"final": None, "mean_last_11": None, "best_val": None}
     pick = lambda r: {k: r[k] for k in METRIC_KEYS}
     last = test[-MEAN_LAST:]
     view = {
         "final": pick(test[-1]),
-        "mean_last_10": {k: float(np.mean([r[k] for r in last])) for k in METRIC_KEYS},
+        "mean_last_11": {k: float(np.mean([r[k] for r in last])) for k in METRIC_KEYS},
         "best_val": None,
     }
     val = [r for r in records if r["split"] == "val" and r.get("model") == model]
@@ -258,8 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `allow_config_change`. On SIGTERM/SIGINT the run saves a checkpoint at the step it
     reached and raises Preempted.
     """
-    os.makedirs(workdir, exist_ok=True)
     config_lib.validate(config)
+    config_lib.require_initialisation(config)
+    os.makedirs(workdir, exist_ok=True)
     checkpoints_dir = os.path.join(workdir, "checkpoints")
     _check_config_change(config, workdir, checkpoints_dir, allow_config_change, log)
     trainer = _trainer(config, data_workdir or workdir, log)

@@ -15,6 +15,7 @@ import tomllib
 import pytest
 
 from crckd_jax import cli
+from crckd_jax import config as config_lib
 from crckd_jax import configs as packaged_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -175,3 +176,32 @@ def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch, capsys):
     assert info.value.code == 4  # a checkpoint error
     assert capsys.readouterr().err.startswith(
         f"error: cannot read {weights} as a safetensors file: Error while deserializing header")
+
+
+@pytest.mark.parametrize("name", ["aptos", "ham10000"])
+def test_reference_argument_sets_the_authors_run(name):
+    """`:reference` turns on every setting of config.REFERENCE_PROTOCOL, alone or with an
+    ablation; the plain config keeps the scalable defaults."""
+    packaged = importlib.import_module(f"crckd_jax.configs.{name}")
+    plain, reference = packaged.get_config(""), packaged.get_config("reference")
+    keys = lambda c: (c.train.batch_size, c.train.keep_partial_batch, c.model.bn_group_size,
+                      c.model.reference_double_bn_update, c.optim.reset_lr_each_epoch,
+                      c.memory.kind)
+    assert keys(reference) == (64, True, 32, True, True, "bank")
+    assert keys(plain) == (32, False, 0, False, False, "queue")
+    both = packaged.get_config("mt_ccd,reference")
+    assert both.loss.crp_weight == 0.0 and both.loss.ccd_weight == 0.1
+    assert both.model.bn_group_size == 32
+    assert reference.loss.crp_weight == 1.0
+    with pytest.raises(config_lib.ConfigError, match="names 2 ablations"):
+        packaged.get_config("mt,crckd")
+    with pytest.raises(config_lib.ConfigError, match="unknown config argument 'refrence'"):
+        packaged.get_config("refrence")
+    with reference.unlocked():
+        reference.data.dir, reference.model.pretrained = "/data", "none"
+    config_lib.validate(reference)
+    with reference.unlocked():
+        reference.parallel.sync_batch_norm = True
+    with pytest.raises(config_lib.ConfigError, match="'model.bn_group_size' is 32: expected 0 "
+                                                     "with parallel.sync_batch_norm=True"):
+        config_lib.validate(reference)

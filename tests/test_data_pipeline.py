@@ -209,3 +209,45 @@ def test_affine_matches_torchvision_conventions():
         -augment.IMAGENET_MEAN / augment.IMAGENET_STD,
         rtol=1e-6,
     )
+
+
+def test_partial_batch_rows_split_like_torch_chunk():
+    """The remaining items of a pass go to the BatchNorm groups as torch.chunk splits a
+    tensor over DataParallel replicas: ceil(r / groups) each, the last ones smaller or
+    empty; every group padded to its size (-1)."""
+    rows = pipeline.partial_batch_rows(49, 64, 32)
+    np.testing.assert_array_equal(rows[:25], np.arange(25))
+    np.testing.assert_array_equal(rows[32:56], np.arange(25, 49))
+    assert (rows[25:32] == -1).all() and (rows[56:] == -1).all()
+    np.testing.assert_array_equal(pipeline.partial_batch_rows(1, 4, 2), [0, -1, -1, -1])
+    np.testing.assert_array_equal(pipeline.partial_batch_rows(5, 8, 2), [0, 1, 2, 3, 4, -1,
+                                                                          -1, -1])
+    np.testing.assert_array_equal(pipeline.partial_batch_rows(3, 4, 0 or 4), [0, 1, 2, -1])
+    np.testing.assert_array_equal(pipeline.partial_batch_rows(8, 8, 4), np.arange(8))
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+def test_keep_partial_batch_uses_every_item_of_every_pass_once(data, group_size):
+    """With keep_partial_batch each pass is ceil(N / B) batches holding every training item
+    exactly once; only the last batch of a pass has masked padding (zero images), laid out
+    in the BatchNorm groups."""
+    n, b = len(data.fold.train), 12
+    assert n % b, "the demo's tiny fold must leave a remainder"
+    steps = -(-n // b)
+    batches = _train(data, num_epochs=2, global_batch_size=b, keep_partial_batch=True,
+                     group_size=group_size)
+    assert len(batches) == 2 * steps
+    assert pipeline.steps_per_pass(n, b, keep_partial_batch=True) == steps
+    for epoch in range(2):
+        part = batches[epoch * steps:(epoch + 1) * steps]
+        for batch in part[:-1]:
+            assert batch["mask"].all()
+        last = part[-1]
+        expected = pipeline.partial_batch_rows(n - (steps - 1) * b, b, group_size or b) >= 0
+        np.testing.assert_array_equal(last["mask"], expected)
+        assert not last["image"][~last["mask"]].any()
+        indices = np.concatenate([x["index"][x["mask"]] for x in part])
+        np.testing.assert_array_equal(np.sort(indices), np.arange(n))
+        for x in part:
+            np.testing.assert_array_equal(x["label"][x["mask"]],
+                                          data.train_labels[x["index"][x["mask"]]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from crckd_jax.models import kernels as kernels_lib
-from crckd_jax.models.batch_norm import BatchNorm
+from crckd_jax.models.batch_norm import BatchNorm, BatchNormSettings
 from crckd_jax.models.densenet import (
     DENSENET_PRESETS,
     CRCKDNet,
@@ -305,7 +305,7 @@ def test_train_forward_updates_every_running_stat(tiny):
 
 def test_synchronised_batch_norm_network_equals_global_batch(tiny):
     cfg, model, x, variables = tiny
-    synced = CRCKDNet(cfg, num_classes=3, hidden_dim=16, bn_axis_name="d")
+    synced = CRCKDNet(cfg, num_classes=3, hidden_dim=16, bn=BatchNormSettings(axis_name="d"))
     out, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
     out_d, upd_d = jax.vmap(
         lambda xs: synced.apply(variables, xs, train=True, mutable=["batch_stats"]),
@@ -317,6 +317,56 @@ def test_synchronised_batch_norm_network_equals_global_batch(tiny):
     for a, b in zip(jax.tree.leaves(upd_d), jax.tree.leaves(upd), strict=True):
         np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a[1], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "standard"])
+def test_batch_norm_groups_normalise_each_group_and_keep_the_first_groups_stats(kernels):
+    """group_size=4 on 8 items: each half normalised with its own statistics (as two
+    DataParallel replicas of 4), running statistics updated from the first half only."""
+    x, variables = _bn_inputs()  # [8, H, W, C]
+    grouped = BatchNorm(use_running_average=False, group_size=4, kernels=kernels)
+    plain = BatchNorm(use_running_average=False, kernels=kernels)
+    y, upd = grouped.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+    y0, upd0 = plain.apply(variables, jnp.asarray(x[:4]), mutable=["batch_stats"])
+    y1, _ = plain.apply(variables, jnp.asarray(x[4:]), mutable=["batch_stats"])
+    np.testing.assert_allclose(y, np.concatenate([y0, y1]), rtol=1e-6, atol=1e-6)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(upd["batch_stats"][key], upd0["batch_stats"][key],
+                                   rtol=1e-6, atol=1e-7)
+    # Gradients as for the two groups apart.
+    loss = lambda m, xs: lambda v: jnp.sum(jnp.sin(m.apply(v, xs, mutable=["batch_stats"])[0]))
+    g = jax.grad(loss(grouped, jnp.asarray(x)))(variables)["params"]
+    g0 = jax.grad(loss(plain, jnp.asarray(x[:4])))(variables)["params"]
+    g1 = jax.grad(loss(plain, jnp.asarray(x[4:])))(variables)["params"]
+    for key in ("scale", "bias"):
+        np.testing.assert_allclose(g[key], g0[key] + g1[key], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="group_size 3 does not divide the batch of 8"):
+        BatchNorm(use_running_average=False, group_size=3).apply(
+            variables, jnp.asarray(x), mutable=["batch_stats"])
+
+
+def test_double_update_until_block3_equals_two_passes_of_the_first_stages(tiny):
+    """double_update_until_block=3: norm0 .. denseblock3 (transition1, transition2 included)
+    keep the running statistics of two updates with the same batch (the reference's second
+    pass of features[0:9]); transition3, denseblock4 and norm5 those of one."""
+    cfg, model, x, variables = tiny
+    twice = CRCKDNet(cfg, num_classes=3, hidden_dim=16, double_update_until_block=3)
+    out, got = twice.apply(variables, x, train=True, mutable=["batch_stats"])
+    out1, once = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, two = model.apply({**variables, **once}, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out["logits"], out1["logits"])
+    doubled = ("norm0", "denseblock1", "transition1", "denseblock2", "transition2",
+               "denseblock3")
+    feats = {k: v for k, v in got["batch_stats"]["features"].items()}
+    assert set(feats) == {*doubled, "transition3", "denseblock4", "norm5"}
+    for name, stats in feats.items():
+        expected = (two if name in doubled else once)["batch_stats"]["features"][name]
+        for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        if name in doubled:  # and not what one update gives
+            single = once["batch_stats"]["features"][name]
+            assert not all(np.allclose(a, b, rtol=1e-4) for a, b in zip(
+                jax.tree.leaves(stats), jax.tree.leaves(single)))
 
 
 # ----------------------------------------------------------------------------- kernels

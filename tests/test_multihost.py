@@ -114,7 +114,7 @@ def assert_same_run(multi, single, *, params=1e-3, other=1e-4):
     """Summary, logged losses and checkpoints of two runs of the same global batches."""
     a = json.loads((multi / "summary.json").read_text())
     b = json.loads((single / "summary.json").read_text())
-    for view in ("final", "mean_last_10"):
+    for view in ("final", "mean_last_11"):
         assert a[view].keys() == b[view].keys()
         for key in a[view]:
             assert a[view][key] == pytest.approx(b[view][key], abs=1e-6), (view, key)

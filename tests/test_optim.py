@@ -173,3 +173,35 @@ def test_weight_decay_is_coupled_l2_on_all_params():
     assert lr0 == pytest.approx(1.0 / 25.0, rel=1e-6)
     np.testing.assert_allclose(updates["w"], [-lr0, lr0], rtol=1e-6)
     np.testing.assert_allclose(updates["b"], [-lr0], rtol=1e-6)
+
+
+def test_epoch_end_lr_reset_matches_torch():
+    """`reset_lr_every` = steps per epoch reproduces the reference's epoch-end
+    `param_group['lr'] = base_lr` between torch OneCycleLR steps (fixture
+    onecycle_reset.npz, tests/fixtures/make_onecycle_reset_fixture.py): the first update of
+    every later epoch runs at base_lr, every other update and every beta1 as scheduled, and
+    the parameters follow torch's. Tolerances as in test_trajectory_matches_torch."""
+    with np.load(FIXTURE.with_name("onecycle_reset.npz")) as f:
+        d = {k: f[k] for k in f.files}
+    steps = int(d["steps_per_epoch"])
+    total = int(d["epochs"]) * steps
+    optimizer = make_optimizer(total, max_lr=float(d["max_lr"]),
+                               weight_decay=float(d["weight_decay"]), reset_lr_every=steps,
+                               reset_lr=float(d["base_lr"]))
+    params = jnp.asarray(d["p0"])
+    state = optimizer.init(params)
+    lrs, beta1s, trajectory = [], [], []
+    for grad in d["grads"]:
+        updates, state = optimizer.update(jnp.asarray(grad), state, params)
+        params = optax.apply_updates(params, updates)
+        lrs.append(float(current_learning_rate(state)))
+        beta1s.append(float(state.hyperparams["b1"]))
+        trajectory.append(np.asarray(params))
+    resets = [t for t in range(total) if t and t % steps == 0]
+    np.testing.assert_allclose(np.asarray(lrs)[resets], d["base_lr"], rtol=1e-6)
+    np.testing.assert_allclose(lrs, d["lr"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(beta1s, d["beta1"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(np.stack(trajectory), d["params"], rtol=1e-5, atol=1e-7)
+    # Without the reset the same updates differ exactly there.
+    plain, _ = onecycle_schedules(total, float(d["max_lr"]))
+    assert all(abs(float(plain(t)) - d["lr"][t]) > 1e-6 for t in resets)

@@ -3,7 +3,9 @@ equals shard_map; the state layouts of both backends; bfloat16 compute.
 
 Each multi-device case runs `tests/multidevice/equivalence.py` in a fresh interpreter,
 because the number of fake devices (XLA_FLAGS) is fixed when JAX starts. BatchNorm
-statistics are synchronised across devices there, which is what makes N devices equal one.
+statistics are synchronised across devices there, which is what makes N devices equal one,
+or computed in fixed groups of items (model.bn_group_size), which gives the same groups on
+one device or several.
 
 Tolerances (max |a - b| over a leaf / max |b|, worst leaf), 1 vs N devices: the loss agrees
 to float32 rounding (rtol 1e-5; measured 2e-7 with 4 devices). Parameters after three Adam
@@ -64,6 +66,15 @@ def test_four_devices_queue_shard_map_and_pmap():
     parts = report["pmap_vs_shard_map_parts"]
     assert parts["memory"]["identical"], parts
     assert report["pmap_vs_shard_map"] < 1e-6, parts
+
+
+@pytest.mark.slow
+def test_batchnorm_groups_do_not_depend_on_the_device_split():
+    """model.bn_group_size: one device with the batch in 2 BatchNorm groups equals 2 devices
+    with one group each (shard_map and pmap), running statistics included (the first
+    group's: the reference's first GPU)."""
+    report = run_equivalence(2, "queue-groups", ["shard_map", "pmap"])
+    check(report, ["shard_map", "pmap"])
 
 
 @pytest.mark.slow

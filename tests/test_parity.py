@@ -13,10 +13,11 @@ import pytest
 
 from crckd_jax import parity
 
-# The reference fixtures of the authors' code; augment_affine.npz holds torchvision's
-# augmentation outputs and is checked, pixel for pixel, by tests/test_augment.py.
+# The reference fixtures of the authors' code. Written with torch by this project instead:
+# augment_affine.npz (torchvision's augmentation, checked pixel for pixel by
+# tests/test_augment.py) and onecycle_reset.npz (the epoch-end lr reset, tests/test_optim.py).
 FIXTURES = sorted(p for p in (pathlib.Path(__file__).parent / "fixtures").glob("*.npz")
-                  if p.name != "augment_affine.npz")
+                  if p.name not in ("augment_affine.npz", "onecycle_reset.npz"))
 EXPECTED_KIND = {
     "ccd_crp_step.npz": "ccd_crp_step", "ccd_crp_step_paper.npz": "ccd_crp_step",
     "ccd_crp_two_steps.npz": "ccd_crp_two_steps", "mean_teacher.npz": "mean_teacher",

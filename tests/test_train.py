@@ -61,7 +61,7 @@ def trained(tmp_path_factory, cache):
 def test_train_writes_every_artefact(trained):
     workdir, done = trained
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary) == {"final", "mean_last_10", "best_val"}
+    assert set(summary) == {"final", "mean_last_11", "best_val"}
     assert summary["best_val"] is None
     assert set(summary["final"]) == {"acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo",
                                      "spec", "kappa"}
@@ -238,8 +238,30 @@ def test_bad_config_values_are_named(tmp_path, cache, flag, message):
 
 def test_missing_data_dir_is_named(tmp_path, cache):
     done = launch(tmp_path, cache, "--config.data.source=ham10000",
-                  "--config.data.dir=/nonexistent/HAM10000", check=False)
+                  "--config.data.dir=/nonexistent/HAM10000", "--config.model.pretrained=none",
+                  check=False)
     assert done.returncode != 0 and "/nonexistent/HAM10000" in done.stderr
+
+
+def test_real_data_needs_pretrained_weights_or_an_explicit_none(tmp_path, cache):
+    """Training on a real source without model.pretrained stops before anything is read,
+    naming torchvision's file; 'none' passes that check (and fails later on the data)."""
+    done = launch(tmp_path, cache, "--config.data.source=ham10000",
+                  "--config.data.dir=/nonexistent/HAM10000", check=False)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: config key 'model.pretrained' is '': the reference "
+                                  "starts "), done.stderr
+    assert "'none'" in done.stderr and "/nonexistent/HAM10000" not in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    from crckd_jax import config as config_lib
+
+    config = config_lib.default_config()
+    config.data.source, config.data.dir = "aptos", "/data/aptos"
+    with pytest.raises(config_lib.ConfigError, match=r"densenet121-a639ec97\.pth"):
+        config_lib.require_initialisation(config)
+    config.model.pretrained = "none"
+    config_lib.require_initialisation(config)
 
 
 def test_pretrained_backbone_for_student_and_teacher(tmp_path):
@@ -265,3 +287,22 @@ def test_pretrained_backbone_for_student_and_teacher(tmp_path):
                                       state_dict["features.norm5.running_var"])
     np.testing.assert_array_equal(loaded.params["student"]["classifier"]["kernel"],
                                   state.params["student"]["classifier"]["kernel"])
+
+
+def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tmp_path, cache):
+    """The reference settings on the tiny demo (112 training items, batch 12 in BatchNorm
+    groups of 4): 10 steps per epoch, the last of each with 4 items; the first step of the
+    second epoch at optim.learning_rate; finite losses throughout."""
+    done = launch(tmp_path, cache, "--config.train.epochs=2", "--config.train.steps_per_epoch=0",
+                  "--config.train.batch_size=12", "--config.train.keep_partial_batch=true",
+                  "--config.model.bn_group_size=4", "--config.model.reference_double_bn_update=true",
+                  "--config.optim.reset_lr_each_epoch=true", "--config.memory.kind=bank",
+                  "--config.train.log_every_steps=1")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21)), done.stdout[-2000:]
+    assert all(np.isfinite(r[k]) for r in train for k in ("loss", "ce", "mt", "ccd", "crp"))
+    lrs = {r["step"]: r["learning_rate"] for r in train}
+    assert lrs[11] == pytest.approx(1e-4, rel=1e-6)  # update 10: the first of epoch 2
+    assert lrs[10] != pytest.approx(1e-4, rel=1e-3) and lrs[12] != pytest.approx(1e-4, rel=1e-3)
+    assert json.loads((tmp_path / "summary.json").read_text())["mean_last_11"] is not None

@@ -66,8 +66,9 @@ from jax import monitoring
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))
 directory = xla_options.enable_compilation_cache(sys.argv[1])
+from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import _DenseLayer
-layer = _DenseLayer(4, 2, jnp.float32, None)
+layer = _DenseLayer(4, 2, jnp.float32, BatchNormSettings())
 x = jnp.ones((2, 8, 8, 6))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

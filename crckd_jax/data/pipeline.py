@@ -7,6 +7,8 @@ Training batches (dict of numpy arrays, B = global batch / process count):
                                 two independent views made by PIL, ImageNet-normalised
   label                         int32 [B]
   index                         int32 [B]  position in the fold's training list, 0..N_train-1
+  mask                          bool [B]   only with keep_partial_batch: False on padding
+                                (a zero image, label 0, index 0)
 Evaluation batches: image uint8 [B, s, s, 3] (normalised on the devices), label int32 [B],
 index int32 [B] (position in the evaluated list; -1 on padding), mask bool [B] (False on
 padding).
@@ -14,7 +16,11 @@ padding).
 Training order: the stream of training indices is a concatenation of passes; pass q is a
 permutation of 0..N_train-1 (seeded by seed + q) cut to whole global batches, so every
 batch is full and the N_train mod global_batch items cut from one pass are seen in the
-others. An epoch is `steps_per_epoch` consecutive global batches of the stream (default:
+others; or, with `keep_partial_batch` (the reference's loader), every item of the pass is
+used and the last batch of the pass holds the remaining r items, split into the batch's
+BatchNorm groups (`group_size` items each; the whole batch when 0) as torch's `chunk`
+splits them over DataParallel replicas (ceil(r / groups) per group, the last ones smaller or
+empty), each group padded to `group_size` with masked items. An epoch is `steps_per_epoch` consecutive global batches of the stream (default:
 one pass). With augment='host', global position p of the stream is augmented with an RNG
 seeded by (seed, p), so batches do not depend on the number of processes or threads (with
 'device', the step keys each item's views by the run seed, the step and the item's index). Process i of n takes the
@@ -76,13 +82,22 @@ class _ReadRecord(grain.transforms.Map):
 
 
 class _PassStream(grain.MapDataset):
-    """Position p -> training index: pass q = p // (full * B), the first full * B entries of
-    the permutation of pass q, a numpy permutation seeded by (seed, q), computed once per
-    pass (grain's element-wise index shuffle cost ~0.1 ms of host CPU per item)."""
+    """Position p -> training index: pass q = p // per_pass, a numpy permutation of the
+    items seeded by (seed, q), computed once per pass (grain's element-wise index shuffle
+    cost ~0.1 ms of host CPU per item). Without `partial`, the first per_pass entries of the
+    permutation (whole batches); with `partial` = (batch, group_size), per_pass covers every
+    item and the pass's last batch is laid out by `partial_batch_rows` (-1: padding)."""
 
-    def __init__(self, num_items: int, per_pass: int, length: int, seed: int):
+    def __init__(self, num_items: int, per_pass: int, length: int, seed: int,
+                 partial: tuple[int, int] | None = None):
         super().__init__()
         self.num_items, self.per_pass, self.length, self.seed = num_items, per_pass, length, seed
+        self.last_rows = None
+        if partial is not None:
+            batch, group = partial
+            start = per_pass - batch
+            self.last_start = start
+            self.last_rows = partial_batch_rows(num_items - start, batch, group or batch)
 
     def __len__(self) -> int:
         return self.length
@@ -95,10 +110,40 @@ class _PassStream(grain.MapDataset):
         if isinstance(p, slice):
             return self.slice(p)
         q, j = divmod(p, self.per_pass)
+        if self.last_rows is not None and j >= self.last_start:
+            row = int(self.last_rows[j - self.last_start])
+            return -1 if row < 0 else int(self._permutation(q)[self.last_start + row])
         return int(self._permutation(q)[j])
 
     def __str__(self) -> str:
         return f"PassStream(num_items={self.num_items}, per_pass={self.per_pass})"
+
+
+def partial_batch_rows(remaining: int, batch: int, group: int) -> np.ndarray:
+    """[batch] int: for each row of a pass's last batch, which of its `remaining` items it
+    holds (0..remaining-1), or -1 (padding). The items are split into the batch / group
+    groups as torch.chunk splits a tensor over DataParallel replicas."""
+    num_groups = batch // group
+    chunk = -(-remaining // num_groups)
+    rows = np.full(batch, -1, np.int64)
+    for g in range(num_groups):
+        items = np.arange(g * chunk, min((g + 1) * chunk, remaining))
+        rows[g * group: g * group + len(items)] = items
+    return rows
+
+
+class _ReadTrainItem(grain.transforms.Map):
+    """Training index i -> `_ReadRecord`'s element with mask True, or a masked zero image
+    for padding (i = -1)."""
+
+    def __init__(self, read: _ReadRecord, store_shape: tuple[int, ...]):
+        self.read, self.store_shape = read, store_shape
+
+    def map(self, i: int) -> dict:
+        if i >= 0:
+            return {**self.read.map(i), "mask": np.bool_(True)}
+        return {"image": np.zeros(self.store_shape, np.uint8), "label": np.int32(0),
+                "index": np.int32(0), "mask": np.bool_(False)}
 
 
 class _ProcessRows(grain.MapDataset):
@@ -175,13 +220,17 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     return process_index, process_count
 
 
-def steps_per_pass(num_train: int, global_batch_size: int) -> int:
-    """Full global batches in one pass over the training items (DataError if none)."""
+def steps_per_pass(num_train: int, global_batch_size: int,
+                   keep_partial_batch: bool = False) -> int:
+    """Global batches in one pass over the training items: the full ones, and the partial
+    last one with `keep_partial_batch` (DataError if there is no full batch)."""
     if num_train < global_batch_size:
         raise DataError(
             f"the training fold has {num_train} items, fewer than the global batch "
             f"size {global_batch_size}"
         )
+    if keep_partial_batch:
+        return -(-num_train // global_batch_size)
     return num_train // global_batch_size
 
 
@@ -219,22 +268,32 @@ def train_dataset(
     prefetch_batches: int = 4,
     worker_count: int = 0,
     augment_on: str = "device",
+    keep_partial_batch: bool = False,
+    group_size: int = 0,
 ) -> grain.IterDataset:
     """`num_epochs * steps` training batches of this process (see the module doc); `steps` =
     `steps_per_epoch` or, when 0, `steps_per_pass`. `augment_on` is 'device' (uint8 `image`)
-    or 'host' (float32 views). `iter()` it; the iterator's state can be saved and
-    restored."""
+    or 'host' (float32 views). `keep_partial_batch`: every pass ends with its partial batch,
+    laid out in BatchNorm groups of `group_size` (0: one group), with a `mask`. `iter()` it;
+    the iterator's state can be saved and restored."""
     index, count = _processes(process_index, process_count)
     local = _local_batch(global_batch_size, count)
-    full = steps_per_pass(len(data.fold.train), global_batch_size)
+    num_items = len(data.fold.train)
+    full = steps_per_pass(num_items, global_batch_size, keep_partial_batch)
     steps = steps_per_epoch or full
     ds = _PassStream(
-        len(data.fold.train),
+        num_items,
         full * global_batch_size,
         num_epochs * steps * global_batch_size,
         seed,
+        partial=(global_batch_size, group_size) if keep_partial_batch else None,
     )
-    ds = ds.map(_ReadRecord(data.source, data.fold.train, data.fold.train_labels))
+    read = _ReadRecord(data.source, data.fold.train, data.fold.train_labels)
+    if keep_partial_batch:
+        stored = data.source[int(data.fold.train[0])]["image"].shape
+        ds = ds.map(_ReadTrainItem(read, stored))
+    else:
+        ds = ds.map(read)
     if augment_on == "host":
         ds = ds.random_map(augment.TwoViews(image_size), seed=(seed + 1) % 2**32)
     elif augment_on == "device":

@@ -6,7 +6,13 @@ Differences from ``flax.linen.BatchNorm`` that matter for checkpoint and trainin
 * the running variance is updated with the unbiased batch variance (divisor ``n - 1``, where
   ``n`` is the number of reduced elements over all devices), while the output is normalised
   with the biased one (divisor ``n``);
-* statistics are always computed in float32, whatever the compute ``dtype``.
+* statistics are always computed in float32, whatever the compute ``dtype``;
+* ``group_size`` > 0 computes the batch statistics over groups of that many consecutive items
+  of the (per-device) batch, as the reference's ``DataParallel`` replicas of 32 items each
+  do, and updates the running statistics from the first group only (the replica on the
+  first GPU, whose buffers are the ones that survive);
+* a ``mask`` [B] (training mode) leaves the masked items out of the batch statistics (the
+  padding of a partial batch): each group's statistics are over its unmasked items only.
 
 Variance is computed in two passes (global mean first, then the mean of squared deviations),
 as torch does on CPU (its CUDA kernels use Welford, equally stable), instead of
@@ -25,6 +31,7 @@ backend. Both give the same values and gradients up to summation order.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -51,6 +58,8 @@ class BatchNorm(nn.Module):
       dtype: dtype of the output; statistics and normalisation run in float32.
       kernels: 'auto' | 'cpu' | 'standard': how the training-mode gradient is computed (the
         module docstring); no effect on values or variables.
+      group_size: 0 (statistics over the whole batch) or the items per statistics group,
+        which must divide the batch; not with ``axis_name``.
 
     Variables: params ``scale`` [C] (init 1) and ``bias`` [C] (init 0); batch_stats ``mean``
     [C] (init 0) and ``var`` [C] (init 1), all float32. Running statistics are not updated
@@ -63,10 +72,13 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
     kernels: str = "auto"
+    group_size: int = 0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None) -> jnp.ndarray:
-        """Normalises ``x`` [..., C]; returns an array of the same shape in ``self.dtype``."""
+    def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None,
+                 mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Normalises ``x`` [B, ..., C]; returns an array of the same shape in ``self.dtype``.
+        ``mask`` [B] bool (training mode): only the True items enter the statistics."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -85,21 +97,73 @@ class BatchNorm(nn.Module):
             mul = scale * lax.rsqrt(var + self.epsilon)
             return ((x.astype(jnp.float32) - mean) * mul + bias).astype(self.dtype)
 
-        count = _global_count(x.shape, self.axis_name)
-        if count < 2:
-            raise ValueError(
-                f"BatchNorm in training mode needs more than 1 value per channel, got "
-                f"input shape {x.shape}"
-            )
         train_fn = (batch_norm_train if resolve_kernels(self.kernels) == "cpu"
                     else batch_norm_train_autodiff)
-        y, mean, sq_dev_sum = train_fn(
-            x, scale, bias, self.epsilon, self.axis_name, jnp.dtype(self.dtype))
+        if self.group_size:
+            y, mean, sq_dev_sum, count = self._grouped(train_fn, x, scale, bias, mask)
+        elif mask is not None:
+            y, mean, sq_dev_sum, count = batch_norm_train_masked(
+                x, mask.astype(jnp.float32), scale, bias, self.epsilon, self.axis_name,
+                jnp.dtype(self.dtype), with_count=True)
+        else:
+            count = _global_count(x.shape, self.axis_name)
+            if count < 2:
+                raise ValueError(
+                    f"BatchNorm in training mode needs more than 1 value per channel, got "
+                    f"input shape {x.shape}"
+                )
+            y, mean, sq_dev_sum = train_fn(
+                x, scale, bias, self.epsilon, self.axis_name, jnp.dtype(self.dtype))
         if not self.is_initializing():
             m = self.momentum
             running_mean.value = (1.0 - m) * running_mean.value + m * mean
             running_var.value = (1.0 - m) * running_var.value + m * (sq_dev_sum / (count - 1))
         return y
+
+    def _grouped(self, train_fn, x, scale, bias, mask):
+        """Batch norm of each group of ``group_size`` items (the unmasked ones of each with
+        a mask); returns the output, the first group's mean and sum of squared deviations
+        [C], and its values per channel."""
+        size, batch = self.group_size, x.shape[0]
+        if self.axis_name is not None:
+            raise ValueError("BatchNorm group_size > 0 computes per-device statistics; it "
+                             f"cannot be combined with axis_name={self.axis_name!r}")
+        if batch % size:
+            raise ValueError(f"BatchNorm group_size {size} does not divide the batch of "
+                             f"{batch} items")
+        groups = x.reshape(batch // size, size, *x.shape[1:])
+        if math.prod(groups.shape[1:-1]) < 2:
+            raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel "
+                             f"and group, got groups of shape {groups.shape[1:]}")
+        if mask is None:
+            y, mean, sq_dev_sum = jax.vmap(
+                lambda g: train_fn(g, scale, bias, self.epsilon, None, jnp.dtype(self.dtype))
+            )(groups)
+            count = math.prod(groups.shape[1:-1])
+        else:
+            weights = mask.astype(jnp.float32).reshape(batch // size, size)
+            y, mean, sq_dev_sum, counts = jax.vmap(
+                lambda g, w: batch_norm_train_masked(g, w, scale, bias, self.epsilon, None,
+                                                     jnp.dtype(self.dtype), with_count=True)
+            )(groups, weights)
+            count = counts[0]
+        return y.reshape(x.shape), mean[0], sq_dev_sum[0], count
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSettings:
+    """What every BatchNorm of a network shares: ``axis_name`` (synchronised statistics),
+    ``group_size`` (statistics per group of items) and the torch ``momentum``."""
+
+    axis_name: str | None = None
+    group_size: int = 0
+    momentum: float = 0.1
+
+    def layer(self, train: bool, dtype: Any, kernels: str, name: str) -> BatchNorm:
+        """The BatchNorm module (inside a compact method) in train or eval mode."""
+        return BatchNorm(use_running_average=not train, axis_name=self.axis_name,
+                         momentum=self.momentum, dtype=dtype, kernels=kernels,
+                         group_size=self.group_size, name=name)
 
 
 def _psum(x, axis_name):
@@ -137,6 +201,30 @@ def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype):
     """
     y, mean, sq_dev_sum, _ = _bn_forward(x, scale, bias, epsilon, axis_name, dtype)
     return y, mean, sq_dev_sum
+
+
+def batch_norm_train_masked(x, weight, scale, bias, epsilon, axis_name, dtype,
+                            with_count=False):
+    """`batch_norm_train_autodiff` over the items with weight 1 of x [B, ..., C] (weight
+    [B] of 0/1): statistics from those items only, every item normalised with them. Also
+    returns the values per channel counted (traced) when `with_count`, for the running
+    variance. A group without any such item (a partial batch's empty DataParallel replica)
+    is normalised with its own statistics, so that its outputs, which nothing uses, stay
+    finite through the network (and so do their zero gradients)."""
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    per_item = math.prod(x.shape[1:-1])
+    count = _psum(jnp.sum(weight) * per_item, axis_name)
+    empty = count == 0
+    weight = jnp.where(empty, jnp.ones_like(weight), weight)
+    w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
+    used = jnp.where(empty, _psum(jnp.float32(x.shape[0] * per_item), axis_name), count)
+    mean = _psum(jnp.sum(w * x32, axis=axes), axis_name) / used
+    sq_dev_sum = _psum(jnp.sum(w * jnp.square(x32 - mean), axis=axes), axis_name)
+    inv = lax.rsqrt(sq_dev_sum / used + epsilon)
+    y = ((x32 - mean) * (scale * inv) + bias).astype(dtype)
+    out = (y, lax.stop_gradient(mean), lax.stop_gradient(sq_dev_sum))
+    return out + (count,) if with_count else out
 
 
 def batch_norm_train_autodiff(x, scale, bias, epsilon, axis_name, dtype):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from crckd_jax.models.batch_norm import BatchNorm
+from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.kernels import KERNELS, resolve_kernels  # noqa: F401 (re-exported)
 
 # torch.nn.init.kaiming_normal_(w) defaults: mode='fan_in', nonlinearity='leaky_relu', a=0.
@@ -243,16 +243,14 @@ class _DenseLayer(nn.Module):
     growth_rate: int
     bn_size: int
     dtype: Any
-    bn_axis_name: str | None
+    bn: BatchNormSettings
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        bn = dict(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                  kernels=self.kernels)
-        y = nn.relu(BatchNorm(name="norm1", **bn)(x))
+    def __call__(self, x, train: bool, mask=None):
+        y = nn.relu(self.bn.layer(train, self.dtype, self.kernels, "norm1")(x, mask=mask))
         y = Conv1x1(self.bn_size * self.growth_rate, self.dtype, name="conv1")(y)
-        y = nn.relu(BatchNorm(name="norm2", **bn)(y))
+        y = nn.relu(self.bn.layer(train, self.dtype, self.kernels, "norm2")(y, mask=mask))
         y = Conv3x3(self.growth_rate, self.dtype, kernels=self.kernels, name="conv2")(y)
         return jnp.concatenate([x, y], axis=-1)
 
@@ -262,31 +260,28 @@ class _DenseBlock(nn.Module):
     growth_rate: int
     bn_size: int
     dtype: Any
-    bn_axis_name: str | None
+    bn: BatchNormSettings
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         for j in range(self.num_layers):
             x = _DenseLayer(
-                self.growth_rate, self.bn_size, self.dtype, self.bn_axis_name, self.kernels,
+                self.growth_rate, self.bn_size, self.dtype, self.bn, self.kernels,
                 name=f"denselayer{j + 1}",
-            )(x, train)
+            )(x, train, mask)
         return x
 
 
 class _Transition(nn.Module):
     num_output_features: int
     dtype: Any
-    bn_axis_name: str | None
+    bn: BatchNormSettings
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        x = BatchNorm(
-            use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
-            kernels=self.kernels, name="norm",
-        )(x)
+    def __call__(self, x, train: bool, mask=None):
+        x = self.bn.layer(train, self.dtype, self.kernels, "norm")(x, mask=mask)
         # torch: conv then pool. Both are linear and act per pixel / per channel, so
         # pooling first gives the same values with a 1x1 convolution on 4x fewer pixels.
         return Conv1x1(self.num_output_features, self.dtype, name="conv")(
@@ -298,47 +293,54 @@ class DenseNetFeatures(nn.Module):
 
     ``h, w`` are about ``H/32, W/32`` (same output-size rounding as torch at each of the five
     stride-2 stages) and ``F = config.num_features``. The output is taken after ``norm5``,
-    without the final ReLU, in ``dtype``. ``bn_axis_name`` synchronises every BatchNorm's
-    batch statistics across that mapped axis. ``kernels``: 'auto' | 'cpu' | 'standard' (see
-    the module docstring); it changes how gradients are computed, not the variables.
+    without the final ReLU, in ``dtype``. ``bn`` holds what every BatchNorm shares (synchronising
+    axis, statistics groups, momentum). ``double_update_until_block`` = i > 0: the layers from
+    ``norm0`` to the end of ``denseblock{i}`` update their running statistics as if twice
+    per step with the same batch (momentum 1 - (1 - m)^2), which is what the reference's
+    second pass of ``features[0:9]`` (up to ``denseblock3``) does. ``kernels``: 'auto' |
+    'cpu' | 'standard' (see the module docstring); it changes how gradients are computed,
+    not the variables.
     """
 
     config: DenseNetConfig
     dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
+    bn: BatchNormSettings = BatchNormSettings()
+    double_update_until_block: int = 0
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None = None
+                 ) -> jnp.ndarray:
         cfg = self.config
         kernels = resolve_kernels(self.kernels)  # resolved once, at trace time
+        twice = dataclasses.replace(self.bn, momentum=1.0 - (1.0 - self.bn.momentum) ** 2)
+        # The settings of stage i (0: the stem, i: denseblock i and the transition after it).
+        stage_bn = lambda i: twice if i < self.double_update_until_block else self.bn
 
-        def norm(name):
-            return BatchNorm(
-                use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                kernels=kernels, name=name,
-            )
+        def norm(name, stage):
+            return lambda y: stage_bn(stage).layer(train, self.dtype, kernels, name)(
+                y, mask=mask)
 
         x = nn.Conv(
             cfg.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
             use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv0",
         )(x)
-        x = nn.relu(norm("norm0")(x))
+        x = nn.relu(norm("norm0", 0)(x))
         x = max_pool_3x3_s2(x) if kernels == "cpu" else max_pool_3x3_s2_standard(x)
         channels = cfg.num_init_features
         for i, num_layers in enumerate(cfg.block_config):
             x = _DenseBlock(
-                num_layers, cfg.growth_rate, cfg.bn_size, self.dtype, self.bn_axis_name,
-                kernels, name=f"denseblock{i + 1}",
-            )(x, train)
+                num_layers, cfg.growth_rate, cfg.bn_size, self.dtype, stage_bn(i), kernels,
+                name=f"denseblock{i + 1}",
+            )(x, train, mask)
             channels += num_layers * cfg.growth_rate
             if i != len(cfg.block_config) - 1:
                 channels //= 2
                 x = _Transition(
-                    channels, self.dtype, self.bn_axis_name, kernels,
+                    channels, self.dtype, stage_bn(i + 1), kernels,
                     name=f"transition{i + 1}",
-                )(x, train)
-        return norm("norm5")(x)
+                )(x, train, mask)
+        return norm("norm5", len(cfg.block_config))(x)
 
 
 class CRCKDNet(nn.Module):
@@ -351,22 +353,27 @@ class CRCKDNet(nn.Module):
       distillation losses use);
     * ``'logits'`` [B, num_classes]: ``classifier(feature)``.
 
-    The backbone runs in ``dtype``; the head always runs in float32. ``kernels`` ('auto',
-    'cpu' or 'standard') picks the backbone's layer implementations (module docstring);
-    'auto' follows JAX's default backend.
+    The backbone runs in ``dtype``; the head always runs in float32. ``bn`` and
+    ``double_update_until_block``: the backbone's BatchNorm settings (`DenseNetFeatures`).
+    ``kernels`` ('auto', 'cpu' or 'standard') picks the backbone's layer implementations
+    (module docstring); 'auto' follows JAX's default backend. ``mask`` [B] bool (training
+    mode): the items that enter the BatchNorm statistics (padding of a partial batch left
+    out).
     """
 
     config: DenseNetConfig
     num_classes: int
     hidden_dim: int = 128
     dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
+    bn: BatchNormSettings = BatchNormSettings()
+    double_update_until_block: int = 0
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
-        fmap = DenseNetFeatures(self.config, self.dtype, self.bn_axis_name, self.kernels,
-                                name="features")(x, train)
+    def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None = None
+                 ) -> dict[str, jnp.ndarray]:
+        fmap = DenseNetFeatures(self.config, self.dtype, self.bn, self.double_update_until_block,
+                                self.kernels, name="features")(x, train, mask)
         pooled = jnp.mean(nn.relu(fmap.astype(jnp.float32)), axis=(1, 2))
         dense = dict(kernel_init=linear_kernel_init, bias_init=nn.initializers.zeros)
         feature = nn.Dense(self.hidden_dim, name="fc_layer", **dense)(pooled)

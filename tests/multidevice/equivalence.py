@@ -1,6 +1,9 @@
 """Run a few CRCKD steps on 1 device and on N fake CPU devices; print max differences.
 
 Usage: XLA_FLAGS=--xla_force_host_platform_device_count=N python equivalence.py N KIND BACKENDS
+KIND: queue | bank (BatchNorm synchronised over the devices) | queue-groups (BatchNorm in
+groups of BATCH / N items, running statistics of the first group: one device with N groups
+against N devices with one group each, the reference's DataParallel).
 Prints one JSON line: {"<backend>": {"params": err, "memory": err, "loss": err, ...}}.
 """
 
@@ -14,6 +17,7 @@ import numpy as np
 from crckd_jax import losses
 from crckd_jax.distillation import ContrastConfig
 from crckd_jax.memory import BankMemory, QueueMemory
+from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
 from crckd_jax.objective import LossConfig
 from crckd_jax.optim import make_optimizer
@@ -25,15 +29,17 @@ NUM_CLASSES, BATCH, SIZE, N_TRAIN, DIM, STEPS = 3, 8, 32, 32, 16, 3
 TRAIN_LABELS = np.arange(N_TRAIN) % NUM_CLASSES
 
 
-def setup(kind, axis_name, dtype=jnp.float32):
-    model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32,
-                     bn_axis_name=axis_name, dtype=dtype)
+def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
+    group = BATCH // num_devices if kind == "queue-groups" else 0
+    bn = BatchNormSettings(axis_name=None if group else axis_name, group_size=group)
+    model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32, bn=bn,
+                     dtype=dtype)
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
     config = StepConfig(loss=LossConfig.from_preset("paper"),
                         contrast=ContrastConfig(num_positives=3, num_negatives=10),
                         embed_dim=DIM, steps_per_epoch=5, consistency_divisor=BATCH,
-                        axis_name=axis_name)
-    if kind == "queue":
+                        running_stats_of_first_device=bool(group), axis_name=axis_name)
+    if kind.startswith("queue"):
         make_memory = lambda k: QueueMemory.create(k, NUM_CLASSES, 8, DIM)
     else:
         make_memory = lambda k: BankMemory.create(k, TRAIN_LABELS, NUM_CLASSES, DIM)
@@ -67,7 +73,7 @@ def max_rel(a, b):
 
 
 def main(num_devices, kind, backends):
-    state, step = setup(kind, None)
+    state, step = setup(kind, None, num_devices=num_devices)
     step = jax.jit(step)
     ref_losses = []
     for b in batches():
@@ -77,7 +83,7 @@ def main(num_devices, kind, backends):
     report = {}
     for backend in backends:
         dp = DataParallel(backend, jax.devices()[:num_devices])
-        state, per_device = setup(kind, AXIS)
+        state, per_device = setup(kind, AXIS, num_devices=num_devices)
         compiled = dp.compile(per_device)
         state = dp.put_state(state)
         got_losses = []
