@@ -345,6 +345,29 @@ def test_batch_norm_groups_normalise_each_group_and_keep_the_first_groups_stats(
             variables, jnp.asarray(x), mutable=["batch_stats"])
 
 
+def test_batch_norm_mask_leaves_padding_out_and_all_padding_updates_nothing():
+    """A mask keeps the masked items out of the statistics (as if absent); a batch with no
+    unmasked item leaves the running statistics as they were, with finite outputs."""
+    x, variables = _bn_inputs()
+    bn = BatchNorm(use_running_average=False, kernels="standard")
+    mask = np.array([True] * 5 + [False] * 3)
+    noisy = x.copy()
+    noisy[5:] = 1e3
+    y, upd = bn.apply(variables, jnp.asarray(noisy), mask=jnp.asarray(mask),
+                      mutable=["batch_stats"])
+    y5, upd5 = bn.apply(variables, jnp.asarray(x[:5]), mutable=["batch_stats"])
+    np.testing.assert_allclose(y[:5], y5, rtol=1e-5, atol=1e-5)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(upd["batch_stats"][key], upd5["batch_stats"][key],
+                                   rtol=1e-5, atol=1e-6)
+    y0, upd0 = bn.apply(variables, jnp.asarray(x), mask=jnp.zeros(8, bool),
+                        mutable=["batch_stats"])
+    assert np.isfinite(y0).all()
+    for key in ("mean", "var"):
+        np.testing.assert_array_equal(upd0["batch_stats"][key],
+                                      variables["batch_stats"][key])
+
+
 def test_double_update_until_block3_equals_two_passes_of_the_first_stages(tiny):
     """double_update_until_block=3: norm0 .. denseblock3 (transition1, transition2 included)
     keep the running statistics of two updates with the same batch (the reference's second

@@ -116,6 +116,8 @@ class BatchNorm(nn.Module):
                 x, scale, bias, self.epsilon, self.axis_name, jnp.dtype(self.dtype))
         if not self.is_initializing():
             m = self.momentum
+            if mask is not None:  # statistics of no item (an all-padding batch) update nothing
+                m = jnp.where(count > 0, m, 0.0)
             running_mean.value = (1.0 - m) * running_mean.value + m * mean
             running_var.value = (1.0 - m) * running_var.value + m * (sq_dev_sum / (count - 1))
         return y
