@@ -153,15 +153,13 @@ def ccd_crp(
     loss_s = losses.nce_loss(out_s, config.num_positives, noise, mask, count)
     loss_t = losses.nce_loss(out_t, config.num_positives, noise, mask, count)
 
-    if mask is not None:  # padding is written nowhere: an out-of-range class and row
-        labels = jnp.where(mask, labels, memory.num_classes)
-        index = jnp.where(mask, index, memory.num_items)
     new_memory = memory.replace(z_student=z_s, z_teacher=z_t).update(
         _gather(jax.lax.stop_gradient(embed_s), axis_name),
         _gather(jax.lax.stop_gradient(embed_t), axis_name),
         _gather(labels, axis_name),
         _gather(index, axis_name),
         config.momentum,
+        None if mask is None else _gather(mask, axis_name),
     )
     cent_s, cent_t = new_memory.centroids()
     loss_crp = losses.crp_loss(embed_s, embed_t, cent_s, cent_t, config.temperature, mask,

@@ -24,6 +24,12 @@ def class_weights(class_counts: jax.Array) -> jax.Array:
     return jnp.sum(counts) / counts
 
 
+def item_weights(weight: jax.Array, labels: jax.Array,
+                 mask: jax.Array | None = None) -> jax.Array:
+    """[B] class weight of each item (`weight[labels]`), 0 where `mask` is False."""
+    return weight[labels] if mask is None else jnp.where(mask, weight[labels], 0.0)
+
+
 def weighted_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -38,7 +44,7 @@ def weighted_cross_entropy(
     of which this is one device's part. `mask` [B] bool: only those items count.
     """
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-    w = weight[labels] if mask is None else jnp.where(mask, weight[labels], 0.0)
+    w = item_weights(weight, labels, mask)
     weighted = w * nll if mask is None else jnp.where(mask, w * nll, 0.0)
     return jnp.sum(weighted) / (jnp.sum(w) if normaliser is None else normaliser)
 

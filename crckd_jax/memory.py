@@ -93,15 +93,6 @@ class QueueMemory(struct.PyTreeNode):
     def num_rows(self) -> int:
         return self.student.shape[0] * self.student.shape[1]
 
-    @property
-    def num_classes(self) -> int:
-        return self.student.shape[0]
-
-    @property
-    def num_items(self) -> int:
-        """Bound of the training index (a queue holds no per-item row: any value)."""
-        return 2**31 - 1
-
     def rows(self) -> tuple[jax.Array, jax.Array]:
         dim = self.student.shape[-1]
         return self.student.reshape(-1, dim), self.teacher.reshape(-1, dim)
@@ -115,17 +106,19 @@ class QueueMemory(struct.PyTreeNode):
             jnp.arange(self.num_rows), num_positives, num_negatives)
         return jax.vmap(sample)(keys, labels)
 
-    def update(self, e_s, e_t, labels, index, momentum):
+    def update(self, e_s, e_t, labels, index, momentum, valid=None):
         """Enqueue a batch (e [B, d], labels [B]) in order; only a class's last Q items stay.
-        Items whose label is out of range (>= C) are not enqueued."""
+        valid [B] bool: only those items are enqueued (all when None)."""
         del index, momentum
         num_classes, capacity, _ = self.student.shape
-        one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)  # 0 out of range
-        valid = labels < num_classes
-        labels = jnp.minimum(labels, num_classes - 1)
+        one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
+        if valid is not None:
+            one_hot = jnp.where(valid[:, None], one_hot, 0)
         rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), labels[:, None], 1)[:, 0] - 1
         per_class = jnp.sum(one_hot, axis=0)
-        keep = valid & (rank >= per_class[labels] - capacity)
+        keep = rank >= per_class[labels] - capacity
+        if valid is not None:
+            keep = keep & valid
         slot = jnp.where(keep, (self.head[labels] + rank) % capacity, capacity)
         write = lambda table, e: table.at[labels, slot].set(e, mode="drop")
         return self.replace(
@@ -188,14 +181,6 @@ class BankMemory(struct.PyTreeNode):
     def num_rows(self) -> int:
         return self.student.shape[0]
 
-    @property
-    def num_classes(self) -> int:
-        return self.class_count.shape[0]
-
-    @property
-    def num_items(self) -> int:
-        return self.student.shape[0]
-
     def rows(self) -> tuple[jax.Array, jax.Array]:
         return self.student, self.teacher
 
@@ -207,10 +192,12 @@ class BankMemory(struct.PyTreeNode):
         idx = jax.vmap(sample)(keys, labels)
         return with_anchor_column(idx, index)
 
-    def update(self, e_s, e_t, labels, index, momentum):
-        """Rows `index` [B] (distinct) <- norm(m * row + (1 - m) * e), e [B, d]; an index
-        out of range (>= N) writes nothing."""
+    def update(self, e_s, e_t, labels, index, momentum, valid=None):
+        """Rows `index` [B] (distinct) <- norm(m * row + (1 - m) * e), e [B, d]; valid [B]
+        bool: only those items' rows are written (all when None)."""
         del labels
+        if valid is not None:  # the others to an out-of-range row, which the write drops
+            index = jnp.where(valid, index, self.num_rows)
         mix = lambda table, e: table.at[index].set(
             l2_normalize(momentum * table[index] + (1.0 - momentum) * e), mode="drop")
         return self.replace(student=mix(self.student, e_s), teacher=mix(self.teacher, e_t))

@@ -13,8 +13,9 @@ teacher's augmented views from it, `crckd_jax.augment`), or image_student, image
 float32 [B, H, W, 3] made on the host; label, index int32 [B] (index = the item's position
 in the training set); optionally mask bool [B] (a partial batch: False on padding, which
 enters no BatchNorm statistics, no loss and no memory row; CE, CCD and CRP average the
-unmasked items, MT keeps the configured divisor, as the reference does). Eval batch: image [B, H, W, 3] (uint8, normalised here, or float32
-already normalised), label [B], mask bool [B].
+unmasked items, MT keeps the configured divisor, as the reference does). Eval batch: image
+[B, H, W, 3] (uint8, normalised here, or float32 already normalised), label [B], mask bool
+[B].
 """
 
 from __future__ import annotations
@@ -125,9 +126,7 @@ def train_step(
     # ccd_crp's losses are this device's batch means, or with a mask already its share of
     # the global mean
     num_devices = _psum(1, axis) if mask is None else 1
-    item_weight = class_weight[labels] if mask is None else jnp.where(
-        mask, class_weight[labels], 0.0)
-    weight_sum = _psum(jnp.sum(item_weight), axis)
+    weight_sum = _psum(jnp.sum(losses.item_weights(class_weight, labels, mask)), axis)
 
     def loss_fn(params):
         out_s, updated = model.apply(

@@ -20,11 +20,11 @@ others; or, with `keep_partial_batch` (the reference's loader), every item of th
 used and the last batch of the pass holds the remaining r items, split into the batch's
 BatchNorm groups (`group_size` items each; the whole batch when 0) as torch's `chunk`
 splits them over DataParallel replicas (ceil(r / groups) per group, the last ones smaller or
-empty), each group padded to `group_size` with masked items. An epoch is `steps_per_epoch` consecutive global batches of the stream (default:
-one pass). With augment='host', global position p of the stream is augmented with an RNG
-seeded by (seed, p), so batches do not depend on the number of processes or threads (with
-'device', the step keys each item's views by the run seed, the step and the item's index). Process i of n takes the
-contiguous positions [i * B/n, (i + 1) * B/n) of every global batch of B: every example is
+empty), each group padded to `group_size` with masked items. An epoch is `steps_per_epoch`
+consecutive global batches of the stream (default: one pass). With augment='host', global
+position p of the stream is augmented with an RNG seeded by (seed, p), so batches do not
+depend on the number of processes or threads (with 'device', the step keys each item's views
+by the run seed, the step and the item's index). Process i of n takes the contiguous positions [i * B/n, (i + 1) * B/n) of every global batch of B: every example is
 read once per pass across all processes, and the processes' slices laid one after the other
 (which is how `jax.make_array_from_process_local_data` assembles the global batch) give the
 global batch in the same order as one process reads it. The iterator's get_state()/set_state()
@@ -130,20 +130,6 @@ def partial_batch_rows(remaining: int, batch: int, group: int) -> np.ndarray:
         items = np.arange(g * chunk, min((g + 1) * chunk, remaining))
         rows[g * group: g * group + len(items)] = items
     return rows
-
-
-class _ReadTrainItem(grain.transforms.Map):
-    """Training index i -> `_ReadRecord`'s element with mask True, or a masked zero image
-    for padding (i = -1)."""
-
-    def __init__(self, read: _ReadRecord, store_shape: tuple[int, ...]):
-        self.read, self.store_shape = read, store_shape
-
-    def map(self, i: int) -> dict:
-        if i >= 0:
-            return {**self.read.map(i), "mask": np.bool_(True)}
-        return {"image": np.zeros(self.store_shape, np.uint8), "label": np.int32(0),
-                "index": np.int32(0), "mask": np.bool_(False)}
 
 
 class _ProcessRows(grain.MapDataset):
@@ -291,7 +277,7 @@ def train_dataset(
     read = _ReadRecord(data.source, data.fold.train, data.fold.train_labels)
     if keep_partial_batch:
         stored = data.source[int(data.fold.train[0])]["image"].shape
-        ds = ds.map(_ReadTrainItem(read, stored))
+        ds = ds.map(_ReadPadded(read, stored, pad_index=0))
     else:
         ds = ds.map(read)
     if augment_on == "host":
@@ -305,18 +291,19 @@ def train_dataset(
 
 
 class _ReadPadded(grain.transforms.Map):
-    """Position p -> the p-th listed record, or a zero image with mask False past the end."""
+    """List position p -> `_ReadRecord`'s element with mask True, or, for p outside the list
+    (past its end, or -1), padding: a zero image, label 0, index `pad_index`, mask False."""
 
-    def __init__(self, read: _ReadRecord, num_items: int, store_shape: tuple[int, ...]):
-        self.read, self.num_items, self.store_shape = read, num_items, store_shape
+    def __init__(self, read: _ReadRecord, store_shape: tuple[int, ...], pad_index: int):
+        self.read, self.store_shape, self.pad_index = read, store_shape, pad_index
 
     def map(self, p: int) -> dict:
-        if p < self.num_items:
+        if 0 <= p < len(self.read.records):
             return {**self.read.map(p), "mask": np.bool_(True)}
         return {
             "image": np.zeros(self.store_shape, np.uint8),
             "label": np.int32(0),
-            "index": np.int32(-1),
+            "index": np.int32(self.pad_index),
             "mask": np.bool_(False),
         }
 
@@ -344,7 +331,7 @@ def eval_dataset(
     num_batches = -(-len(records) // global_batch_size)
     store_shape = (image_size, image_size, 3)
     ds = grain.MapDataset.range(num_batches * global_batch_size)
-    ds = ds.map(_ReadPadded(_ReadRecord(data.source, records, labels), len(records), store_shape))
+    ds = ds.map(_ReadPadded(_ReadRecord(data.source, records, labels), store_shape, pad_index=-1))
     ds = ds.map(augment.Resized(image_size))
     ds = _process_rows(ds, global_batch_size, index, count)
     return _to_iter(ds, local, read_threads, prefetch_batches, worker_count)

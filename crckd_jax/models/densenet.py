@@ -317,15 +317,14 @@ class DenseNetFeatures(nn.Module):
         # The settings of stage i (0: the stem, i: denseblock i and the transition after it).
         stage_bn = lambda i: twice if i < self.double_update_until_block else self.bn
 
-        def norm(name, stage):
-            return lambda y: stage_bn(stage).layer(train, self.dtype, kernels, name)(
-                y, mask=mask)
+        def norm(y, name, stage):
+            return stage_bn(stage).layer(train, self.dtype, kernels, name)(y, mask=mask)
 
         x = nn.Conv(
             cfg.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
             use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv0",
         )(x)
-        x = nn.relu(norm("norm0", 0)(x))
+        x = nn.relu(norm(x, "norm0", 0))
         x = max_pool_3x3_s2(x) if kernels == "cpu" else max_pool_3x3_s2_standard(x)
         channels = cfg.num_init_features
         for i, num_layers in enumerate(cfg.block_config):
@@ -340,7 +339,7 @@ class DenseNetFeatures(nn.Module):
                     channels, self.dtype, stage_bn(i + 1), kernels,
                     name=f"transition{i + 1}",
                 )(x, train, mask)
-        return norm("norm5", len(cfg.block_config))(x)
+        return norm(x, "norm5", len(cfg.block_config))
 
 
 class CRCKDNet(nn.Module):
