@@ -2,10 +2,11 @@
 
 Runs the job twice in fresh workdirs that share one empty persistent compilation cache:
 the first start compiles everything (cold), the second finds the compiled executables in
-the cache (warm). The TFDS data set is built once beforehand in a shared folder, so both
-starts do the same work: generating and listing the synthetic images and writing the folds
-(the stored data set is reused), building the model and state, compiling (or loading) the
-step, and one step. Each run is stopped as soon as its first train record appears.
+the cache (warm). The data is prepared once beforehand: the synthetic images are generated
+in a shared folder (`data.dir`) and the TFDS data set is built in another (`data.tfds_dir`),
+as a real data set is prepared once, so both starts do the same work: listing the images,
+finding the stored data set, writing the folds, building the model and state, compiling (or
+loading) the step, and one step. Each run is stopped as soon as its first train record appears.
 
     python benchmarks/startup.py [--config configs/demo.py] [--model densenet121]
         [--image-size 224] [--batch-size 16] [--xla-options default|none|onednn]
@@ -78,7 +79,7 @@ def main() -> None:
         tmp = pathlib.Path(tmp)
         data, cache = str(tmp / "tfds"), str(tmp / "cache")
         base = [sys.executable, str(ROOT / "launch.py"), "--config", args.config, *overrides,
-                f"--config.data.tfds_dir={data}"]
+                f"--config.data.dir={tmp / 'images'}", f"--config.data.tfds_dir={data}"]
         subprocess.run(base + ["--workdir", str(tmp / "prepared"), "--mode", "prepare"],
                        cwd=ROOT, env=env, check=True, capture_output=True)
         run = base + ["--config.train.log_every_steps=1",

@@ -4,7 +4,7 @@
     python benchmarks/train_loop.py --real-step --model densenet121 --image-size 224 \
         --batch-size 8 --steps 12
 
-Default (`--trivial-step`): the real trainer loop of `crckd_jax.train` (prefetch to the
+Default (`--trivial-step`): the real trainer loop of `crckd_jax.train` (background prefetch to the
 device, deferred metric reads, logging every `--log-every` steps) drives a trivial compiled
 step that only reads its batch, so the loop and the input pipeline are all that is timed.
 Rows, on a synthetic data set stored at --image-size:
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,22 +109,14 @@ class StopClock:
         return None
 
 
-def in_memory(iterator, steps):
-    """`steps` + 1 copies of the iterator's first batch, as a resumable iterator."""
-    first = next(iterator)
-    batches = iter([first] * (steps + 1))
-
-    class Replay:
-        def __next__(self):
-            return next(batches)
-
-        def get_state(self):
-            return {}
-
-    return Replay()
+def in_memory(dataset, steps):
+    """`steps` + 1 copies of the dataset's first batch, as a grain dataset (no read threads)."""
+    first = next(iter(dataset))
+    no_threads = grain.ReadOptions(num_threads=0)
+    return grain.MapDataset.source([first] * (steps + 1)).to_iter_dataset(no_threads)
 
 
-def new_loop(trainer, iterator, workdir):
+def new_loop(trainer, dataset, workdir):
     """The trainer's loop, its epoch-end evaluation left out; returns (wall s, cpu s) of the
     timed steps."""
     timed = Timed(trainer.train_step)
@@ -131,18 +124,21 @@ def new_loop(trainer, iterator, workdir):
     clock = StopClock()
     logger = MetricLogger(workdir)
     evaluate, train._evaluate_epoch = train._evaluate_epoch, lambda *a: None
+    batches = trainer.parallel.prefetch(dataset, trainer.config.data.device_prefetch)
     try:
         state = trainer.parallel.put_state(trainer.initial_state)
-        train._train_loop(trainer, state, iterator, 0, clock, logger)
+        train._train_loop(trainer, state, batches, 0, clock, logger)
     finally:
+        batches.close()
         train._evaluate_epoch = evaluate
         logger.close()
     return clock.end[0] - timed.start[0], clock.end[1] - timed.start[1]
 
 
-def old_loop(trainer, iterator, log_every):
+def old_loop(trainer, dataset, log_every):
     """The first version's loop: every metric read after every step, then the next batch
     read and put on the device; returns (wall s, cpu s) of the timed steps."""
+    iterator = iter(dataset)
     state = trainer.parallel.put_state(trainer.initial_state)
     total = trainer.total_steps
     for step in range(1, total + 1):
@@ -158,10 +154,10 @@ def old_loop(trainer, iterator, log_every):
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
 
-def step_alone(trainer, iterator, steps):
+def step_alone(trainer, dataset, steps):
     """The compiled step alone on one batch already on the device, `steps` times after one
     untimed call; returns (wall s, cpu s)."""
-    batch = trainer.parallel.put_batch(next(iterator))
+    batch = trainer.parallel.put_batch(next(iter(dataset)))
     state = trainer.parallel.put_state(trainer.initial_state)
     state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(state)
@@ -188,18 +184,18 @@ def trivial_rows(args, data_dir, tmp):
         trainer = dataclasses.replace(
             trainer, train_step=trainer.parallel.compile(trivial_step))
         if loop == "new":  # the trivial step's own cost, to subtract from the loop rows
-            wall, cpu = step_alone(trainer, trainer.train_iterator(), args.steps)
+            wall, cpu = step_alone(trainer, trainer.train_dataset(), args.steps)
             results["trivial step alone"] = report("trivial step alone", args.steps,
                                                    args.batch_size, wall, cpu)
         for source in ("memory", "pipeline"):
-            iterator = trainer.train_iterator()
+            dataset = trainer.train_dataset()
             if source == "memory":
-                iterator = in_memory(iterator, args.steps)
+                dataset = in_memory(dataset, args.steps)
             if loop == "new":
-                wall, cpu = new_loop(trainer, iterator, os.path.join(tmp, f"new_{source}"))
+                wall, cpu = new_loop(trainer, dataset, os.path.join(tmp, f"new_{source}"))
                 label = "loop alone" if source == "memory" else "loop + pipeline"
             else:
-                wall, cpu = old_loop(trainer, iterator, args.log_every)
+                wall, cpu = old_loop(trainer, dataset, args.log_every)
                 label = f"old loop, {'in memory' if source == 'memory' else '+ pipeline'}"
             results[label] = report(label + f" ({augment_on})", args.steps,
                                     args.batch_size, wall, cpu)
@@ -209,12 +205,12 @@ def trivial_rows(args, data_dir, tmp):
 def real_rows(args, data_dir, tmp):
     config = make_config(args, "device")
     trainer = train._trainer(config, data_dir, log=lambda _: None)
-    wall, cpu = new_loop(trainer, trainer.train_iterator(), os.path.join(tmp, "real"))
+    wall, cpu = new_loop(trainer, trainer.train_dataset(), os.path.join(tmp, "real"))
     print(f'{"CRCKD step":<38}{"images/s":>10}{"wall ms/step":>16}{"host CPU ms/step":>18}')
     trainer_rate = report("trainer loop", args.steps, args.batch_size, wall, cpu)
     cpu_ms_per_image = cpu / (args.steps * args.batch_size) * 1e3
     # The same compiled step alone, on one batch already on the device.
-    wall, cpu = step_alone(trainer, trainer.train_iterator(), args.steps)
+    wall, cpu = step_alone(trainer, trainer.train_dataset(), args.steps)
     step_rate = report("step only", args.steps, args.batch_size, wall, cpu)
     print(f"RESULT trainer_img_s={trainer_rate:.3f} step_img_s={step_rate:.3f} "
           f"ratio={trainer_rate / step_rate:.3f} "

@@ -3,7 +3,7 @@
 Each checkpoint is a step folder under `<workdir>/checkpoints` holding three items:
 `state` (the TrainState pytree: parameters, EMA, optimizer, memory with Z, RNG),
 `data` (the grain iterator state, to continue the exact batch sequence) and `meta` (the
-config and the epoch). Saves are asynchronous; orbax writes each step into a temporary
+config, the class names and the epoch). Saves are asynchronous; orbax writes each step into a temporary
 folder and renames it when complete, so a crash during a save never leaves a checkpoint
 that looks finished. The last `keep` checkpoints are kept.
 
@@ -66,7 +66,10 @@ class Checkpointer:
             read_only=read_only, cleanup_tmp_directories=not read_only)
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "data", "meta"))
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(),
+                               "data": ocp.JsonCheckpointHandler(),
+                               "meta": ocp.JsonCheckpointHandler()})
         except OSError as e:
             raise StorageError(f"cannot open the checkpoint folder {self.directory}: "
                                f"{e.strerror or e}") from None
@@ -138,6 +141,15 @@ class Checkpointer:
             shutil.move(where, aside)
             log(f"warning: checkpoint step {step} cannot be restored ({reason}); moved to "
                 f"{aside}, using an earlier one")
+
+    def single_device_target(self, step: int) -> Any:
+        """The saved state's structure, shapes and dtypes, laid on the first local device:
+        a restore target that needs neither the run's config nor its device layout."""
+        device = jax.local_devices()[0]
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                           sharding=jax.sharding.SingleDeviceSharding(device)),
+            self.manager.item_metadata(step)["state"])
 
     def restore(self, target_state: Any, step: int | None = None) -> Restored:
         """The checkpoint `step` (default: latest), its state laid out like `target_state`."""

@@ -11,9 +11,12 @@
   train    prepare if needed, then train fold `data.fold` in W (resumes from W/checkpoints)
   eval     evaluate the latest checkpoint of W on the test (and validation) split
   cv       train every fold of `data.folds` in W/fold_<k>, then W/cv_summary.{json,md}
-  predict  write W/predictions.csv for the images of `predict.input`
+  predict  write W/predictions.csv for the images of `predict.input` (the training data is
+           not read)
+  export   write W/export/: the student's (`export.teacher`: and the teacher's) weights,
+           class names and input size, for `crckd_jax.load_model(W)`
 
-`eval` and `predict` use the run's saved config (W/config.json, written by `train`) when
+`eval`, `predict` and `export` use the run's saved config (W/config.json, written by `train`) when
 `--config` is not given; `--config.KEY=VALUE` overrides still apply. A resumed `train` whose
 config changes the computation stops, naming the keys, unless `--allow_config_change`.
 
@@ -48,11 +51,11 @@ from crckd_jax.models.torch_import import CheckpointError
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Config file (path.py[:arg]) or packaged config name[:arg]: "
-    + ", ".join(packaged_configs.names()) + ". Optional for eval and predict when the "
+    + ", ".join(packaged_configs.names()) + ". Optional for eval, predict and export when the "
     "workdir holds the run's config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for data, checkpoints and results.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["prepare", "train", "eval", "cv", "predict"], "What to do."
+    "mode", "train", ["prepare", "train", "eval", "cv", "predict", "export"], "What to do."
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -144,15 +147,17 @@ def run(mode: str, config, workdir: str, allow_config_change: bool = False) -> N
     # Imported here so that a bad flag or config fails before JAX starts.
     import jax
 
-    from crckd_jax import cv, predict, train
+    from crckd_jax import cv, inference, predict, train
     from crckd_jax.data import prepare
     from crckd_jax.runlock import WorkdirLock
 
-    if mode in ("eval", "predict"):  # read the run; write only their own result file
+    if mode in ("eval", "predict", "export"):  # read the run; write only their own results
         if mode == "eval":
             train.evaluate_checkpoint(config, workdir)
-        else:
+        elif mode == "predict":
             predict.predict(config, workdir)
+        else:
+            inference.export(workdir, teacher=config.export.teacher)
         return
     with WorkdirLock(workdir, mode, enabled=jax.process_index() == 0):
         if mode == "prepare":
@@ -211,7 +216,8 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 def add_run_config(argv: list[str]) -> list[str]:
     """`argv` with `--config <W>/config.json` (through crckd_jax/run_config.py) when `--config`
-    is not given and the mode is eval or predict; an `error:` line when a config is needed
+    is not given and the mode is eval, predict or export; an `error:` line when a config is
+    needed
     and W has none. Help and other flags are left to absl."""
     given = any(re.fullmatch(r"--?config(=.*)?", a, flags=re.DOTALL) for a in argv[1:])
     asked_help = any(a.lstrip("-").split("=")[0] in _HELP_FLAGS
@@ -221,7 +227,7 @@ def add_run_config(argv: list[str]) -> list[str]:
         return argv
     mode = _flag_value(argv, "mode") or "train"
     saved = os.path.join(workdir, "config.json")
-    if mode in ("eval", "predict"):
+    if mode in ("eval", "predict", "export"):
         if os.path.isfile(saved):
             return [argv[0], f"--config={_RUN_CONFIG}:{os.path.abspath(saved)}", *argv[1:]]
         fail(f"--config is required: {workdir} has no config.json (written by --mode train)",

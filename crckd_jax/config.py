@@ -125,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # --mode predict: a folder of images or a CSV with an image column
     c.predict.image_column = "image"  # --mode predict with a CSV: column of image paths
+
+    c.export = ml_collections.ConfigDict()
+    c.export.teacher = False  # --mode export: also write the mean teacher's weights
     return c
 
 
@@ -225,6 +228,7 @@ RULES: dict[str, _Rule] = {
     "optim.reset_lr_each_epoch": _BOOL,
     "predict.input": _ANY_STR,
     "predict.image_column": _ANY_STR,
+    "export.teacher": _BOOL,
 }
 
 
@@ -237,7 +241,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.compilation_cache_dir", "train.eval_teacher",
     "data.read_threads", "data.prefetch_batches", "data.device_prefetch", "data.worker_count",
     "data.build_threads", "data.folds",
-    "predict.input", "predict.image_column",
+    "predict.input", "predict.image_column", "export.teacher",
 })
 
 CONFIG_FILE = "config.json"  # the run's full validated config, in its workdir

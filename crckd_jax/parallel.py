@@ -21,9 +21,9 @@ returns the backend's form.
 
 from __future__ import annotations
 
-import collections
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -167,35 +167,22 @@ class DataParallel:
         """This process's rows of the global batch -> arrays split over the devices."""
         if self.backend == "pmap":
             return jax.tree.map(self._split_local, local_batch)
-        sharding = NamedSharding(self.mesh, P(AXIS))
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+        # One call for the whole batch: per-leaf calls cost ~2x the host time.
+        return jax.make_array_from_process_local_data(
+            NamedSharding(self.mesh, P(AXIS)), local_batch)
 
-    def prefetch(self, iterator: Iterator[dict[str, np.ndarray]], size: int,
-                 with_state: bool = False) -> Iterator[Any]:
-        """Batches of `iterator` put on the devices `size` batches ahead of their use.
+    def prefetch(self, dataset: grain.IterDataset, size: int) -> grain.DatasetIterator:
+        """An iterator over `dataset`'s batches put on the devices by a background thread,
+        `size` batches ahead of their use, so the host work of a transfer (and the batch's
+        read) overlaps the running steps instead of delaying the next dispatch.
 
-        The transfers are asynchronous, so the next batches travel while the current step
-        runs. With `with_state`, yields `(device_batch, iterator_state)` pairs, where the
-        state is `iterator.get_state()` right after that batch was read (what a checkpoint
-        taken after the batch's step must hold, although the iterator has moved on).
+        Its `get_state()` / `set_state()` are those of `dataset`'s iterator as of the last
+        batch returned (not of the batches read ahead): what a checkpoint taken after that
+        batch's step must hold. `close()` stops the thread.
         """
-        queue: collections.deque = collections.deque()
-
-        def fill():
-            while len(queue) <= size:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    return
-                device_batch = self.put_batch(batch)
-                queue.append((device_batch, iterator.get_state()) if with_state
-                             else device_batch)
-
-        fill()
-        while queue:
-            yield queue.popleft()
-            fill()  # runs when the next batch is asked for, after this one's step is queued
+        device_batches = grain.experimental.ThreadPrefetchIterDataset(
+            dataset.map(self.put_batch), prefetch_buffer_size=size)
+        return iter(device_batches)
 
     def process_rows(self, global_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This process's rows of a whole global batch held by every process."""

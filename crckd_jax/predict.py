@@ -1,12 +1,13 @@
-"""A trained checkpoint + images -> `<workdir>/predictions.csv` with class probabilities.
+"""A trained run + images -> `<workdir>/predictions.csv` with class probabilities.
 
 `predict.input` is a folder (every image under it, sorted) or a CSV whose
 `predict.image_column` holds image paths (relative to the CSV's folder or absolute). Images
 go through the evaluation transform of training: decoded to RGB, resized to the stored
-size, then to the model size, ImageNet-normalised on the devices. Each row of the output: path, predicted
-class name, one probability column per class. An image that is missing or cannot be decoded
-stops the run with one error naming it, or, with `data.skip_bad_images`, is left out of the
-output and listed.
+size, then to the model size, ImageNet-normalised on the device. The model comes from
+`W/export/` or the run's newest checkpoint (`crckd_jax.inference`); the training data is
+not read. Each row of the output: path, predicted class name, one probability column per
+class. An image that is missing or cannot be decoded stops the run with one error naming
+it, or, with `data.skip_bad_images`, is left out of the output and listed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from crckd_jax import config as config_lib
-from crckd_jax.data import augment, sources
+from crckd_jax.data import sources
 from crckd_jax.data.sources import DataError
-from crckd_jax.train import load_trained
+from crckd_jax.inference import load_model
 
 
 def list_inputs(spec: str, image_column: str) -> list[str]:
@@ -57,23 +57,20 @@ def _good_images(paths: list[str], store: int, skip_bad: bool, bad: list[str]):
 
 def predict(config: ml_collections.ConfigDict, workdir: str,
             log: Callable[[str], None] = print) -> str:
-    """Writes predictions.csv for `predict.input` with the latest checkpoint of `workdir`."""
+    """Writes predictions.csv for `predict.input` with the run's model (`W/export/`, or the
+    newest checkpoint that restores); the training data is not read."""
     paths = list_inputs(config.predict.input, config.predict.image_column)
-    trainer, state = load_trained(config, workdir, log=log)
-    store, size = config_lib.store_size(config), config.data.image_size
+    model = load_model(workdir, log=log)
     batch_size = config.train.batch_size
     probs, kept, bad = [], [], []
-    images_in = _good_images(paths, store, config.data.skip_bad_images, bad)
+    images_in = _good_images(paths, model.store_size, config.data.skip_bad_images, bad)
     while True:
         chunk = [item for _, item in zip(range(batch_size), images_in)]
         if not chunk:
             break
-        images = np.zeros((batch_size, size, size, 3), np.uint8)  # normalised on device
-        for i, (path, stored) in enumerate(chunk):
-            images[i] = np.asarray(augment.resize(stored, size))
-        local = trainer.parallel.process_rows({"image": images})
-        out = trainer.eval_step[False](state, trainer.parallel.put_batch(local))
-        probs.append(trainer.parallel.gather_examples(out)["probs"][:len(chunk)])
+        images = [stored for _, stored in chunk]
+        padding = [np.zeros_like(images[0])] * (batch_size - len(images))  # one compile
+        probs.append(model(images + padding)[:len(chunk)])
         kept += [path for path, _ in chunk]
     if bad:
         log(f"skipped {len(bad)} image(s) that are missing or cannot be decoded: "
@@ -82,7 +79,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str,
         raise DataError(f"none of the {len(paths)} input images can be read")
     paths = kept
     probs = np.concatenate(probs)
-    names = list(trainer.data.class_names)
+    names = list(model.class_names)
     out_path = os.path.join(workdir, "predictions.csv")
     if jax.process_index() == 0:
         with open(out_path, "w", newline="") as f:

@@ -184,10 +184,15 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
     """Probabilities [B, C] and embeddings [B, F] of the student (or teacher), eval mode."""
     params, stats = ((state.ema_params, state.ema_batch_stats) if use_teacher
                      else (state.params["student"], state.batch_stats))
-    images = batch["image"]
+    return classify(model, {"params": params, "batch_stats": stats}, batch["image"])
+
+
+def classify(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+    """Probabilities [B, C] and embeddings [B, F] of `images` (uint8 [B, H, W, 3], normalised
+    here, or float32 already normalised) in eval mode."""
     if images.dtype == jnp.uint8:
         images = augment.normalize(images)
-    out = model.apply({"params": params, "batch_stats": stats}, images, train=False)
+    out = model.apply(variables, images, train=False)
     return {"probs": jax.nn.softmax(out["logits"]), "features": out["feature"]}
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import grain
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -167,14 +168,15 @@ class Trainer:
         return cls(config, data, model, parallel, steps_per_epoch, total_steps, state,
                    parallel.compile(train_with_lr), compiled_eval)
 
-    def train_iterator(self):
+    def train_dataset(self) -> grain.IterDataset:
+        """The training batches of this process, on the host (`pipeline.train_dataset`)."""
         c = self.config
-        return iter(pipeline.train_dataset(
+        return pipeline.train_dataset(
             self.data, global_batch_size=c.train.batch_size, image_size=c.data.image_size,
             num_epochs=c.train.epochs, seed=c.seed, steps_per_epoch=c.train.steps_per_epoch,
             read_threads=c.data.read_threads, prefetch_batches=c.data.prefetch_batches,
             worker_count=c.data.worker_count, augment_on=c.data.augment,
-            keep_partial_batch=c.train.keep_partial_batch, group_size=c.model.bn_group_size))
+            keep_partial_batch=c.train.keep_partial_batch, group_size=c.model.bn_group_size)
 
     @property
     def eval_splits(self) -> list[str]:
@@ -194,10 +196,10 @@ class Trainer:
             image_size=c.data.image_size, read_threads=c.data.read_threads,
             prefetch_batches=c.data.prefetch_batches, worker_count=c.data.worker_count)
         # Every batch is queued on the devices before any result is read back.
+        batches = self.parallel.prefetch(dataset, c.data.device_prefetch)
         outputs = [{**self.eval_step[use_teacher](state, {"image": batch["image"]}),
                     "label": batch["label"], "mask": batch["mask"]}
-                   for batch in self.parallel.prefetch(
-                       iter(dataset), c.data.device_prefetch)]
+                   for batch in batches]
         parts = [self.parallel.gather_examples(out) for out in outputs]
         joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         joined["labels"] = joined.pop("label")
@@ -285,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if checkpoints.removed_leftovers:
         log(f"removed the unfinished save(s) of an interrupted run: "
             f"{', '.join(checkpoints.removed_leftovers)} ({checkpoints.directory})")
-    logger, failed = None, True
+    logger, batches, failed = None, None, True
     try:
         restored = None
         if checkpoints.latest_step() is not None:
@@ -301,10 +303,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    os.path.join(workdir, config_lib.CONFIG_FILE))
         start = restored.step if restored else 0
         logger = MetricLogger(workdir, purge_after=start)
-        iterator = trainer.train_iterator()
+        batches = trainer.parallel.prefetch(trainer.train_dataset(),
+                                            config.data.device_prefetch)
         if restored:
             state = trainer.parallel.put_state(restored.state)
-            iterator.set_state(pipeline.rescale_iterator_state(
+            batches.set_state(pipeline.rescale_iterator_state(
                 restored.data, config.train.batch_size,
                 restored.meta.get("process_count", jax.process_count())))
             log(f"resumed from step {start} ({checkpoints.directory})")
@@ -312,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             state = trainer.parallel.put_state(trainer.initial_state)
         logger.truncate_after(start)
         with StopRequest() as stop:
-            state, last_test = _train_loop(trainer, state, iterator, start, checkpoints,
+            state, last_test = _train_loop(trainer, state, batches, start, checkpoints,
                                            logger, stop)
         checkpoints.wait()
         summary = _finish(trainer, state, last_test, workdir, logger, log)
@@ -327,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if not failed:
                 raise
         finally:
+            if batches is not None:
+                batches.close()
             if logger is not None:
                 logger.close()
             checkpoints.close()
@@ -364,12 +369,12 @@ def _check_config_change(config, workdir, checkpoints_dir, allow, log) -> None:
         f"--workdir, or pass --allow_config_change to resume with the new values")
 
 
-def _train_loop(trainer, state, iterator, start, checkpoints, logger, stop=None):
-    """Steps `start + 1 .. total`; returns the state and the last epoch's student test
-    evaluation (None when no step was left to run).
+def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None):
+    """Steps `start + 1 .. total` on `batches` (`DataParallel.prefetch`'s iterator); returns
+    the state and the last epoch's student test evaluation (None when no step was left).
 
     The host never waits for a step: batches are put on the devices ahead of their step
-    (`data.device_prefetch`), the steps' metrics stay on the devices and are read together
+    (`data.device_prefetch`, by a background thread), the steps' metrics stay on the devices and are read together
     every `train.log_every_steps` steps, at epoch ends and before each checkpoint
     (`_check_finite`: a non-finite loss stops the run before anything after it is saved).
     `stop` (a StopRequest) is asked once per step; when it says so, the step's checkpoint
@@ -380,13 +385,11 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger, stop=None)
     every = config.train.checkpoint_every_steps
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
-    batches = trainer.parallel.prefetch(iterator, config.data.device_prefetch,
-                                        with_state=True)
     pending = []  # (step, metrics still on the devices) since the last read
     tick, tick_step = time.perf_counter(), start
     last_test = None
     for step in range(start + 1, total + 1):
-        batch, data_state = next(batches)
+        batch = next(batches)
         state, terms = trainer.train_step(state, batch)
         pending.append((step, terms))
         bar.update(1)
@@ -411,8 +414,9 @@ def _train_loop(trainer, state, iterator, start, checkpoints, logger, stop=None)
         if save_now:
             # One replicated copy of the state (also under pmap), the same iterator
             # state on every process (each counts its own rows of the global batches).
-            checkpoints.save(step, trainer.parallel.get_state(state), data_state,
+            checkpoints.save(step, trainer.parallel.get_state(state), batches.get_state(),
                              {"epoch": step / per_epoch, "config": config.to_dict(),
+                              "class_names": list(trainer.data.class_names),
                               "process_count": jax.process_count()})
         if stopping:
             checkpoints.wait()

@@ -49,7 +49,7 @@ def test_help_lists_modes_and_flags(command, tmp_path):
     assert done.returncode == 0, done.stderr
     for text in ("Command line of crckd-jax", "predict  write W/predictions.csv",
                  "--config: Config file (path.py[:arg]) or packaged config name[:arg]: aptos,",
-                 "--workdir: Folder for data", "--mode: <prepare|train|eval|cv|predict>",
+                 "--workdir: Folder for data", "--mode: <prepare|train|eval|cv|predict|export>",
                  "--num_processes"):
         assert text in done.stdout, (text, done.stdout)
 

@@ -57,6 +57,8 @@ def test_training_batch_contract(data, augment_on):
             assert b[key].shape == (8, SIZE, SIZE, 3) and b[key].dtype == np.float32
         assert not np.allclose(b["image_student"], b["image_teacher"])  # independent views
     assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
+    # 64-byte aligned, so the CPU backend puts a batch on its device without copying it
+    assert all(x.ctypes.data % 64 == 0 for x in b.values())
     indices = np.concatenate([b["index"] for b in batches])
     assert (
         len(set(indices)) == full * 8

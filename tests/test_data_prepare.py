@@ -105,6 +105,15 @@ def test_demo_prepare_writes_summary_and_folds(tmp_path):
     assert len(fold.fold.train) == summary["folds"][2]["train"]
     assert fold.source[int(fold.fold.test[0])]["image"].shape == (16, 16, 3)
     assert prepare.prepare(config, str(tmp_path), log=lambda _: None) == summary  # reused
+    # Records are stored uncompressed, one per chunk (no decompression at every read).
+    from array_record.python import array_record_module
+
+    files = list(tmp_path.glob("data/tfds/**/*.array_record-*"))
+    assert len(files) == 1
+    reader = array_record_module.ArrayRecordReader(str(files[0]))
+    options = reader.writer_options_string().split(",")
+    reader.close()
+    assert "uncompressed" in options and "group_size:1" in options
 
 
 def test_ham10000_folder_with_odd_images(tmp_path):

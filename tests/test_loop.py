@@ -6,9 +6,11 @@ import importlib.util
 import os
 import pathlib
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from crckd_jax import train
@@ -73,10 +75,11 @@ def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None, stop=None):
     checkpoints = Checkpointer(str(workdir / "checkpoints"), asynchronous=False)
     logger = MetricLogger(str(workdir))
     state = trainer.parallel.put_state(trainer.initial_state)
+    batches = trainer.parallel.prefetch(trainer.train_dataset(), 2)
     try:
-        train._train_loop(trainer, state, trainer.train_iterator(), 0, checkpoints, logger,
-                          stop)
+        train._train_loop(trainer, state, batches, 0, checkpoints, logger, stop)
     finally:
+        batches.close()
         logger.close()
         checkpoints.close()
     return trainer, reads, checkpoints
@@ -126,16 +129,23 @@ def test_non_finite_loss_between_reads_stops_before_the_next_checkpoint(
 
 def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
     trainer = train._trainer(tiny_config(), data_dir, log=lambda _: None)
-    plain = trainer.train_iterator()
+    plain = iter(trainer.train_dataset())
     expected = []
     for _ in range(5):
         batch = next(plain)
         expected.append((batch["index"], plain.get_state()))
-    ahead = trainer.parallel.prefetch(trainer.train_iterator(), 2, with_state=True)
-    for (index, state), (device_batch, got_state) in zip(expected, ahead):
+    ahead = trainer.parallel.prefetch(trainer.train_dataset(), 2)
+    for index, state in expected:
+        device_batch = next(ahead)
+        time.sleep(0.05)  # the thread reads ahead meanwhile
         assert isinstance(device_batch["image"], jax.Array)
         assert (jax.device_get(device_batch["index"]) == index).all()
-        assert got_state == state
+        assert ahead.get_state() == state
+    # Restored to a state, it continues from the batch after it.
+    resumed = trainer.parallel.prefetch(trainer.train_dataset(), 2)
+    resumed.set_state(expected[2][1])
+    np.testing.assert_array_equal(jax.device_get(next(resumed)["index"]), expected[3][0])
+    ahead.close(), resumed.close()
 
 
 def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_path,
@@ -167,7 +177,7 @@ def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_
     checkpoints = Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpoints.manager.all_steps() == [2]
     saved = checkpoints.manager.restore(2, args=ocp_args())["data"]
-    plain = train._trainer(tiny_config(), data_dir, log=lambda _: None).train_iterator()
+    plain = iter(train._trainer(tiny_config(), data_dir, log=lambda _: None).train_dataset())
     next(plain), next(plain)
     assert saved == plain.get_state()
 
@@ -185,7 +195,7 @@ def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision,
     trainer = train._trainer(tiny_config(matmul_precision=precision), data_dir,
                              log=lambda _: None)
     state = trainer.parallel.put_state(trainer.initial_state)
-    batch = trainer.parallel.put_batch(next(trainer.train_iterator()))
+    batch = trainer.parallel.put_batch(next(iter(trainer.train_dataset())))
     eval_batch = {"image": batch["image"]}
     for step, args in ((trainer.train_step, (state, batch)),
                        (trainer.eval_step[False], (state, eval_batch))):

@@ -306,3 +306,67 @@ def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tm
     assert lrs[11] == pytest.approx(1e-4, rel=1e-6)  # update 10: the first of epoch 2
     assert lrs[10] != pytest.approx(1e-4, rel=1e-3) and lrs[12] != pytest.approx(1e-4, rel=1e-3)
     assert json.loads((tmp_path / "summary.json").read_text())["mean_last_11"] is not None
+
+
+def test_export_then_predict_without_the_training_data(trained, cache, tmp_path):
+    """Export from a copy of the run whose data folder is gone; the exported model gives the
+    trainer's evaluation probabilities; predict reads nothing but the model."""
+    import shutil
+
+    from PIL import Image
+
+    from crckd_jax import inference, load_model, run_config, train
+    from crckd_jax.data import augment, sources
+    from crckd_jax.errors import CheckpointUnavailable
+
+    workdir, _ = trained
+    images = sorted((workdir / "data" / "synthetic").rglob("*.jpg"))[:5]
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "data")
+    command = [a for a in launch_command(copy, cache, "--mode", "export")
+               if a not in ("--config", TINY)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not (copy / "data").exists()
+    description = json.loads((copy / "export" / "model.json").read_text())
+    assert description["models"] == ["student"] and description["image_size"] == 32
+    assert description["class_names"] == ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"]
+
+    # The trainer's eval step on the original run, on the same images.
+    config = run_config.get_config(str(workdir / "config.json"))
+    trainer, state = train.load_trained(config, str(workdir), log=lambda _: None)
+    model = load_model(str(copy))
+    decoded = [np.asarray(sources.load_rgb(str(p), model.store_size)) for p in images]
+    batch = np.zeros((config.train.batch_size, 32, 32, 3), np.uint8)
+    batch[:5] = [np.asarray(augment.resize(d, 32)) for d in decoded]
+    expected = trainer.parallel.gather_examples(
+        trainer.eval_step[False](state, trainer.parallel.put_batch({"image": batch})))["probs"]
+    np.testing.assert_allclose(model(decoded), expected[:5], rtol=1e-5, atol=1e-7)
+    # Any size: resized to the stored size, then to the model's.
+    big = [np.asarray(Image.fromarray(d).resize((48, 40))) for d in decoded]
+    assert model(big).shape == (5, 7)
+
+    listing = tmp_path / "inputs.csv"
+    with open(listing, "w", newline="") as f:
+        csv.writer(f).writerows([["image"]] + [[str(p)] for p in images])
+    command = [a for a in launch_command(copy, cache, "--mode", "predict",
+                                         f"--config.predict.input={listing}")
+               if a not in ("--config", TINY)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(copy / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = np.array([[float(r[f"prob_{c}"]) for c in description["class_names"]] for r in rows])
+    np.testing.assert_allclose(got, expected[:5], atol=2e-6)
+    assert not (copy / "data").exists()
+
+    # Bad input: no run; an export of another model.
+    with pytest.raises(CheckpointUnavailable, match=r"no trained run in .*empty"):
+        inference.export(str(tmp_path / "empty"))
+    description["class_names"] = ["a", "b", "c"]
+    (copy / "export" / "model.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointUnavailable,
+                       match=r"student.safetensors does not fit model 'densenet_small' with 3 "
+                             r"classes .*classifier"):
+        load_model(str(copy))
