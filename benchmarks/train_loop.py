@@ -123,7 +123,7 @@ def new_loop(trainer, dataset, workdir):
     trainer = dataclasses.replace(trainer, train_step=timed)
     clock = StopClock()
     logger = MetricLogger(workdir)
-    evaluate, train._evaluate_epoch = train._evaluate_epoch, lambda *a: None
+    evaluate, train._evaluate_epoch = train._evaluate_epoch, lambda *a: (None, None)
     batches = trainer.parallel.prefetch(dataset, trainer.config.data.device_prefetch)
     try:
         state = trainer.parallel.put_state(trainer.initial_state)

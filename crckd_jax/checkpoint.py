@@ -3,9 +3,11 @@
 Each checkpoint is a step folder under `<workdir>/checkpoints` holding three items:
 `state` (the TrainState pytree: parameters, EMA, optimizer, memory with Z, RNG),
 `data` (the grain iterator state, to continue the exact batch sequence) and `meta` (the
-config, the class names and the epoch). Saves are asynchronous; orbax writes each step into a temporary
-folder and renames it when complete, so a crash during a save never leaves a checkpoint
-that looks finished. The last `keep` checkpoints are kept.
+config, the class names and the epoch). Saves are asynchronous; orbax writes each step into
+a temporary folder and renames it when complete, so a crash during a save never leaves a
+checkpoint that looks finished. The last `keep` checkpoints are kept; a run with a
+validation split also keeps its best epoch's checkpoint in `<workdir>/best_checkpoint`
+(`best=True`).
 
 Leftover temporary folders of saves that a crash interrupted (`*.orbax-checkpoint-tmp*`) are
 incomplete by construction: they are removed (process 0) when a run opens the folder for
@@ -30,6 +32,7 @@ import orbax.checkpoint as ocp
 from crckd_jax.errors import StorageError
 
 DAMAGED_DIR = "damaged_checkpoints"  # next to the checkpoints folder
+BEST_DIR = "best_checkpoint"  # the best validation epoch's checkpoint, next to it
 
 
 @dataclasses.dataclass
@@ -52,18 +55,29 @@ def _remove_leftovers(directory: str) -> list[str]:
     return leftovers
 
 
+def _best_validation(metrics: dict) -> tuple[float, int]:
+    """The rank of an epoch's checkpoint: validation balanced accuracy, then earlier first
+    (as the summary's `best_val` view picks its epoch)."""
+    return metrics["val_bacc"], -metrics["epoch"]
+
+
 class Checkpointer:
     """An orbax CheckpointManager for one run directory."""
 
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, best: bool = False):
+        """`keep` newest checkpoints, or with `best` the `keep` best by the `metrics` given to
+        `save`: highest `val_bacc`, the earliest `epoch` among equals (orbax `best_fn`)."""
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
         self.removed_leftovers = [] if read_only else _remove_leftovers(self.directory)
         self.failure: str | None = None
+        ranking = dict(best_fn=_best_validation, best_mode="max",
+                       keep_checkpoints_without_metrics=False) if best else {}
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only)
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=asynchronous, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only, **ranking)
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options,
@@ -86,15 +100,16 @@ class Checkpointer:
                 if self._last_good is not None else "no checkpoint was committed before")
         return StorageError(f"{what} failed: {reason} ({path}); {kept}")
 
-    def save(self, step: int, state: Any, data: dict, meta: dict) -> None:
+    def save(self, step: int, state: Any, data: dict, meta: dict,
+             metrics: dict | None = None) -> None:
         """Starts an asynchronous save of `step` (device arrays are copied before return).
         A failed write (of this save or of the previous one, which completes first) raises
-        StorageError."""
+        StorageError. `metrics` ranks the checkpoints of a `best` Checkpointer."""
         previous = self._pending
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-                meta=ocp.args.JsonSave(meta)))
+                meta=ocp.args.JsonSave(meta)), metrics=metrics)
         except OSError as e:
             raise self._storage_error(f"saving checkpoint step {step}", e) from None
         if previous is not None:  # committed before this save could start

@@ -9,7 +9,8 @@
 `--config.data.dir=/data/HAM10000 --config.train.epochs=5`. Modes:
   prepare  build the data set, the folds and W/data_summary.json
   train    prepare if needed, then train fold `data.fold` in W (resumes from W/checkpoints)
-  eval     evaluate the latest checkpoint of W on the test (and validation) split
+  eval     evaluate the latest checkpoint of W on the test (and validation) split, or with
+           `eval.input` on a labelled folder or CSV (the training data is not read)
   cv       train every fold of `data.folds` in W/fold_<k>, then W/cv_summary.{json,md}
   predict  write W/predictions.csv for the images of `predict.input` (the training data is
            not read)
@@ -152,12 +153,15 @@ def run(mode: str, config, workdir: str, allow_config_change: bool = False) -> N
     from crckd_jax.runlock import WorkdirLock
 
     if mode in ("eval", "predict", "export"):  # read the run; write only their own results
-        if mode == "eval":
+        if mode == "eval" and config.eval.input:
+            predict.evaluate_input(config, workdir)
+        elif mode == "eval":
             train.evaluate_checkpoint(config, workdir)
         elif mode == "predict":
             predict.predict(config, workdir)
         else:
-            inference.export(workdir, teacher=config.export.teacher)
+            inference.export(workdir, teacher=config.export.teacher,
+                             checkpoint=config.export.checkpoint)
         return
     with WorkdirLock(workdir, mode, enabled=jax.process_index() == 0):
         if mode == "prepare":
@@ -312,11 +316,13 @@ def show_tracebacks() -> bool:
 
 def execute(mode: str, config, workdir: str, coordinator_address: str | None = None,
             num_processes: int | None = None, process_id: int | None = None,
-            allow_config_change: bool = False, tracebacks: bool | None = None) -> None:
+            allow_config_change: bool = False, tracebacks: bool | None = None,
+            run_config_file: str | None = None) -> None:
     """Checks `config`, starts `jax.distributed` if asked, runs `mode`. Every failure ends
     the program with one `error: ...` line and the exit status of its kind
     (crckd_jax/errors.py); with `tracebacks` (default: `show_tracebacks()`) the exception
-    propagates with its traceback instead."""
+    propagates with its traceback instead. `run_config_file`: the run's config.json that
+    `config` was read from (named in a config error)."""
     tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
         config_lib.validate(config)
@@ -331,7 +337,10 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
         if tracebacks:
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else _exit_code(e)
-        fail(_message(e), code)
+        message = _message(e)
+        if run_config_file and isinstance(e, config_lib.ConfigError):
+            message += f" (config read from {run_config_file}, with the command line's overrides)"
+        fail(message, code)
 
 
 def _main(argv: list[str]) -> None:
@@ -339,8 +348,11 @@ def _main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     tracebacks = show_tracebacks()
     logging.set_verbosity(logging.ERROR)
+    source = config_flags.get_config_filename(flags.FLAGS["config"])
+    run_config_file = source.split(":", 1)[1] if source.startswith(_RUN_CONFIG + ":") else None
     execute(_MODE.value, _CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
-            _NUM_PROCESSES.value, _PROCESS_ID.value, _ALLOW_CONFIG_CHANGE.value, tracebacks)
+            _NUM_PROCESSES.value, _PROCESS_ID.value, _ALLOW_CONFIG_CHANGE.value, tracebacks,
+            run_config_file)
 
 
 def _show_in_help() -> None:

@@ -126,8 +126,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.predict.input = ""  # --mode predict: a folder of images or a CSV with an image column
     c.predict.image_column = "image"  # --mode predict with a CSV: column of image paths
 
+    c.eval = ml_collections.ConfigDict()
+    # --mode eval: a labelled folder (a subfolder per class) or CSV; "" = the run's test split
+    c.eval.input = ""
+    c.eval.image_column = "image"  # --mode eval with a CSV: column of image paths
+    c.eval.label_column = "label"  # --mode eval with a CSV: column of class names
+
     c.export = ml_collections.ConfigDict()
     c.export.teacher = False  # --mode export: also write the mean teacher's weights
+    # --mode export: from the newest checkpoint ("latest") or the best validation epoch's
+    c.export.checkpoint = "latest"
     return c
 
 
@@ -228,7 +236,11 @@ RULES: dict[str, _Rule] = {
     "optim.reset_lr_each_epoch": _BOOL,
     "predict.input": _ANY_STR,
     "predict.image_column": _ANY_STR,
+    "eval.input": _ANY_STR,
+    "eval.image_column": _ANY_STR,
+    "eval.label_column": _ANY_STR,
     "export.teacher": _BOOL,
+    "export.checkpoint": _choice("latest", "best_val"),
 }
 
 
@@ -241,7 +253,8 @@ RESUME_FREE_KEYS = frozenset({
     "train.compilation_cache_dir", "train.eval_teacher",
     "data.read_threads", "data.prefetch_batches", "data.device_prefetch", "data.worker_count",
     "data.build_threads", "data.folds",
-    "predict.input", "predict.image_column", "export.teacher",
+    "predict.input", "predict.image_column", "eval.input", "eval.image_column",
+    "eval.label_column", "export.teacher", "export.checkpoint",
 })
 
 CONFIG_FILE = "config.json"  # the run's full validated config, in its workdir

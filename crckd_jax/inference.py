@@ -1,6 +1,7 @@
 """A trained run as a model: `W/export/` and `load_model`, without the training data.
 
-`export(W)` writes `W/export/` from the run's newest checkpoint that restores (read-only):
+`export(W)` writes `W/export/` from the run's newest checkpoint that restores (read-only),
+or with `checkpoint="best_val"` from its best validation epoch's (`W/best_checkpoint`):
 
     model.json           format, model (name, hidden_dim, num_classes, dtype), class_names,
                          image_size (px, the network's input), store_size (px, the size
@@ -32,7 +33,7 @@ from flax import traverse_util
 from PIL import Image
 
 from crckd_jax import config as config_lib
-from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.checkpoint import BEST_DIR, Checkpointer
 from crckd_jax.data import augment as host_augment
 from crckd_jax.data import sources
 from crckd_jax.errors import CheckpointUnavailable
@@ -42,6 +43,7 @@ from crckd_jax.step import classify
 EXPORT_DIR = "export"
 MODEL_FILE = "model.json"
 FORMAT = "crckd-jax-export-1"
+CHECKPOINTS = ("latest", "best_val")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +87,11 @@ def _uint8_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def export(workdir: str, teacher: bool = False, log: Callable[[str], None] = print) -> str:
+def export(workdir: str, teacher: bool = False, checkpoint: str = "latest",
+           log: Callable[[str], None] = print) -> str:
     """Writes `W/export/` (replacing an earlier export) from the newest checkpoint that
-    restores; returns its path."""
-    run = _restore_run(workdir, log)
+    restores ("latest") or the best validation epoch's ("best_val"); returns its path."""
+    run = _restore_run(workdir, checkpoint, log)
     out = os.path.join(workdir, EXPORT_DIR)
     tmp = out + ".incomplete"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,6 +114,7 @@ def export(workdir: str, teacher: bool = False, log: Callable[[str], None] = pri
         "normalisation": {"mean": host_augment.IMAGENET_MEAN.tolist(),
                           "std": host_augment.IMAGENET_STD.tolist()},
         "models": sorted(models),
+        "checkpoint": checkpoint,
         "checkpoint_step": run.step,
         "config": c.to_dict(),
     }
@@ -122,15 +126,16 @@ def export(workdir: str, teacher: bool = False, log: Callable[[str], None] = pri
     return out
 
 
-def load_model(path: str, teacher: bool = False,
+def load_model(path: str, teacher: bool = False, checkpoint: str | None = None,
                log: Callable[[str], None] = print) -> Model:
     """The student (or, with `teacher`, the mean teacher) of an export folder, of a workdir
-    holding `export/`, or of a workdir's newest checkpoint that restores."""
+    holding `export/`, or of a workdir's checkpoints: its newest that restores ("latest",
+    the default without an export) or its best validation epoch's ("best_val")."""
     folder = path if os.path.isfile(os.path.join(path, MODEL_FILE)) else \
         os.path.join(path, EXPORT_DIR)
-    if os.path.isfile(os.path.join(folder, MODEL_FILE)):
+    if checkpoint is None and os.path.isfile(os.path.join(folder, MODEL_FILE)):
         return _from_export(folder, teacher)
-    run = _restore_run(path, log)
+    run = _restore_run(path, checkpoint or "latest", log)
     return _model(run.config, run.class_names, run.teacher if teacher else run.student)
 
 
@@ -200,13 +205,20 @@ class _Run:
     teacher: dict
 
 
-def _restore_run(workdir: str, log: Callable[[str], None]) -> _Run:
-    """The newest checkpoint of `workdir` that restores, on the first local device."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+def _restore_run(workdir: str, checkpoint: str, log: Callable[[str], None]) -> _Run:
+    """The newest checkpoint of `workdir` that restores, or of its best validation epoch's
+    folder, on the first local device."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise CheckpointUnavailable(f"no trained run in {os.path.abspath(workdir)}: it has "
                                     f"no checkpoints folder (train first, or give the "
                                     f"workdir of a run)")
+    directory = os.path.join(workdir, "checkpoints" if checkpoint == "latest" else BEST_DIR)
+    if not os.path.isdir(directory):
+        raise CheckpointUnavailable(f"no best validation checkpoint in "
+                                    f"{os.path.abspath(directory)}: the run has no "
+                                    f"validation split (data.val_fraction)")
     checkpoints = Checkpointer(directory, read_only=True)
     try:
         step = checkpoints.latest_step()

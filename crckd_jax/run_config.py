@@ -10,7 +10,14 @@ import ml_collections
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is the run's config, written by "
+                         "--mode train: give --config explicitly") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds no config (a JSON object was expected)")
+    config = ml_collections.ConfigDict(values)
     config.lock()
     return config

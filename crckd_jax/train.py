@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from crckd_jax import config as config_lib
 from crckd_jax import losses, metrics, report, xla_options
-from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.checkpoint import BEST_DIR, Checkpointer
 from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, StorageError,
                               TrainingDiverged)
 from crckd_jax.preemption import StopRequest
@@ -284,9 +284,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _check_config_change(config, workdir, checkpoints_dir, allow_config_change, log)
     trainer = _trainer(config, data_workdir or workdir, log)
     checkpoints = Checkpointer(checkpoints_dir, keep=config.train.keep_checkpoints)
-    if checkpoints.removed_leftovers:
-        log(f"removed the unfinished save(s) of an interrupted run: "
-            f"{', '.join(checkpoints.removed_leftovers)} ({checkpoints.directory})")
+    best = (Checkpointer(os.path.join(workdir, BEST_DIR), keep=1, best=True)
+            if "val" in trainer.eval_splits else None)
+    for opened in filter(None, (checkpoints, best)):
+        if opened.removed_leftovers:
+            log(f"removed the unfinished save(s) of an interrupted run: "
+                f"{', '.join(opened.removed_leftovers)} ({opened.directory})")
     logger, batches, failed = None, None, True
     try:
         restored = None
@@ -316,8 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logger.truncate_after(start)
         with StopRequest() as stop:
             state, last_test = _train_loop(trainer, state, batches, start, checkpoints,
-                                           logger, stop)
+                                           logger, stop, best)
         checkpoints.wait()
+        if best is not None:
+            best.wait()
         summary = _finish(trainer, state, last_test, workdir, logger, log)
         failed = False
         return summary
@@ -325,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # Every exit path: the pending save ends (its error, if any, only when nothing else
         # failed), the TensorBoard writer's thread stops, the manager closes.
         try:
-            checkpoints.wait()
+            for opened in filter(None, (checkpoints, best)):
+                opened.wait()
         except StorageError:
             if not failed:
                 raise
@@ -335,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if logger is not None:
                 logger.close()
             checkpoints.close()
+            if best is not None:
+                best.close()
 
 
 def _write(write: Callable[[], Any], path: str) -> Any:
@@ -369,14 +377,17 @@ def _check_config_change(config, workdir, checkpoints_dir, allow, log) -> None:
         f"--workdir, or pass --allow_config_change to resume with the new values")
 
 
-def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None):
+def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, best=None):
     """Steps `start + 1 .. total` on `batches` (`DataParallel.prefetch`'s iterator); returns
     the state and the last epoch's student test evaluation (None when no step was left).
+    `best` (a Checkpointer with `best=True`) gets every epoch's state with the student's
+    validation balanced accuracy and keeps the best.
 
     The host never waits for a step: batches are put on the devices ahead of their step
-    (`data.device_prefetch`, by a background thread), the steps' metrics stay on the devices and are read together
-    every `train.log_every_steps` steps, at epoch ends and before each checkpoint
-    (`_check_finite`: a non-finite loss stops the run before anything after it is saved).
+    (`data.device_prefetch`, by a background thread), the steps' metrics stay on the
+    devices and are read together every `train.log_every_steps` steps, at epoch ends and
+    before each checkpoint (`_check_finite`: a non-finite loss stops the run before
+    anything after it is saved).
     `stop` (a StopRequest) is asked once per step; when it says so, the step's checkpoint
     is saved and committed and Preempted is raised.
     """
@@ -409,17 +420,24 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None):
                           **{k: v for k, v in terms.items() if k != "epoch"}})
             bar.set_postfix_str(f"epoch {(step - 1) // per_epoch + 1}/{config.train.epochs} "
                                 f"{_format_metrics(terms)} {img_s:.1f} img/s")
+        val_bacc = None
         if epoch_end:
-            last_test = _evaluate_epoch(trainer, state, step, logger, bar)
+            last_test, val_bacc = _evaluate_epoch(trainer, state, step, logger, bar)
         if save_now:
             # One replicated copy of the state (also under pmap), the same iterator
             # state on every process (each counts its own rows of the global batches).
-            checkpoints.save(step, trainer.parallel.get_state(state), batches.get_state(),
-                             {"epoch": step / per_epoch, "config": config.to_dict(),
-                              "class_names": list(trainer.data.class_names),
-                              "process_count": jax.process_count()})
+            saved = (step, trainer.parallel.get_state(state), batches.get_state(),
+                     {"epoch": step / per_epoch, "config": config.to_dict(),
+                      "class_names": list(trainer.data.class_names),
+                      "process_count": jax.process_count()})
+            checkpoints.save(*saved)
+            if best is not None and val_bacc is not None:
+                best.save(*saved, metrics={"val_bacc": val_bacc,
+                                           "epoch": step // per_epoch - 1})
         if stopping:
             checkpoints.wait()
+            if best is not None:
+                best.wait()
             bar.close()
             raise Preempted(
                 f"stopped by {stop.signal_name} after step {step} of {total}: checkpoint "
@@ -449,22 +467,25 @@ def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
 
 
 def _evaluate_epoch(trainer, state, step, logger, bar):
-    """Evaluates and logs every split and model; returns the student's test evaluation."""
+    """Evaluates and logs every split and model; returns the student's test evaluation and
+    validation balanced accuracy (None without a validation split)."""
     epoch = step // trainer.steps_per_epoch - 1
     models = ["student"] + (["teacher"] if trainer.config.train.eval_teacher else [])
-    student_test = None
+    student_test, student_val_bacc = None, None
     for split in trainer.eval_splits:
         for model in models:
             out = trainer.evaluate(state, split, use_teacher=model == "teacher")
             values = trainer.scores(out)
             logger.write({"split": split, "model": model, "step": step, "epoch": epoch,
                           **values})
+            if split == "val" and model == "student":
+                student_val_bacc = values["bacc"]
             if split == "test" and model == "student":
                 student_test = out
                 if jax.process_index() == 0:
                     bar.write(f"epoch {epoch + 1}: test bacc={values['bacc']:.4f} "
                               f"f1={values['f1']:.4f} auc={values['auc_ovr']:.4f}")
-    return student_test
+    return student_test, student_val_bacc
 
 
 def _finish(trainer, state, evaluation, workdir, logger, log):

@@ -205,3 +205,23 @@ def test_reference_argument_sets_the_authors_run(name):
     with pytest.raises(config_lib.ConfigError, match="'model.bn_group_size' is 32: expected 0 "
                                                      "with parallel.sync_batch_norm=True"):
         config_lib.validate(reference)
+
+
+def test_a_run_config_that_fails_validation_is_named(tmp_path):
+    """eval/predict/export read W/config.json: a bad value or a damaged file is one error
+    line naming the file."""
+    from crckd_jax import config as config_lib
+
+    config = config_lib.default_config()
+    config.train.batch_size = -3
+    config_lib.write_config_file(config, str(tmp_path))
+    done = _python(str(ROOT / "launch.py"), "--workdir", str(tmp_path), "--mode", "export")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: config key 'train.batch_size' is -3: expected an integer >= 1 (config read "
+        f"from {tmp_path / 'config.json'}, with the command line's overrides)")
+    (tmp_path / "config.json").write_text("{not json")
+    done = _python(str(ROOT / "launch.py"), "--workdir", str(tmp_path), "--mode", "predict")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"{tmp_path / 'config.json'} is not valid JSON" in last

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from crckd_jax import config as config_lib
-from crckd_jax.data import prepare, sources
+from crckd_jax.data import builders, prepare, sources
 from crckd_jax.data.sources import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,16 +130,19 @@ def test_ham10000_folder_with_odd_images(tmp_path):
         assert example["image"].shape == (16, 16, 3)
 
 
-def test_aptos_and_csv_folders(tmp_path):
+def test_aptos_and_csv_folders(tmp_path, monkeypatch, capsys):
     aptos = tmp_path / "aptos"
     os.makedirs(aptos / "train_images")
     with open(aptos / "train.csv", "w") as f:
         f.write("id_code,diagnosis\n" + "".join(f"im{i},{i % 5}\n" for i in range(10)))
     for i in range(10):
         _odd_image(str(aptos / "train_images" / f"im{i}.png"), i)
+    monkeypatch.setattr(builders, "PROGRESS_FROM", 10)  # the bar of large folders
     summary = prepare.prepare(
         _config("aptos", dir=str(aptos)), str(tmp_path / "wa"), log=lambda _: None
     )
+    progress = capsys.readouterr().err
+    assert "preparing images: 100%" in progress and "10/10" in progress
     assert summary["class_counts"] == [2] * 5 and summary["num_groups"] == 10
     assert summary["class_names"] == list(sources.APTOS_CLASSES)
 

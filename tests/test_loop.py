@@ -205,3 +205,30 @@ def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision,
         assert ops > 10
         # each op lists the precision of its two operands
         assert marked == (2 * ops if expected is None else expected), (ops, marked)
+
+
+def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
+    """With a validation split, `W/best_checkpoint` keeps the one epoch-end state of the best
+    validation balanced accuracy (earliest among equals), as the summary's best_val view
+    picks it; `load_model(W, checkpoint="best_val")` serves it."""
+    from crckd_jax import load_model
+    from crckd_jax.checkpoint import BEST_DIR
+
+    config = tiny_config(epochs=4, checkpoint_every_steps=0)
+    with config.unlocked():
+        config.data.val_fraction = 0.3
+        config.train.keep_checkpoints = 1
+    summary = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
+    records = read_records(str(tmp_path / "metrics.jsonl"))
+    val = [r for r in records if r["split"] == "val" and r["model"] == "student"]
+    best = max(val, key=lambda r: (r["bacc"], -r["epoch"]))
+    assert summary["best_val"]["epoch"] == best["epoch"]
+    best_dir = Checkpointer(str(tmp_path / BEST_DIR), read_only=True)
+    assert best_dir.manager.all_steps() == [best["step"]]
+    assert Checkpointer(str(tmp_path / "checkpoints"), read_only=True).manager.all_steps() == [16]
+    restored = best_dir.restore(best_dir.single_device_target(best["step"]))
+    model = load_model(str(tmp_path), checkpoint="best_val")
+    np.testing.assert_array_equal(
+        jax.device_get(model.variables["params"]["classifier"]["kernel"]),
+        np.asarray(restored.state["params"]["student"]["classifier"]["kernel"]))
+    best_dir.close()

@@ -308,16 +308,19 @@ def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tm
     assert json.loads((tmp_path / "summary.json").read_text())["mean_last_11"] is not None
 
 
-def test_export_then_predict_without_the_training_data(trained, cache, tmp_path):
+def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_path):
     """Export from a copy of the run whose data folder is gone; the exported model gives the
-    trainer's evaluation probabilities; predict reads nothing but the model."""
+    trainer's evaluation probabilities; predict and eval on labelled images read nothing but
+    the model."""
     import shutil
 
     from PIL import Image
 
-    from crckd_jax import inference, load_model, run_config, train
+    from crckd_jax import inference, load_model, predict, run_config, train
     from crckd_jax.data import augment, sources
+    from crckd_jax.data.sources import DataError
     from crckd_jax.errors import CheckpointUnavailable
+    from crckd_jax.metrics import classification_metrics
 
     workdir, _ = trained
     images = sorted((workdir / "data" / "synthetic").rglob("*.jpg"))[:5]
@@ -360,6 +363,49 @@ def test_export_then_predict_without_the_training_data(trained, cache, tmp_path)
     got = np.array([[float(r[f"prob_{c}"]) for c in description["class_names"]] for r in rows])
     np.testing.assert_allclose(got, expected[:5], atol=2e-6)
     assert not (copy / "data").exists()
+
+    # Metrics on labelled images (a CSV of class names, a folder per class): the model's
+    # probabilities scored by the metrics module.
+    rows = list(csv.DictReader(open(workdir / "data" / "synthetic" / "HAM10000_metadata.csv")))
+    label_of = {r["image_id"]: r["dx"] for r in rows}
+    labelled = sorted((workdir / "data" / "synthetic").rglob("*.jpg"))[:24]
+    names = [label_of[p.stem] for p in labelled]
+    with open(tmp_path / "labelled.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file", "dx"]] + [[str(p), n] for p, n in zip(labelled, names)])
+    command = [a for a in launch_command(copy, cache, "--mode", "eval",
+                                         f"--config.eval.input={tmp_path / 'labelled.csv'}",
+                                         "--config.eval.image_column=file",
+                                         "--config.eval.label_column=dx")
+               if a not in ("--config", TINY)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((copy / "eval_input.json").read_text())
+    classes = description["class_names"]
+    expected_scores = classification_metrics(
+        model.predict_files([str(p) for p in labelled]),
+        np.array([classes.index(n) for n in names]), len(classes))
+    assert results["num_images"] == 24 and results["num_skipped"] == 0
+    for key, value in expected_scores.items():
+        assert results[key] == pytest.approx(value, abs=1e-6), key
+    by_class = tmp_path / "by_class"
+    for p, n in zip(labelled, names):
+        (by_class / n).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, by_class / n)
+    config.eval.input = str(by_class)
+    from_folder = predict.evaluate_input(config, str(copy), log=lambda _: None)
+    assert from_folder["input"] == str(by_class) and from_folder["num_images"] == 24
+    for key, value in expected_scores.items():
+        assert from_folder[key] == pytest.approx(value, abs=1e-6), key
+    (by_class / "melanoma").mkdir()
+    with pytest.raises(DataError, match=r"by_class/melanoma' is not named after a class .*"
+                                        r"expected one of \['mel', 'nv'"):
+        predict.evaluate_input(config, str(copy), log=lambda _: None)
+    with open(tmp_path / "labelled.csv", "a", newline="") as f:
+        csv.writer(f).writerow([str(labelled[0]), "melanoma"])
+    config.eval.input = str(tmp_path / "labelled.csv")
+    config.eval.image_column, config.eval.label_column = "file", "dx"
+    with pytest.raises(DataError, match=r"labelled.csv, row 26: dx 'melanoma' is not a class"):
+        predict.evaluate_input(config, str(copy), log=lambda _: None)
 
     # Bad input: no run; an export of another model.
     with pytest.raises(CheckpointUnavailable, match=r"no trained run in .*empty"):

@@ -24,8 +24,11 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
+from tqdm import tqdm
 
 from crckd_jax.data import sources
+
+PROGRESS_FROM = 1000  # images: larger folders show a progress bar (done / total) while stored
 
 _LISTERS = {
     "ham10000": sources.list_ham10000,
@@ -137,7 +140,10 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             encoded = pool.map(
                 lambda it: _encode(it, config.store_size, config.skip_bad), listing.items
             )
-            for number, (item, data) in enumerate(zip(listing.items, encoded)):
+            progress = tqdm(zip(listing.items, encoded), total=len(listing.items),
+                            desc="preparing images", unit="img", dynamic_ncols=True,
+                            disable=len(listing.items) < PROGRESS_FROM)
+            for number, (item, data) in enumerate(progress):
                 if isinstance(data, str):
                     continue  # skipped on request: prepare lists it by comparing item ids
                 yield f"{number:09d}", {
