@@ -56,11 +56,14 @@ MEAN_LAST = 11
 
 
 def load_data(config: ml_collections.ConfigDict, data_workdir: str,
-              log: Callable[[str], None]) -> pipeline.FoldData:
-    """The prepared fold, preparing the data set first when `data_workdir` has none.
+              log: Callable[[str], None], prepare_missing: bool = True) -> pipeline.FoldData:
+    """The prepared fold, preparing the data set first when `data_workdir` has none (or,
+    without `prepare_missing`, DataError naming the folder).
 
     With several processes (sharing `data_workdir`) process 0 prepares, the others wait.
     """
+    if not prepare_missing:
+        return prepare.load(data_workdir, config.data.fold)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -258,11 +261,11 @@ def matmul_precision(precision: str):
 
 
 def _trainer(config: ml_collections.ConfigDict, data_workdir: str,
-             log: Callable[[str], None]) -> Trainer:
+             log: Callable[[str], None], prepare_missing: bool = True) -> Trainer:
     """Checks the config, enables the compilation cache, loads the data, builds the run."""
     config_lib.validate(config)
     xla_options.enable_compilation_cache(config.train.compilation_cache_dir)
-    return Trainer.build(config, load_data(config, data_workdir, log))
+    return Trainer.build(config, load_data(config, data_workdir, log, prepare_missing))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -511,12 +514,13 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
                  data_workdir: str | None = None,
                  log: Callable[[str], None] = print) -> tuple[Trainer, Any]:
     """The trainer of `config` and the newest checkpointed state of `workdir` that restores
-    (read-only: a damaged newer checkpoint is reported, not moved)."""
+    (read-only: a damaged newer checkpoint is reported, not moved; a missing data set is
+    an error, not prepared)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointUnavailable(f"no checkpoint in {os.path.abspath(directory)}: train "
                                     f"first (--mode train with --workdir {workdir})")
-    trainer = _trainer(config, data_workdir or workdir, log)
+    trainer = _trainer(config, data_workdir or workdir, log, prepare_missing=False)
     checkpoints = Checkpointer(directory, read_only=True)
     try:
         if checkpoints.latest_step() is None:

@@ -415,6 +415,12 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
     with pytest.raises(DataError, match=r"labelled.csv, row 23: dx 'melanoma' is not a class"):
         predict.evaluate_input(config, str(copy), log=lambda _: None)
 
+    # Evaluating the run's own test split needs its data set: an error, nothing prepared.
+    command = [a for a in launch_command(copy, cache, "--mode", "eval")
+               if a not in ("--config", TINY)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 3
+    assert "holds no prepared data set; run --mode prepare first" in done.stderr
     assert files() == before  # export, predict and eval wrote only their own outputs
 
     # Bad input: no run; an export of another model.

@@ -173,7 +173,9 @@ def load(workdir: str, fold: int) -> pipeline.FoldData:
     """The prepared data set and fold `fold` of `workdir` (DataError if not prepared)."""
     paths = _paths(workdir)
     if not os.path.isfile(paths["dataset"]):
-        raise DataError(f"{workdir!r} holds no prepared data set; run --mode prepare first")
+        raise DataError(f"{workdir!r} holds no prepared data set; run --mode prepare first "
+                        f"(--mode eval --config.eval.input=DIR_OR_CSV evaluates other "
+                        f"labelled images without it)")
     with open(paths["dataset"]) as f:
         info = json.load(f)
     source = tfds.builder_from_directory(info["dataset_dir"]).as_data_source(split="train")
