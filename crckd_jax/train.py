@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from crckd_jax import config as config_lib
-from crckd_jax import losses, metrics, report, xla_options
+from crckd_jax import losses, metrics, xla_options
 from crckd_jax.checkpoint import BEST_DIR, Checkpointer
 from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, StorageError,
                               TrainingDiverged)
@@ -501,6 +501,8 @@ def _finish(trainer, state, evaluation, workdir, logger, log):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        from crckd_jax import report  # matplotlib and t-SNE: only when a report is written
+
         report.write_report(os.path.join(workdir, "report"), records, evaluation,
                             list(trainer.data.class_names))
     logger.close()
