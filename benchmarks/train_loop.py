@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crckd_jax import config as config_lib  # noqa: E402
 from crckd_jax import train  # noqa: E402
 from crckd_jax.logger import MetricLogger  # noqa: E402
+from crckd_jax.objective import LOSS_KEYS  # noqa: E402
 from crckd_jax.parallel import AXIS  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def trivial_step(state, batch):
     images = batch["image"] if "image" in batch else batch["image_student"]
     value = jnp.mean(images.astype(jnp.float32))
     value = jax.lax.pmean(value, AXIS)
-    metrics = {k: value for k in train.LOSS_KEYS}
+    metrics = {k: value for k in LOSS_KEYS}
     return state.replace(step=state.step + 1), {**metrics, "learning_rate": value}
 
 
@@ -147,7 +148,7 @@ def old_loop(trainer, dataset, log_every):
         batch = next(iterator)
         state, terms = trainer.train_step(state, trainer.parallel.put_batch(batch))
         terms = {k: v.item() for k, v in trainer.parallel.get_outputs(terms).items()}
-        if not all(math.isfinite(terms[k]) for k in train.LOSS_KEYS):
+        if not all(math.isfinite(terms[k]) for k in LOSS_KEYS):
             raise RuntimeError(f"non-finite loss at step {step}")
         if step % log_every == 0:
             _ = " ".join(f"{k}={v:.4g}" for k, v in terms.items())

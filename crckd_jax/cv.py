@@ -17,9 +17,8 @@ import ml_collections
 import numpy as np
 
 from crckd_jax import config as config_lib
-from crckd_jax.train import METRIC_KEYS, train_and_evaluate
-
-VIEWS = ("final", "mean_last_11", "best_val")
+from crckd_jax.metrics import METRIC_KEYS
+from crckd_jax.train import SUMMARY_VIEWS, train_and_evaluate
 
 
 def folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
@@ -32,7 +31,7 @@ def folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
 def aggregate(summaries: dict[int, dict]) -> dict:
     """{view: {metric: {"mean", "std"}} | None, "folds": [...]} across fold summaries."""
     out = {"folds": sorted(summaries)}
-    for view in VIEWS:
+    for view in SUMMARY_VIEWS:
         rows = [s[view] for s in summaries.values() if s.get(view)]
         out[view] = None if not rows else {
             k: {"mean": float(np.mean([r[k] for r in rows])),
@@ -42,7 +41,7 @@ def aggregate(summaries: dict[int, dict]) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Cross-validation over folds {', '.join(map(str, result['folds']))}", ""]
-    for view in VIEWS:
+    for view in SUMMARY_VIEWS:
         lines.append(f"## {view}")
         if result[view] is None:
             lines += ["", "not available (no validation split)" if view == "best_val"

@@ -112,6 +112,10 @@ def _auc_ovo(labels: np.ndarray, probs: np.ndarray, c: int) -> float:
     )
 
 
+#: The test metrics `classification_metrics` returns, in reporting order.
+METRIC_KEYS = ("acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo", "spec", "kappa")
+
+
 def classification_metrics(probs, labels, num_classes: int | None = None) -> dict[str, float]:
     """Reference test metrics from ``probs`` [N, C] and ``labels`` [N] (int).
 

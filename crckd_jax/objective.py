@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from crckd_jax.losses import sigmoid_rampup
 
 TERMS = ("ce", "mt", "ccd", "crp")  # the loss terms, in the order they are reported
+LOSS_KEYS = ("loss", *TERMS)  # the total and its terms, as the step reports them
 PRESETS = ("reference", "paper")
 ABLATIONS = ("baseline", "mt", "mt_ccd", "crckd")
 

@@ -184,18 +184,6 @@ class DataParallel:
             dataset.map(self.put_batch), prefetch_buffer_size=size)
         return iter(device_batches)
 
-    def process_rows(self, global_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """This process's rows of a whole global batch held by every process."""
-        index = self.local_devices[0].process_index
-        order = sorted({d.process_index for d in self.mesh.devices.flat})
-        position = order.index(index)
-
-        def rows(x):
-            local = x.shape[0] // self.num_processes
-            return x[position * local:(position + 1) * local]
-
-        return jax.tree.map(rows, global_batch)
-
     def get_outputs(self, outputs: Any) -> Any:
         """Replicated outputs -> one copy on the host."""
         if self.backend == "pmap":

@@ -40,7 +40,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import ConfusionMatrixDisplay, auc, roc_curve
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-from crckd_jax.objective import TERMS
+from crckd_jax.objective import LOSS_KEYS
 
 __all__ = [
     "write_report",
@@ -52,10 +52,8 @@ __all__ = [
 ]
 
 DPI = 140
-#: Loss terms of the train records, in plotting order (the total first).
-LOSS_KEYS = ("loss", *TERMS)
 #: Evaluation metrics plotted against the epoch, when the records have them.
-METRIC_KEYS = ("acc", "bacc", "f1", "auc_ovr", "auc_ovo", "kappa")
+PLOTTED_METRICS = ("acc", "bacc", "f1", "auc_ovr", "auc_ovo", "kappa")
 METRIC_TITLES = {
     "acc": "Accuracy",
     "bacc": "Balanced accuracy",
@@ -263,7 +261,7 @@ def plot_training_curves(history: Sequence[Mapping], path, *,
     has_loss = any(_series(train, "step", k)[0].size for k in LOSS_KEYS)
     has_lr = _series(train, "step", "learning_rate")[0].size > 0
     groups = _eval_groups(evals)
-    metrics = [k for k in METRIC_KEYS
+    metrics = [k for k in PLOTTED_METRICS
                if any(_series(g, "epoch", k)[0].size for g, _ in groups.values())]
     if not (has_loss or has_lr or metrics):
         warnings.warn("training history has no plottable records; training curves skipped",

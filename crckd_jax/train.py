@@ -40,17 +40,18 @@ from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
 from crckd_jax.models.torch_import import import_densenet, load_state_dict
-from crckd_jax.objective import TERMS, LossConfig
+from crckd_jax.metrics import METRIC_KEYS
+from crckd_jax.objective import LOSS_KEYS, LossConfig
 from crckd_jax.optim import current_learning_rate, make_optimizer
 from crckd_jax.parallel import AXIS, DataParallel
 from crckd_jax.state import TrainState, create_train_state
 from crckd_jax.step import StepConfig, eval_step, make_train_step
 
-LOSS_KEYS = ("loss", *TERMS)  # the total and its terms, as the step reports them
-METRIC_KEYS = ("acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo", "spec", "kappa")
 # Epochs averaged by the reference's protocol: its test metrics of every epoch with
 # (epoch + 1) >= epochs - 10 (0-based epoch), i.e. the last 11, though its log says 10.
 MEAN_LAST = 11
+MEAN_VIEW = f"mean_last_{MEAN_LAST}"
+SUMMARY_VIEWS = ("final", MEAN_VIEW, "best_val")  # the views of `summarise`, in order
 
 
 
@@ -226,17 +227,17 @@ def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainStat
 
 
 def summarise(records: list[dict], model: str = "student") -> dict:
-    """The three views of the test metrics: final epoch, mean of the last 11 epochs (the
-    reference's average), and
-    the epoch with the best validation balanced accuracy (None without a validation split)."""
+    """The views of the test metrics (`SUMMARY_VIEWS`): final epoch, mean of the last 11
+    epochs (the reference's average), and the epoch with the best validation balanced
+    accuracy (None without a validation split)."""
     test = [r for r in records if r["split"] == "test" and r.get("model") == model]
     if not test:
-        return {"final": None, "mean_last_11": None, "best_val": None}
+        return dict.fromkeys(SUMMARY_VIEWS)
     pick = lambda r: {k: r[k] for k in METRIC_KEYS}
     last = test[-MEAN_LAST:]
     view = {
         "final": pick(test[-1]),
-        "mean_last_11": {k: float(np.mean([r[k] for r in last])) for k in METRIC_KEYS},
+        MEAN_VIEW: {k: float(np.mean([r[k] for r in last])) for k in METRIC_KEYS},
         "best_val": None,
     }
     val = [r for r in records if r["split"] == "val" and r.get("model") == model]

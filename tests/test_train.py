@@ -70,7 +70,8 @@ def test_train_writes_every_artefact(trained):
     train = [r for r in records if r["split"] == "train"]
     assert all(np.isfinite(r[k]) for r in train for k in ("loss", "ce", "mt", "ccd", "crp"))
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (workdir / "checkpoints").is_dir()
+    step, state, data = final_state(workdir)  # the last step's checkpoint, restorable
+    assert step == 2 and int(state["step"]) == 2 and data
     for name in ("training_curves", "confusion_matrix", "roc_curves", "tsne_embeddings"):
         assert (workdir / "report" / f"{name}.png").stat().st_size > 10_000
     assert "test (final epoch)" in done.stdout
