@@ -46,8 +46,6 @@ from ml_collections import config_flags
 from crckd_jax import config as config_lib
 from crckd_jax import configs as packaged_configs
 from crckd_jax import errors, xla_options
-from crckd_jax.data.sources import DataError
-from crckd_jax.models.torch_import import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -278,12 +276,8 @@ def _exit_code(e: BaseException) -> int:
     """The exit status of a failure (see crckd_jax/errors.py)."""
     if isinstance(e, errors.RunError):
         return e.exit_code
-    if isinstance(e, config_lib.ConfigError):
-        return errors.EXIT_CONFIG
-    if isinstance(e, (DataError, FileNotFoundError)):
+    if isinstance(e, FileNotFoundError):
         return errors.EXIT_DATA
-    if isinstance(e, CheckpointError):
-        return errors.EXIT_CHECKPOINT
     if isinstance(e, OSError):
         return errors.EXIT_IO
     return errors.EXIT_UNEXPECTED
@@ -293,8 +287,7 @@ def _message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return ("interrupted (SIGINT) outside the training steps; a train run resumes from its "
                 "last committed checkpoint")
-    if isinstance(e, (errors.RunError, config_lib.ConfigError, DataError, CheckpointError,
-                      FileNotFoundError)):
+    if isinstance(e, (errors.RunError, FileNotFoundError)):
         return str(e)
     if isinstance(e, OSError):
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -338,7 +331,7 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else _exit_code(e)
         message = _message(e)
-        if run_config_file and isinstance(e, config_lib.ConfigError):
+        if run_config_file and isinstance(e, errors.ConfigError):
             message += f" (config read from {run_config_file}, with the command line's overrides)"
         fail(message, code)
 

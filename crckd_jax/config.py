@@ -16,13 +16,10 @@ from typing import Any, Callable
 import ml_collections
 
 from crckd_jax.models.torch_import import CHECKPOINT_SUFFIXES
+from crckd_jax.errors import ConfigError  # noqa: F401  (config files raise config_lib.ConfigError)
 
 SOURCES = ("synthetic", "ham10000", "isic2018", "aptos", "csv")
 MODELS = ("densenet121", "densenet169", "densenet201", "densenet_small", "densenet_tiny")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing, of the wrong type or out of range."""
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -29,6 +29,25 @@ class RunError(Exception):
     exit_code = EXIT_UNEXPECTED
 
 
+class ConfigError(RunError, ValueError):
+    """A config key is unknown, missing, of the wrong type or out of range."""
+
+    exit_code = EXIT_CONFIG
+
+
+class DataError(RunError, ValueError):
+    """The data on disk is not what a layout expects; the message names file, row or class."""
+
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(RunError, ValueError):
+    """A weight file cannot be read, or does not fit the model; the message names the file or
+    lists every missing, unexpected and mis-shaped key."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
 class WorkdirLocked(RunError):
     """Another live process holds the workdir's lock."""
 

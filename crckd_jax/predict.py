@@ -27,7 +27,7 @@ import numpy as np
 
 from crckd_jax import metrics
 from crckd_jax.data import sources
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 from crckd_jax.inference import Model, load_model
 
 

@@ -33,7 +33,7 @@ from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, S
                               TrainingDiverged)
 from crckd_jax.preemption import StopRequest
 from crckd_jax.data import pipeline, prepare
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 from crckd_jax.distillation import ContrastConfig
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.memory import BankMemory, QueueMemory
@@ -95,7 +95,7 @@ class Trainer:
     total_steps: int
     initial_state: TrainState
     train_step: Callable
-    eval_step: Callable
+    eval_step: dict[bool, Callable]  # use_teacher -> the compiled eval step
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, data: pipeline.FoldData) -> "Trainer":

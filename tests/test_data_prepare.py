@@ -15,7 +15,7 @@ from PIL import Image
 
 from crckd_jax import config as config_lib
 from crckd_jax.data import builders, prepare, sources
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"num_images", "class_names", "class_counts", "num_groups", "folds"}

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from crckd_jax.data import sources
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 
 
 def _write_csv(path, header, rows):

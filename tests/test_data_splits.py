@@ -5,7 +5,7 @@ import pytest
 from sklearn.model_selection import StratifiedKFold
 
 from crckd_jax.data import splits
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 
 
 def test_ungrouped_folds_equal_sklearn():

@@ -254,7 +254,7 @@ def test_failures_end_with_one_line_and_their_exit_code(tmp_path, monkeypatch, c
 def test_predict_skips_bad_images_only_when_asked(tmp_path):
     from PIL import Image
 
-    from crckd_jax.data.sources import DataError
+    from crckd_jax.errors import DataError
     from crckd_jax.predict import _good_images
 
     good = tmp_path / "good.png"

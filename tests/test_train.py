@@ -319,7 +319,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
 
     from crckd_jax import inference, load_model, predict, run_config, train
     from crckd_jax.data import augment, sources
-    from crckd_jax.data.sources import DataError
+    from crckd_jax.errors import DataError
     from crckd_jax.errors import CheckpointUnavailable
     from crckd_jax.metrics import classification_metrics
 

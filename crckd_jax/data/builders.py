@@ -27,6 +27,7 @@ from tensorflow_datasets.core import file_adapters
 from tqdm import tqdm
 
 from crckd_jax.data import sources
+from crckd_jax.errors import DataError
 
 PROGRESS_FROM = 1000  # images: larger folders show a progress bar (done / total) while stored
 
@@ -91,7 +92,7 @@ def _encode(item: sources.Item, size: int, skip_bad: bool) -> np.ndarray | str:
     skipping."""
     try:
         img = sources.load_rgb(item.path, size)
-    except sources.DataError as e:
+    except DataError as e:
         if skip_bad:
             return str(e)
         raise

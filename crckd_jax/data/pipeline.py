@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from crckd_jax.data import augment, splits
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

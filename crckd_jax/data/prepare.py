@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from crckd_jax import config as config_lib
 from crckd_jax.data import builders, pipeline, sources, splits, synthetic
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 
 
 def _paths(workdir: str) -> dict[str, str]:

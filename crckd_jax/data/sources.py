@@ -16,15 +16,13 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from crckd_jax.errors import DataError
+
 # HAM10000 `dx` codes in the column order of the ISIC 2018 ground truth (MEL, NV, BCC, AKIEC,
 # BKL, DF, VASC): the label order of the reference code.
 HAM10000_CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 APTOS_CLASSES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """The data on disk is not what a layout expects; the message names file, row or class."""
 
 
 @dataclasses.dataclass(frozen=True)

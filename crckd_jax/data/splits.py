@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from sklearn import model_selection
 
-from crckd_jax.data.sources import DataError
+from crckd_jax.errors import DataError
 
 SPLITS = ("train", "val", "test")
 

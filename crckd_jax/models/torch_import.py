@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from crckd_jax.errors import CheckpointError
+
 # torchvision's pattern for the pre-0.4 dense-layer names ("norm.1", "conv.2", ...).
 _OLD_DENSELAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
@@ -52,11 +54,6 @@ _LEAF_TO_TORCH = {
 _TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar")
 # The files `load_state_dict` reads (``model.pretrained``).
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz") + _TORCH_SUFFIXES
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read, or does not fit the model; the message names the
-    file or lists every missing, unexpected and mis-shaped key."""
 
 
 def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, np.ndarray]:
