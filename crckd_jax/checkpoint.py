@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from crckd_jax.errors import StorageError
+from crckd_jax.errors import CheckpointUnavailable, StorageError
 
 DAMAGED_DIR = "damaged_checkpoints"  # next to the checkpoints folder
 BEST_DIR = "best_checkpoint"  # the best validation epoch's checkpoint, next to it
@@ -59,6 +59,26 @@ def _best_validation(metrics: dict) -> tuple[float, int]:
     """The rank of an epoch's checkpoint: validation balanced accuracy, then earlier first
     (as the summary's `best_val` view picks its epoch)."""
     return metrics["val_bacc"], -metrics["epoch"]
+
+
+def restore_read_only(directory: str, target: Callable[["Checkpointer"], Any], workdir: str,
+                      log: Callable[[str], None] = print) -> "Restored":
+    """The newest checkpoint of `directory` that restores, read-only (a damaged newer one is
+    reported, not moved), laid out like `target(checkpointer)`; CheckpointUnavailable when
+    there is none or none restores."""
+    checkpoints = Checkpointer(directory, read_only=True)
+    try:
+        if checkpoints.latest_step() is None:
+            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory}: train "
+                                        f"first (--mode train with --workdir {workdir})")
+        restored = checkpoints.restore_newest_good(target(checkpoints), log=log,
+                                                   move_damaged=False)
+        if restored is None:
+            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory} can be "
+                                        f"restored ({checkpoints.failure})")
+    finally:
+        checkpoints.close()
+    return restored
 
 
 class Checkpointer:
@@ -157,14 +177,14 @@ class Checkpointer:
             log(f"warning: checkpoint step {step} cannot be restored ({reason}); moved to "
                 f"{aside}, using an earlier one")
 
-    def single_device_target(self, step: int) -> Any:
-        """The saved state's structure, shapes and dtypes, laid on the first local device:
-        a restore target that needs neither the run's config nor its device layout."""
+    def single_device_target(self) -> Any:
+        """The newest saved state's structure, shapes and dtypes, laid on the first local
+        device: a restore target that needs neither the run's config nor its devices."""
         device = jax.local_devices()[0]
         return jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                            sharding=jax.sharding.SingleDeviceSharding(device)),
-            self.manager.item_metadata(step)["state"])
+            self.manager.item_metadata(self.latest_step())["state"])
 
     def restore(self, target_state: Any, step: int | None = None) -> Restored:
         """The checkpoint `step` (default: latest), its state laid out like `target_state`."""

@@ -219,8 +219,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 def add_run_config(argv: list[str]) -> list[str]:
     """`argv` with `--config <W>/config.json` (through crckd_jax/run_config.py) when `--config`
     is not given and the mode is eval, predict or export; an `error:` line when a config is
-    needed
-    and W has none. Help and other flags are left to absl."""
+    needed and W has none. Help and other flags are left to absl."""
     given = any(re.fullmatch(r"--?config(=.*)?", a, flags=re.DOTALL) for a in argv[1:])
     asked_help = any(a.lstrip("-").split("=")[0] in _HELP_FLAGS
                      for a in argv[1:] if a.startswith("-"))

@@ -30,10 +30,9 @@ import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
-from PIL import Image
 
 from crckd_jax import config as config_lib
-from crckd_jax.checkpoint import BEST_DIR, Checkpointer
+from crckd_jax.checkpoint import BEST_DIR, Checkpointer, restore_read_only
 from crckd_jax.data import augment as host_augment
 from crckd_jax.data import sources
 from crckd_jax.errors import CheckpointUnavailable
@@ -64,19 +63,17 @@ class Model:
     probabilities: Callable  # compiled: (variables, uint8 [N, s, s, 3]) -> [N, C]
 
     def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        batch = np.stack([self._model_size(Image.fromarray(_uint8_rgb(x)))
-                          for x in images])
+        batch = np.stack([self._model_size(_uint8_rgb(x)) for x in images])
         return np.asarray(self.probabilities(self.variables, batch))
 
     def predict_files(self, paths: Sequence[str]) -> np.ndarray:
-        batch = np.stack([self._model_size(sources.load_rgb(p, self.store_size))
+        batch = np.stack([self._model_size(np.asarray(sources.load_rgb(p, self.store_size)))
                           for p in paths])
         return np.asarray(self.probabilities(self.variables, batch))
 
-    def _model_size(self, image: Image.Image) -> np.ndarray:
-        if image.size != (self.store_size, self.store_size):
-            image = image.resize((self.store_size, self.store_size), Image.BILINEAR)
-        return np.asarray(host_augment.resize(np.asarray(image), self.image_size))
+    def _model_size(self, image: np.ndarray) -> np.ndarray:
+        stored = np.asarray(host_augment.resize(image, self.store_size))
+        return np.asarray(host_augment.resize(stored, self.image_size))
 
 
 def _uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -219,19 +216,7 @@ def _restore_run(workdir: str, checkpoint: str, log: Callable[[str], None]) -> _
         raise CheckpointUnavailable(f"no best validation checkpoint in "
                                     f"{os.path.abspath(directory)}: the run has no "
                                     f"validation split (data.val_fraction)")
-    checkpoints = Checkpointer(directory, read_only=True)
-    try:
-        step = checkpoints.latest_step()
-        if step is None:
-            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory}: train "
-                                        f"first (--mode train with --workdir {workdir})")
-        restored = checkpoints.restore_newest_good(
-            checkpoints.single_device_target(step), log=log, move_damaged=False)
-        if restored is None:
-            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory} "
-                                        f"restores ({checkpoints.failure})")
-    finally:
-        checkpoints.close()
+    restored = restore_read_only(directory, Checkpointer.single_device_target, workdir, log)
     config = ml_collections.ConfigDict(restored.meta["config"])
     state = restored.state
     return _Run(config, _class_names(restored.meta, workdir), restored.step,

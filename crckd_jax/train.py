@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from crckd_jax import config as config_lib
 from crckd_jax import losses, metrics, xla_options
-from crckd_jax.checkpoint import BEST_DIR, Checkpointer
+from crckd_jax.checkpoint import BEST_DIR, Checkpointer, restore_read_only
 from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, StorageError,
                               TrainingDiverged)
 from crckd_jax.preemption import StopRequest
@@ -524,19 +524,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
         raise CheckpointUnavailable(f"no checkpoint in {os.path.abspath(directory)}: train "
                                     f"first (--mode train with --workdir {workdir})")
     trainer = _trainer(config, data_workdir or workdir, log, prepare_missing=False)
-    checkpoints = Checkpointer(directory, read_only=True)
-    try:
-        if checkpoints.latest_step() is None:
-            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory}: train "
-                                        f"first (--mode train with --workdir {workdir})")
-        restored = checkpoints.restore_newest_good(
-            trainer.parallel.abstract_state(trainer.initial_state), log=log,
-            move_damaged=False)
-        if restored is None:
-            raise CheckpointUnavailable(f"no checkpoint in {checkpoints.directory} can be "
-                                        f"restored with this config ({checkpoints.failure})")
-    finally:
-        checkpoints.close()
+    restored = restore_read_only(
+        directory, lambda _: trainer.parallel.abstract_state(trainer.initial_state), workdir,
+        log)
     return trainer, trainer.parallel.put_state(restored.state)
 
 

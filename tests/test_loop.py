@@ -226,7 +226,7 @@ def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
     best_dir = Checkpointer(str(tmp_path / BEST_DIR), read_only=True)
     assert best_dir.manager.all_steps() == [best["step"]]
     assert Checkpointer(str(tmp_path / "checkpoints"), read_only=True).manager.all_steps() == [16]
-    restored = best_dir.restore(best_dir.single_device_target(best["step"]))
+    restored = best_dir.restore(best_dir.single_device_target())
     model = load_model(str(tmp_path), checkpoint="best_val")
     np.testing.assert_array_equal(
         jax.device_get(model.variables["params"]["classifier"]["kernel"]),
