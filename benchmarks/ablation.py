@@ -46,6 +46,7 @@ def demo_config(rung: str, seed: int, epochs: int | None):
         config.seed = seed
         if epochs:
             config.train.epochs = epochs
+    config_lib.validate(config)
     return config
 
 

@@ -327,12 +327,11 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
     import jax.numpy as jnp
     import numpy as np
 
+    from crckd_jax import config as config_lib
     from crckd_jax import losses, xla_options
-    from crckd_jax.distillation import ContrastConfig
     from crckd_jax.memory import BankMemory, QueueMemory
     from crckd_jax.models.densenet import CRCKDNet, densenet_config
     from crckd_jax.models.kernels import resolve_kernels
-    from crckd_jax.objective import LossConfig
     from crckd_jax.optim import make_optimizer
     from crckd_jax.state import create_train_state
     from crckd_jax.step import StepConfig, make_train_step
@@ -349,12 +348,12 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
         capacity = args.queue_capacity or max(1, args.num_items // num_classes)
         make_memory = lambda key: QueueMemory.create(key, num_classes, capacity,
                                                      args.embed_dim)
-    config = StepConfig(
-        loss=LossConfig.from_preset("paper"),
-        contrast=ContrastConfig(num_positives=args.num_positives,
-                                num_negatives=args.num_negatives),
-        embed_dim=args.embed_dim, steps_per_epoch=1000,
-        consistency_divisor=float(variant.batch_size))
+    settings = config_lib.default_config()
+    settings.loss.preset = "paper"
+    settings.memory.update(num_positives=args.num_positives, num_negatives=args.num_negatives,
+                           embed_dim=args.embed_dim)
+    settings.train.batch_size = variant.batch_size
+    config = StepConfig.from_config(settings, steps_per_epoch=1000, axis_name=None)
     class_weight = losses.class_weights(np.bincount(train_labels, minlength=num_classes))
     step = jax.jit(make_train_step(model, optimizer, class_weight, config),
                    donate_argnums=(0,))

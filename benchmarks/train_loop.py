@@ -67,6 +67,7 @@ def make_config(args, augment_on: str):
     c.memory.num_positives = args.num_positives
     c.memory.num_negatives = args.num_negatives
     c.memory.queue_size = args.queue_size
+    config_lib.validate(c)
     return c
 
 

@@ -250,7 +250,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise SystemExit(0) from None
         raise
     except (AttributeError, KeyError) as e:
-        known = config_lib.RULES
+        known = config_lib.KEYS
         for arg in argv[1:]:
             key = arg.removeprefix("--config.").split("=")[0]
             if arg.startswith("--config.") and key not in known:

@@ -1,244 +1,240 @@
-"""The configuration: every knob with its default, and the schema that checks a config.
+"""The configuration: every setting declared once, and the schema that checks a config.
 
-`default_config()` holds every key with a one-line comment; `configs/*.py` override values and
-lock the result. `validate(config)` names the dotted key and what was expected for an unknown
-key, a missing key, a wrong type or an out-of-range value, before anything is loaded.
+`SETTINGS` is the one table of settings (dotted key, default, accepted values, one-line
+help). `default_config()`, `validate` and the README's settings reference
+(`python -m crckd_jax.config --readme README.md`) are generated from it; `configs/*.py`
+override values and lock the result. `validate(config)` names the dotted key and what was
+expected for an unknown key, a missing key, a wrong type or an out-of-range value, before
+anything is loaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any, Callable
 
 import ml_collections
 
-from crckd_jax.models.torch_import import CHECKPOINT_SUFFIXES
 from crckd_jax.errors import ConfigError  # noqa: F401  (config files raise config_lib.ConfigError)
+from crckd_jax.models.presets import DENSENET_PRESETS
+from crckd_jax.models.torch_import import CHECKPOINT_SUFFIXES
 
+# The values of the choice settings that other modules branch on.
 SOURCES = ("synthetic", "ham10000", "isic2018", "aptos", "csv")
-MODELS = ("densenet121", "densenet169", "densenet201", "densenet_small", "densenet_tiny")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """All keys with their defaults (the reference protocol on HAM10000), unlocked."""
-    c = ml_collections.ConfigDict()
-    c.seed = 2020  # seed of parameter init, shuffling and augmentation
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "ham10000"  # layout of data.dir: synthetic | ham10000 | isic2018 | aptos | csv
-    c.data.dir = ""  # folder as downloaded; for 'synthetic' '' = generate into <workdir>/data
-    c.data.tfds_dir = ""  # where prepared array_record data sets live; '' = <workdir>/data/tfds
-    c.data.image_size = 224  # model input side in pixels (square)
-    c.data.store_size = 0  # side of the stored images in pixels; 0 = data.image_size
-    c.data.num_folds = 5  # k of the stratified (grouped) k-fold cross-validation
-    c.data.fold = 0  # which fold is the test fold (0-based)
-    c.data.split_seed = 2020  # seed of the fold assignment (2020 as the reference's APTOS split)
-    c.data.val_fraction = 0.0  # share of each training fold held out as validation; 0 = none
-    c.data.csv_file = "labels.csv"  # 'csv' source: the CSV, relative to data.dir or absolute
-    c.data.image_column = "image"  # 'csv' source: column with image paths (relative to the CSV)
-    c.data.label_column = "label"  # 'csv' source: column with class names or integer labels
-    c.data.group_column = ""  # 'csv' source: column with group ids (e.g. patient); '' = none
-    c.data.class_names = ""  # 'csv' source: comma-separated class order; '' = from the labels
-    c.data.skip_bad_images = False  # skip (and list) missing/undecodable images instead of failing
-    c.data.synthetic_num_images = 500  # 'synthetic' source: number of images generated
-    c.data.synthetic_image_size = 64  # 'synthetic' source: side of the generated JPEGs in pixels
-    c.data.synthetic_seed = 0  # 'synthetic' source: generator seed
-    c.data.read_threads = 4  # grain read threads (beat worker processes on 2 cores, see docs)
-    c.data.worker_count = 0  # grain worker processes; 0 = threads only
-    c.data.prefetch_batches = 4  # batches prepared ahead per process, on the host
-    c.data.device_prefetch = 2  # batches put on the devices ahead of the step using them
-    c.data.augment = "device"  # training views made in the compiled step (device) or by PIL (host)
-    c.data.build_threads = 4  # threads decoding/resizing images while preparing
-    c.data.folds = ""  # --mode cv: comma-separated test folds to run, e.g. "0,2"; "" = all
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "densenet121"  # backbone: densenet121 | 169 | 201 | densenet_small | _tiny
-    # torchvision DenseNet weights (.safetensors, .pth, .npz) for student and teacher;
-    # 'none' = random init (an explicit choice: real data sets need one or the other);
-    # '' = random init, for the synthetic source only
-    c.model.pretrained = ""
-    c.model.hidden_dim = 128  # width of the head's feature layer (the CCD/CRP input)
-    # BatchNorm statistics over groups of this many items of each device's batch, running
-    # statistics from the first group of the first device (the reference: DataParallel on
-    # 2 GPUs, groups of 32); 0 = over each device's whole batch (or all devices, see
-    # parallel.sync_batch_norm)
-    c.model.bn_group_size = 0
-    # the reference's second pass through features[0:9]: BatchNorm running statistics of
-    # norm0 .. denseblock3 updated twice per step (student and train-mode teacher)
-    c.model.reference_double_bn_update = False
-
-    c.train = ml_collections.ConfigDict()
-    c.train.epochs = 80  # training epochs per fold
-    c.train.batch_size = 32  # global batch size (all processes and devices together)
-    c.train.steps_per_epoch = 0  # steps per epoch; 0 = one pass over the training fold
-    # the reference's loader: every pass ends with its partial batch (padded and masked)
-    # instead of leaving the remainder to other passes
-    c.train.keep_partial_batch = False
-    c.train.checkpoint_every_steps = 500  # checkpoint period in steps; 0 = at epoch ends only
-    c.train.ema_decay = 0.99  # mean-teacher EMA decay
-    c.train.teacher_bn = "train"  # teacher BatchNorm: train (reference, own batch stats) | eval
-    c.train.teacher_rotate = True  # random 90-degree turn + flip of the teacher's view
-    c.train.eval_teacher = False  # also evaluate the mean teacher after every epoch
-    c.train.log_every_steps = 10  # period of train-metric records (JSONL, TensorBoard)
-    c.train.keep_checkpoints = 3  # number of most recent checkpoints kept
-    c.train.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, memory stay f32)
-    # float32 convolutions and matrix products: default (XLA's choice: TF32 on NVIDIA GPUs
-    # since Ampere, about 3 decimal digits) | highest (full float32, as on the CPU)
-    c.train.matmul_precision = "default"
-    c.train.compilation_cache_dir = ""  # persistent XLA cache; '' = ~/.cache/crckd_jax/xla
-
-    c.parallel = ml_collections.ConfigDict()
-    c.parallel.backend = "shard_map"  # data-parallel compiler: shard_map (jit) | pmap
-    c.parallel.sync_batch_norm = False  # BatchNorm statistics over all devices (not per device)
-
-    c.memory = ml_collections.ConfigDict()
-    c.memory.kind = "queue"  # class memory: queue (per class FIFO) | bank (one row per item)
-    c.memory.num_positives = 20  # P positives per anchor
-    c.memory.num_negatives = 4096  # K negatives per anchor
-    c.memory.temperature = 0.07  # tau of the NCE softmax
-    c.memory.momentum = 0.5  # momentum of the bank's row updates
-    c.memory.queue_size = 256  # rows per class of the queue memory
-    c.memory.embed_dim = 128  # width d of the CCD embeddings and memory rows
-    c.memory.z_momentum = 0.0  # 0 = freeze Z after the first batch (reference); else its EMA
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.preset = "reference"  # loss schedule: reference (authors' code) | paper
-    c.loss.ccd_weight = 0.1  # weight of the class-guided contrastive distillation term
-    c.loss.crp_weight = 1.0  # weight of the categorical relation preserving term
-    c.loss.consistency = 1.0  # weight of the mean-teacher consistency term (after ramp-up)
-    c.loss.rampup_epochs = 30  # sigmoid ramp-up length of the consistency weight in epochs
-    c.loss.begin_epoch = 20  # epoch from which the distillation terms are on (reference preset)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-4  # Adam base learning rate (the epoch-end reset's value)
-    c.optim.max_lr = 3e-4  # OneCycle peak learning rate
-    c.optim.weight_decay = 5e-4  # coupled L2 weight decay
-    # the reference's epoch-end reset: the first step of every later epoch at learning_rate
-    c.optim.reset_lr_each_epoch = False
-
-    c.predict = ml_collections.ConfigDict()
-    c.predict.input = ""  # --mode predict: a folder of images or a CSV with an image column
-    c.predict.image_column = "image"  # --mode predict with a CSV: column of image paths
-
-    c.eval = ml_collections.ConfigDict()
-    # --mode eval: a labelled folder (a subfolder per class) or CSV; "" = the run's test split
-    c.eval.input = ""
-    c.eval.image_column = "image"  # --mode eval with a CSV: column of image paths
-    c.eval.label_column = "label"  # --mode eval with a CSV: column of class names
-
-    c.export = ml_collections.ConfigDict()
-    c.export.teacher = False  # --mode export: also write the mean teacher's weights
-    # --mode export: from the newest checkpoint ("latest") or the best validation epoch's
-    c.export.checkpoint = "latest"
-    return c
+MODELS = tuple(DENSENET_PRESETS)
+LOSS_PRESETS = ("reference", "paper")
+PARALLEL_BACKENDS = ("shard_map", "pmap")
+MEMORY_KINDS = ("queue", "bank")
+TEACHER_BN = ("train", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Rule:
+class Rule:
+    """What a setting accepts: its type, a check of the value and the words for both."""
+
     kind: type
     ok: Callable[[Any], bool]
     expected: str
 
 
-def _int(lo: int, hi: int | None = None) -> _Rule:
+def _int(lo: int, hi: int | None = None) -> Rule:
     if hi is None:
-        return _Rule(int, lambda v: v >= lo, f"an integer >= {lo}")
-    return _Rule(int, lambda v: lo <= v <= hi, f"an integer in [{lo}, {hi}]")
+        return Rule(int, lambda v: v >= lo, f"an integer >= {lo}")
+    return Rule(int, lambda v: lo <= v <= hi, f"an integer in [{lo}, {hi}]")
 
 
-def _float(lo: float, hi: float | None = None, *, open_lo: bool = False) -> _Rule:
+def _float(lo: float, hi: float | None = None, *, open_lo: bool = False) -> Rule:
     low = (lambda v: v > lo) if open_lo else (lambda v: v >= lo)
     bracket = "(" if open_lo else "["
     if hi is None:
-        return _Rule(float, low, f'a number {">" if open_lo else ">="} {lo}')
-    return _Rule(float, lambda v: low(v) and v <= hi, f"a number in {bracket}{lo}, {hi}]")
+        return Rule(float, low, f'a number {">" if open_lo else ">="} {lo}')
+    return Rule(float, lambda v: low(v) and v <= hi, f"a number in {bracket}{lo}, {hi}]")
 
 
-def _choice(*options: str) -> _Rule:
-    return _Rule(str, lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
+def _choice(*options: str) -> Rule:
+    return Rule(str, lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
 
 
-_ANY_STR = _Rule(str, lambda v: True, "a string")
-_BOOL = _Rule(bool, lambda v: True, "True or False")
+_STR = Rule(str, lambda v: True, "a string")
+_BOOL = Rule(bool, lambda v: True, "True or False")
+_SEED = _int(0, 2**32 - 1)
+_FOLD_LIST = Rule(str, lambda v: all(p.strip().isdigit() for p in v.split(",")) if v else True,
+                  'comma-separated fold numbers such as "0,2", or ""')
 
-RULES: dict[str, _Rule] = {
-    "seed": _int(0, 2**32 - 1),
-    "data.source": _choice(*SOURCES),
-    "data.dir": _ANY_STR,
-    "data.tfds_dir": _ANY_STR,
-    "data.image_size": _int(16, 4096),
-    "data.store_size": _int(0, 4096),
-    "data.num_folds": _int(2),
-    "data.fold": _int(0),
-    "data.split_seed": _int(0, 2**32 - 1),
-    "data.val_fraction": _float(0.0, 0.5),
-    "data.csv_file": _ANY_STR,
-    "data.image_column": _ANY_STR,
-    "data.label_column": _ANY_STR,
-    "data.group_column": _ANY_STR,
-    "data.class_names": _ANY_STR,
-    "data.skip_bad_images": _BOOL,
-    "data.synthetic_num_images": _int(20),
-    "data.synthetic_image_size": _int(16, 1024),
-    "data.synthetic_seed": _int(0, 2**32 - 1),
-    "data.read_threads": _int(1),
-    "data.worker_count": _int(0),
-    "data.prefetch_batches": _int(1),
-    "data.device_prefetch": _int(1, 8),
-    "data.augment": _choice("device", "host"),
-    "data.build_threads": _int(1),
-    "data.folds": _Rule(str, lambda v: all(p.strip().isdigit() for p in v.split(",")) if v
-                        else True, 'comma-separated fold numbers such as "0,2", or ""'),
-    "model.name": _choice(*MODELS),
-    "model.pretrained": _ANY_STR,
-    "model.hidden_dim": _int(1),
-    "model.bn_group_size": _int(0),
-    "model.reference_double_bn_update": _BOOL,
-    "train.epochs": _int(1),
-    "train.batch_size": _int(1),
-    "train.steps_per_epoch": _int(0),
-    "train.keep_partial_batch": _BOOL,
-    "train.checkpoint_every_steps": _int(0),
-    "train.ema_decay": _float(0.0, 1.0),
-    "train.teacher_bn": _choice("train", "eval"),
-    "train.teacher_rotate": _BOOL,
-    "train.eval_teacher": _BOOL,
-    "train.log_every_steps": _int(1),
-    "train.keep_checkpoints": _int(1),
-    "train.dtype": _choice("float32", "bfloat16"),
-    "train.matmul_precision": _choice("default", "highest"),
-    "train.compilation_cache_dir": _ANY_STR,
-    "parallel.backend": _choice("shard_map", "pmap"),
-    "parallel.sync_batch_norm": _BOOL,
-    "memory.kind": _choice("queue", "bank"),
-    "memory.num_positives": _int(1),
-    "memory.num_negatives": _int(1),
-    "memory.temperature": _float(0.0, open_lo=True),
-    "memory.momentum": _float(0.0, 1.0),
-    "memory.queue_size": _int(1),
-    "memory.embed_dim": _int(1),
-    "memory.z_momentum": _float(0.0, 1.0),
-    "loss.preset": _choice("reference", "paper"),
-    "loss.ccd_weight": _float(0.0),
-    "loss.crp_weight": _float(0.0),
-    "loss.consistency": _float(0.0),
-    "loss.rampup_epochs": _int(0),
-    "loss.begin_epoch": _int(0),
-    "optim.learning_rate": _float(0.0, open_lo=True),
-    "optim.max_lr": _float(0.0, open_lo=True),
-    "optim.weight_decay": _float(0.0),
-    "optim.reset_lr_each_epoch": _BOOL,
-    "predict.input": _ANY_STR,
-    "predict.image_column": _ANY_STR,
-    "eval.input": _ANY_STR,
-    "eval.image_column": _ANY_STR,
-    "eval.label_column": _ANY_STR,
-    "export.teacher": _BOOL,
-    "export.checkpoint": _choice("latest", "best_val"),
-}
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One config key: dotted name, default value, accepted values, one-line help."""
+
+    key: str
+    default: Any
+    rule: Rule
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("seed", 2020, _SEED, "seed of parameter init, shuffling and augmentation"),
+    # data: where the images are, how they are split, stored and read
+    Setting("data.source", "ham10000", _choice(*SOURCES),
+        "layout of data.dir: synthetic | ham10000 | isic2018 | aptos | csv"),
+    Setting("data.dir", "", _STR,
+        "folder as downloaded; for 'synthetic' '' = generate into <workdir>/data"),
+    Setting("data.tfds_dir", "", _STR,
+        "where prepared array_record data sets live; '' = <workdir>/data/tfds"),
+    Setting("data.image_size", 224, _int(16, 4096), "model input side in pixels (square)"),
+    Setting("data.store_size", 0, _int(0, 4096),
+        "side of the stored images in pixels; 0 = data.image_size"),
+    Setting("data.num_folds", 5, _int(2), "k of the stratified (grouped) k-fold cross-validation"),
+    Setting("data.fold", 0, _int(0), "which fold is the test fold (0-based)"),
+    Setting("data.split_seed", 2020, _SEED,
+        "seed of the fold assignment (2020 as the reference's APTOS split)"),
+    Setting("data.val_fraction", 0.0, _float(0.0, 0.5),
+        "share of each training fold held out as validation; 0 = none"),
+    Setting("data.csv_file", "labels.csv", _STR,
+        "'csv' source: the CSV, relative to data.dir or absolute"),
+    Setting("data.image_column", "image", _STR,
+        "'csv' source: column with image paths (relative to the CSV)"),
+    Setting("data.label_column", "label", _STR,
+        "'csv' source: column with class names or integer labels"),
+    Setting("data.group_column", "", _STR,
+        "'csv' source: column with group ids (e.g. patient); '' = none"),
+    Setting("data.class_names", "", _STR,
+        "'csv' source: comma-separated class order; '' = from the labels"),
+    Setting("data.skip_bad_images", False, _BOOL,
+        "skip (and list) missing/undecodable images instead of failing"),
+    Setting("data.synthetic_num_images", 500, _int(20),
+        "'synthetic' source: number of images generated"),
+    Setting("data.synthetic_image_size", 64, _int(16, 1024),
+        "'synthetic' source: side of the generated JPEGs in pixels"),
+    Setting("data.synthetic_seed", 0, _SEED, "'synthetic' source: generator seed"),
+    Setting("data.read_threads", 4, _int(1),
+        "grain read threads (beat worker processes on 2 cores, see docs)"),
+    Setting("data.worker_count", 0, _int(0), "grain worker processes; 0 = threads only"),
+    Setting("data.prefetch_batches", 4, _int(1), "batches prepared ahead per process, on the host"),
+    Setting("data.device_prefetch", 2, _int(1, 8),
+        "batches put on the devices ahead of the step using them"),
+    Setting("data.augment", "device", _choice("device", "host"),
+        "training views made in the compiled step (device) or by PIL (host)"),
+    Setting("data.build_threads", 4, _int(1), "threads decoding/resizing images while preparing"),
+    Setting("data.folds", "", _FOLD_LIST,
+        '--mode cv: comma-separated test folds to run, e.g. "0,2"; "" = all'),
+    # model: the backbone and its BatchNorm
+    Setting("model.name", "densenet121", _choice(*MODELS),
+        "backbone: densenet121 | 169 | 201 | densenet_small | _tiny"),
+    Setting("model.pretrained", "", _STR,
+        "torchvision DenseNet weights (.safetensors, .pth, .npz) for student and teacher; "
+        "'none' = random init (an explicit choice: real data sets need one or the other); "
+        "'' = random init, for the synthetic source only"),
+    Setting("model.hidden_dim", 128, _int(1),
+        "width of the head's feature layer (the CCD/CRP input)"),
+    Setting("model.bn_group_size", 0, _int(0),
+        "BatchNorm statistics over groups of this many items of each device's batch, running "
+        "statistics from the first group of the first device (the reference: DataParallel on "
+        "2 GPUs, groups of 32); 0 = over each device's whole batch (or all devices, see "
+        "parallel.sync_batch_norm)"),
+    Setting("model.reference_double_bn_update", False, _BOOL,
+        "the reference's second pass through features[0:9]: BatchNorm running statistics of "
+        "norm0 .. denseblock3 updated twice per step (student and train-mode teacher)"),
+    # train: the loop, the mean teacher, checkpoints and numerics
+    Setting("train.epochs", 80, _int(1), "training epochs per fold"),
+    Setting("train.batch_size", 32, _int(1),
+        "global batch size (all processes and devices together)"),
+    Setting("train.steps_per_epoch", 0, _int(0),
+        "steps per epoch; 0 = one pass over the training fold"),
+    Setting("train.keep_partial_batch", False, _BOOL,
+        "the reference's loader: every pass ends with its partial batch (padded and masked) "
+        "instead of leaving the remainder to other passes"),
+    Setting("train.checkpoint_every_steps", 500, _int(0),
+        "checkpoint period in steps; 0 = at epoch ends only"),
+    Setting("train.ema_decay", 0.99, _float(0.0, 1.0), "mean-teacher EMA decay"),
+    Setting("train.teacher_bn", "train", _choice(*TEACHER_BN),
+        "teacher BatchNorm: train (reference, own batch stats) | eval"),
+    Setting("train.teacher_rotate", True, _BOOL,
+        "random 90-degree turn + flip of the teacher's view"),
+    Setting("train.eval_teacher", False, _BOOL, "also evaluate the mean teacher after every epoch"),
+    Setting("train.log_every_steps", 10, _int(1),
+        "period of train-metric records (JSONL, TensorBoard)"),
+    Setting("train.keep_checkpoints", 3, _int(1), "number of most recent checkpoints kept"),
+    Setting("train.dtype", "float32", _choice("float32", "bfloat16"),
+        "compute dtype: float32 | bfloat16 (params, memory stay f32)"),
+    Setting("train.matmul_precision", "default", _choice("default", "highest"),
+        "float32 convolutions and matrix products: default (XLA's choice: TF32 on NVIDIA GPUs "
+        "since Ampere, about 3 decimal digits) | highest (full float32, as on the CPU)"),
+    Setting("train.compilation_cache_dir", "", _STR,
+        "persistent XLA cache; '' = ~/.cache/crckd_jax/xla"),
+    # parallel: how the devices share a step
+    Setting("parallel.backend", "shard_map", _choice(*PARALLEL_BACKENDS),
+        "data-parallel compiler: shard_map (jit) | pmap"),
+    Setting("parallel.sync_batch_norm", False, _BOOL,
+        "BatchNorm statistics over all devices (not per device)"),
+    # memory: the class memory and the contrastive (CCD/CRP) scoring
+    Setting("memory.kind", "queue", _choice(*MEMORY_KINDS),
+        "class memory: queue (per class FIFO) | bank (one row per item)"),
+    Setting("memory.num_positives", 20, _int(1), "P positives per anchor"),
+    Setting("memory.num_negatives", 4096, _int(1), "K negatives per anchor"),
+    Setting("memory.temperature", 0.07, _float(0.0, open_lo=True), "tau of the NCE softmax"),
+    Setting("memory.momentum", 0.5, _float(0.0, 1.0), "momentum of the bank's row updates"),
+    Setting("memory.queue_size", 256, _int(1), "rows per class of the queue memory"),
+    Setting("memory.embed_dim", 128, _int(1), "width d of the CCD embeddings and memory rows"),
+    Setting("memory.z_momentum", 0.0, _float(0.0, 1.0),
+        "0 = freeze Z after the first batch (reference); else its EMA"),
+    # loss: the weights of the four terms over training (crckd_jax/objective.py)
+    Setting("loss.preset", "reference", _choice(*LOSS_PRESETS),
+        "loss schedule: reference (authors' code) | paper"),
+    Setting("loss.ccd_weight", 0.1, _float(0.0),
+        "weight of the class-guided contrastive distillation term"),
+    Setting("loss.crp_weight", 1.0, _float(0.0),
+        "weight of the categorical relation preserving term"),
+    Setting("loss.consistency", 1.0, _float(0.0),
+        "weight of the mean-teacher consistency term (after ramp-up)"),
+    Setting("loss.rampup_epochs", 30, _int(0),
+        "sigmoid ramp-up length of the consistency weight in epochs"),
+    Setting("loss.begin_epoch", 20, _int(0),
+        "epoch from which the distillation terms are on (reference preset)"),
+    # optim: Adam under OneCycle
+    Setting("optim.learning_rate", 1e-4, _float(0.0, open_lo=True),
+        "Adam base learning rate (the epoch-end reset's value)"),
+    Setting("optim.max_lr", 3e-4, _float(0.0, open_lo=True), "OneCycle peak learning rate"),
+    Setting("optim.weight_decay", 5e-4, _float(0.0), "coupled L2 weight decay"),
+    Setting("optim.reset_lr_each_epoch", False, _BOOL,
+        "the reference's epoch-end reset: the first step of every later epoch at learning_rate"),
+    # predict, eval, export: the modes that read a trained run
+    Setting("predict.input", "", _STR,
+        "--mode predict: a folder of images or a CSV with an image column"),
+    Setting("predict.image_column", "image", _STR,
+        "--mode predict with a CSV: column of image paths"),
+    Setting("eval.input", "", _STR,
+        '--mode eval: a labelled folder (a subfolder per class) or CSV; "" = the run\'s test '
+        "split"),
+    Setting("eval.image_column", "image", _STR, "--mode eval with a CSV: column of image paths"),
+    Setting("eval.label_column", "label", _STR, "--mode eval with a CSV: column of class names"),
+    Setting("export.teacher", False, _BOOL, "--mode export: also write the mean teacher's weights"),
+    Setting("export.checkpoint", "latest", _choice("latest", "best_val"),
+        '--mode export: from the newest checkpoint ("latest") or the best validation epoch\'s'),
+)
+
+KEYS = tuple(s.key for s in SETTINGS)  # every dotted key, in the table's order
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All keys of `SETTINGS` with their defaults (the reference protocol on HAM10000),
+    unlocked."""
+    config = ml_collections.ConfigDict()
+    for setting in SETTINGS:
+        *sections, leaf = setting.key.split(".")
+        node = config
+        for section in sections:
+            if section not in node:
+                node[section] = ml_collections.ConfigDict()
+            node = node[section]
+        node[leaf] = setting.default
+    return config
 
 
 # Keys that may differ between a run and its resumption (`train` on a workdir with
@@ -319,12 +315,18 @@ TORCHVISION_WEIGHTS = {
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first bad dotted key and what was expected."""
+    """Raises ConfigError naming the first bad dotted key and what was expected.
+
+    The command line validates once per command (`crckd_jax.cli.execute`); the library's
+    entry points (`train.train_and_evaluate`, `cv.run_cv`, `data.prepare.prepare`, ...) take
+    a config that has passed this check.
+    """
     flat = _flatten(config)
     for key in flat:
-        if key not in RULES:
-            raise ConfigError(f'unknown config key {key!r}; known keys: {", ".join(RULES)}')
-    for key, rule in RULES.items():
+        if key not in _BY_KEY:
+            raise ConfigError(f'unknown config key {key!r}; known keys: {", ".join(KEYS)}')
+    for setting in SETTINGS:
+        key, rule = setting.key, setting.rule
         if key not in flat:
             raise ConfigError(f"missing config key {key!r}: expected {rule.expected}")
         value = flat[key]
@@ -369,6 +371,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'data.dir' is '': expected the downloaded folder for "
             f"data.source={flat['data.source']!r}"
         )
+
+
 
 
 def require_initialisation(config: ml_collections.ConfigDict) -> None:
@@ -435,3 +439,42 @@ def apply_ablation(config: ml_collections.ConfigDict, arg: str) -> None:
 def store_size(config: ml_collections.ConfigDict) -> int:
     """Side in pixels of the stored images: data.store_size, or data.image_size when 0."""
     return config.data.store_size or config.data.image_size
+
+
+def reference_markdown() -> str:
+    """The settings table as markdown (key | default | expected | help), one row per key."""
+    cell = lambda text: text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    rows = ["| key | default | expected | help |", "|---|---|---|---|"]
+    rows += [f"| `{s.key}` | `{s.default!r}` | {cell(s.rule.expected)} | {cell(s.help)} |"
+             for s in SETTINGS]
+    return "\n".join(rows) + "\n"
+
+
+README_BEGIN, README_END = "<!-- settings:begin -->", "<!-- settings:end -->"
+
+
+def with_reference(readme: str) -> str:
+    """`readme` (a README's text) with `reference_markdown()` between its settings markers."""
+    start = readme.index(README_BEGIN) + len(README_BEGIN)
+    return f"{readme[:start]}\n{reference_markdown()}{readme[readme.index(README_END):]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m crckd_jax.config` prints the settings table as markdown; with
+    `--readme PATH` it writes the table between the settings markers of PATH instead."""
+    parser = argparse.ArgumentParser(prog="python -m crckd_jax.config",
+                                     description="The settings table as markdown.")
+    parser.add_argument("--readme", metavar="PATH",
+                        help="write the table between the settings markers of this file")
+    args = parser.parse_args(argv)
+    if not args.readme:
+        sys.stdout.write(reference_markdown())
+        return
+    with open(args.readme) as f:
+        text = f.read()
+    with open(args.readme, "w") as f:
+        f.write(with_reference(text))
+
+
+if __name__ == "__main__":
+    main()

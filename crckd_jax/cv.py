@@ -55,7 +55,8 @@ def markdown(result: dict) -> str:
 
 def run_cv(config: ml_collections.ConfigDict, workdir: str,
            log: Callable[[str], None] = print, allow_config_change: bool = False) -> dict:
-    config_lib.validate(config)
+    """Trains the folds of `folds_to_run` in `<workdir>/fold_<k>/` and writes the summary
+    across them; `config` has passed `config.validate`."""
     config_lib.require_initialisation(config)
     summaries = {}
     for fold in folds_to_run(config):

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from crckd_jax import losses
 from crckd_jax.memory import Memory
@@ -54,11 +55,18 @@ class ContrastConfig(NamedTuple):
     `Z <- z_momentum * Z + (1 - z_momentum) * estimate` at every call.
     """
 
-    num_positives: int = 20
-    num_negatives: int = 4096
-    temperature: float = 0.07
-    momentum: float = 0.5
-    z_momentum: float = 0.0
+    num_positives: int
+    num_negatives: int
+    temperature: float
+    momentum: float
+    z_momentum: float
+
+    @classmethod
+    def from_config(cls, memory: ml_collections.ConfigDict) -> "ContrastConfig":
+        """The settings of `memory`, the config's `memory` section."""
+        return cls(num_positives=memory.num_positives, num_negatives=memory.num_negatives,
+                   temperature=memory.temperature, momentum=memory.momentum,
+                   z_momentum=memory.z_momentum)
 
 
 class CcdCrpOutput(NamedTuple):

@@ -20,50 +20,40 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from crckd_jax.config import LOSS_PRESETS
 from crckd_jax.losses import sigmoid_rampup
 
 TERMS = ("ce", "mt", "ccd", "crp")  # the loss terms, in the order they are reported
 LOSS_KEYS = ("loss", *TERMS)  # the total and its terms, as the step reports them
-PRESETS = ("reference", "paper")
-ABLATIONS = ("baseline", "mt", "mt_ccd", "crckd")
 
 
 class LossConfig(NamedTuple):
-    """Weights of the objective (static). See `loss_weights` for how they combine."""
+    """Weights of the objective (static), from the config's `loss` section (`from_config`).
+    CE always has weight 1; see `loss_weights` for how the others combine."""
 
-    ce_weight: float = 1.0
-    consistency: float = 1.0  # MT weight after ramp-up
-    rampup_epochs: float = 30.0  # sigmoid ramp-up length of the MT weight, in epochs
-    ccd_weight: float = 0.1  # CCD weight before begin_epoch
-    ccd_weight_late: float = 0.01  # CCD weight from begin_epoch on
-    crp_weight: float = 1.0  # CRP weight from begin_epoch on
-    begin_epoch: int = 20  # epoch at which MT and CRP start
+    consistency: float  # MT weight after ramp-up
+    rampup_epochs: float  # sigmoid ramp-up length of the MT weight, in epochs
+    ccd_weight: float  # CCD weight before begin_epoch
+    ccd_weight_late: float  # CCD weight from begin_epoch on
+    crp_weight: float  # CRP weight from begin_epoch on
+    begin_epoch: int  # epoch at which MT and CRP start
 
     @classmethod
-    def from_preset(cls, preset: str, *, ablation: str = "crckd", ccd_weight: float = 0.1,
-                    crp_weight: float = 1.0, consistency: float = 1.0,
-                    rampup_epochs: float = 30.0, begin_epoch: int = 20,
-                    ce_weight: float = 1.0) -> "LossConfig":
-        """`preset` in PRESETS; `ablation` in ABLATIONS switches terms off (baseline = CE
-        only, mt = CE + MT, mt_ccd = CE + MT + CCD, crckd = all four)."""
-        if preset not in PRESETS:
-            raise ValueError(f"loss.preset must be one of {PRESETS}, got {preset!r}")
-        if ablation not in ABLATIONS:
-            raise ValueError(f"loss ablation must be one of {ABLATIONS}, got {ablation!r}")
-        use_mt = ablation != "baseline"
-        use_ccd = ablation in ("mt_ccd", "crckd")
-        use_crp = ablation == "crckd"
-        reference = preset == "reference"
-        ccd = ccd_weight if use_ccd else 0.0
+    def from_config(cls, loss: ml_collections.ConfigDict) -> "LossConfig":
+        """The weights of `loss` (the config's `loss` section): its preset (LOSS_PRESETS)
+        schedules its weights; an ablation is weights set to 0 (`config.apply_ablation`)."""
+        if loss.preset not in LOSS_PRESETS:
+            raise ValueError(f"loss.preset must be one of {LOSS_PRESETS}, got {loss.preset!r}")
+        reference = loss.preset == "reference"
         return cls(
-            ce_weight=ce_weight,
-            consistency=consistency if use_mt else 0.0,
-            rampup_epochs=rampup_epochs,
-            ccd_weight=ccd,
-            ccd_weight_late=ccd * ccd if reference else ccd,
-            crp_weight=crp_weight if use_crp else 0.0,
-            begin_epoch=begin_epoch if reference else 0,
+            consistency=loss.consistency,
+            rampup_epochs=loss.rampup_epochs,
+            ccd_weight=loss.ccd_weight,
+            ccd_weight_late=loss.ccd_weight * loss.ccd_weight if reference else loss.ccd_weight,
+            crp_weight=loss.crp_weight,
+            begin_epoch=loss.begin_epoch if reference else 0,
         )
 
 
@@ -72,7 +62,7 @@ def loss_weights(config: LossConfig, epoch: jax.Array) -> dict[str, jax.Array]:
     late = jnp.asarray(epoch) >= config.begin_epoch
     ramp = config.consistency * sigmoid_rampup(epoch, config.rampup_epochs)
     return {
-        "ce": jnp.float32(config.ce_weight),
+        "ce": jnp.float32(1.0),
         "mt": jnp.where(late, ramp, 0.0).astype(jnp.float32),
         "ccd": jnp.where(late, config.ccd_weight_late, config.ccd_weight).astype(jnp.float32),
         "crp": jnp.where(late, config.crp_weight, 0.0).astype(jnp.float32),

@@ -28,8 +28,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from crckd_jax.config import PARALLEL_BACKENDS
+
 AXIS = "data"
-BACKENDS = ("shard_map", "pmap")
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -51,8 +52,9 @@ class DataParallel:
     """
 
     def __init__(self, backend: str = "shard_map", devices=None):
-        if backend not in BACKENDS:
-            raise ValueError(f"parallel.backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in PARALLEL_BACKENDS:
+            raise ValueError(
+                f"parallel.backend must be one of {PARALLEL_BACKENDS}, got {backend!r}")
         self.backend = backend
         self.mesh = data_mesh(devices)
         self.local_devices = [d for d in self.mesh.devices.flat

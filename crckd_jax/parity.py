@@ -68,7 +68,7 @@ def _ccd_crp_call(d: Arrays, suffix: str, proj: Arrays) -> dict[str, np.ndarray]
         z_student=jnp.float32(g("z_v1_in")), z_teacher=jnp.float32(g("z_v2_in")))
     config = ContrastConfig(
         num_positives=int(d["nce_p"]), num_negatives=int(d["nce_k"]),
-        temperature=float(d["nce_t"]), momentum=float(d["nce_m"]))
+        temperature=float(d["nce_t"]), momentum=float(d["nce_m"]), z_momentum=0.0)
     labels = jnp.asarray(g("batch_labels"), jnp.int32)
     index = jnp.asarray(g("batch_index"), jnp.int32)
     idx = with_anchor_column(jnp.asarray(g("contrast_idx_in"), jnp.int32), index)

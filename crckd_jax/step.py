@@ -26,16 +26,18 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from crckd_jax import augment, losses, teacher
+from crckd_jax.config import TEACHER_BN
 from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
 from crckd_jax.objective import LossConfig, loss_weights
 from crckd_jax.state import TrainState
 
 
 class StepConfig(NamedTuple):
-    """Static settings of the train step.
+    """Static settings of the train step, from the run's config (`from_config`).
 
     steps_per_epoch: optimizer steps per epoch (the loss schedule is indexed by epoch).
     consistency_divisor: the MT loss divisor, the configured global batch size (reference).
@@ -48,14 +50,32 @@ class StepConfig(NamedTuple):
 
     loss: LossConfig
     contrast: ContrastConfig
-    embed_dim: int = 128
-    ema_decay: float = 0.99
-    steps_per_epoch: int = 1
-    consistency_divisor: float = 32.0
-    teacher_bn: str = "train"
-    teacher_rotate: bool = True
-    running_stats_of_first_device: bool = False
-    axis_name: str | None = None
+    embed_dim: int
+    ema_decay: float
+    steps_per_epoch: int
+    consistency_divisor: float
+    teacher_bn: str
+    teacher_rotate: bool
+    running_stats_of_first_device: bool
+    axis_name: str | None
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                    axis_name: str | None) -> "StepConfig":
+        """The step's settings in the validated run `config`; `steps_per_epoch` and
+        `axis_name` are facts of the run (the data set's size, the device layout)."""
+        return cls(
+            loss=LossConfig.from_config(config.loss),
+            contrast=ContrastConfig.from_config(config.memory),
+            embed_dim=config.memory.embed_dim,
+            ema_decay=config.train.ema_decay,
+            steps_per_epoch=steps_per_epoch,
+            consistency_divisor=config.train.batch_size,
+            teacher_bn=config.train.teacher_bn,
+            teacher_rotate=config.train.teacher_rotate,
+            running_stats_of_first_device=bool(config.model.bn_group_size),
+            axis_name=axis_name,
+        )
 
 
 def _psum(x, axis_name):
@@ -97,7 +117,7 @@ def _teacher_forward(model, state, images, config, mask):
     if config.teacher_bn == "eval":
         return jax.lax.stop_gradient(model.apply(variables, images, train=False)), \
             state.ema_batch_stats
-    raise ValueError(f"teacher_bn must be 'train' or 'eval', got {config.teacher_bn!r}")
+    raise ValueError(f"teacher_bn must be one of {TEACHER_BN}, got {config.teacher_bn!r}")
 
 
 def train_step(

@@ -34,14 +34,13 @@ from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, S
 from crckd_jax.preemption import StopRequest
 from crckd_jax.data import pipeline, prepare
 from crckd_jax.errors import DataError
-from crckd_jax.distillation import ContrastConfig
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
 from crckd_jax.models.torch_import import import_densenet, load_state_dict
 from crckd_jax.metrics import METRIC_KEYS
-from crckd_jax.objective import LOSS_KEYS, LossConfig
+from crckd_jax.objective import LOSS_KEYS
 from crckd_jax.optim import current_learning_rate, make_optimizer
 from crckd_jax.parallel import AXIS, DataParallel
 from crckd_jax.state import TrainState, create_train_state
@@ -138,19 +137,8 @@ class Trainer:
                                    make_memory, (size, size, 3), mem.embed_dim)
         if config.model.pretrained not in ("", "none"):
             state = _with_pretrained(state, model, config.model.pretrained)
-        loss = config.loss
-        step_config = StepConfig(
-            loss=LossConfig.from_preset(
-                loss.preset, ccd_weight=loss.ccd_weight, crp_weight=loss.crp_weight,
-                consistency=loss.consistency, rampup_epochs=loss.rampup_epochs,
-                begin_epoch=loss.begin_epoch),
-            contrast=ContrastConfig(
-                num_positives=mem.num_positives, num_negatives=mem.num_negatives,
-                temperature=mem.temperature, momentum=mem.momentum, z_momentum=mem.z_momentum),
-            embed_dim=mem.embed_dim, ema_decay=config.train.ema_decay,
-            steps_per_epoch=steps_per_epoch, consistency_divisor=config.train.batch_size,
-            teacher_bn=config.train.teacher_bn, teacher_rotate=config.train.teacher_rotate,
-            running_stats_of_first_device=bool(group), axis_name=AXIS)
+        step_config = StepConfig.from_config(config, steps_per_epoch=steps_per_epoch,
+                                             axis_name=AXIS)
         class_weight = losses.class_weights(data.class_counts)
         train_fn = make_train_step(model, optimizer, class_weight, step_config)
 
@@ -263,8 +251,7 @@ def matmul_precision(precision: str):
 
 def _trainer(config: ml_collections.ConfigDict, data_workdir: str,
              log: Callable[[str], None], prepare_missing: bool = True) -> Trainer:
-    """Checks the config, enables the compilation cache, loads the data, builds the run."""
-    config_lib.validate(config)
+    """Enables the compilation cache, loads the data, builds the run."""
     xla_options.enable_compilation_cache(config.train.compilation_cache_dir)
     return Trainer.build(config, load_data(config, data_workdir, log, prepare_missing))
 
@@ -279,9 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config is written to `<workdir>/config.json`; resuming with a config that differs in a
     computation-changing key raises ConfigChanged before anything is restored, unless
     `allow_config_change`. On SIGTERM/SIGINT the run saves a checkpoint at the step it
-    reached and raises Preempted.
+    reached and raises Preempted. `config` has passed `config.validate`.
     """
-    config_lib.validate(config)
     config_lib.require_initialisation(config)
     os.makedirs(workdir, exist_ok=True)
     checkpoints_dir = os.path.join(workdir, "checkpoints")

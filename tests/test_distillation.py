@@ -59,7 +59,8 @@ def test_ccd_crp_other_shapes_against_float64_transcription():
     p_t = Embed(d).init(jax.random.key(4), jnp.asarray(f_t))["params"]
     e_s = Embed(d).apply({"params": p_s}, f_s)
     e_t = Embed(d).apply({"params": p_t}, f_t)
-    config = ContrastConfig(num_positives=P, num_negatives=K, temperature=0.07, momentum=0.5)
+    config = ContrastConfig(num_positives=P, num_negatives=K, temperature=0.07, momentum=0.5,
+                            z_momentum=0.0)
     out, new = ccd_crp(e_s, e_t, memory, jnp.asarray(labels), jnp.asarray(index), idx, config)
 
     f64 = lambda x: np.asarray(x, np.float64)

@@ -97,7 +97,7 @@ def test_config_changes_ignore_the_free_keys():
         config.train.epochs = 5
     assert config_lib.config_changes(old, config) == [
         ("optim.max_lr", 3e-4, 1e-3), ("train.epochs", 1, 5)]
-    assert config_lib.RESUME_FREE_KEYS <= set(config_lib.RULES)
+    assert config_lib.RESUME_FREE_KEYS <= set(config_lib.KEYS)
 
 
 def started_run(workdir):

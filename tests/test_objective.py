@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from conftest import run_config
+from crckd_jax import config as config_lib
 from crckd_jax.losses import sigmoid_rampup
 from crckd_jax.objective import LossConfig, loss_weights
 
@@ -12,7 +14,7 @@ def weights(config, epoch):
 
 
 def test_reference_preset_applies_ccd_weight_twice_after_begin_epoch():
-    cfg = LossConfig.from_preset("reference", ccd_weight=0.1, crp_weight=1.0)
+    cfg = LossConfig.from_config(run_config(loss={"preset": "reference"}).loss)
     early = weights(cfg, 19)
     assert early == {"ce": 1.0, "mt": 0.0, "ccd": pytest.approx(0.1), "crp": 0.0}
     late = weights(cfg, 20)
@@ -22,7 +24,7 @@ def test_reference_preset_applies_ccd_weight_twice_after_begin_epoch():
 
 
 def test_paper_preset_applies_each_weight_once_from_the_start():
-    cfg = LossConfig.from_preset("paper", ccd_weight=0.1, crp_weight=1.0)
+    cfg = LossConfig.from_config(run_config(loss={"preset": "paper"}).loss)
     w0 = weights(cfg, 0)
     assert w0["ccd"] == pytest.approx(0.1) and w0["crp"] == 1.0
     assert w0["mt"] == pytest.approx(np.exp(-5.0))
@@ -32,11 +34,15 @@ def test_paper_preset_applies_each_weight_once_from_the_start():
 @pytest.mark.parametrize("ablation, active", [
     ("baseline", {"ce"}), ("mt", {"ce", "mt"}), ("mt_ccd", {"ce", "mt", "ccd"}),
     ("crckd", {"ce", "mt", "ccd", "crp"})])
-def test_ablation_ladder(ablation, active):
-    w = weights(LossConfig.from_preset("paper", ablation=ablation), 40)
+@pytest.mark.parametrize("preset", config_lib.LOSS_PRESETS)
+def test_ablation_ladder(ablation, active, preset):
+    """The configs' ablations (`config.apply_ablation`) switch terms off in both presets."""
+    config = run_config(loss={"preset": preset})
+    config_lib.apply_ablation(config, ablation)
+    w = weights(LossConfig.from_config(config.loss), 40)
     assert {k for k, v in w.items() if v > 0} == active
 
 
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="loss.preset must be one of"):
-        LossConfig.from_preset("papers")
+        LossConfig.from_config(run_config(loss={"preset": "papers"}).loss)

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_config
 from crckd_jax import losses, teacher
-from crckd_jax.distillation import ContrastConfig
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
-from crckd_jax.objective import LossConfig
 from crckd_jax.optim import make_optimizer
 from crckd_jax.state import create_train_state
 from crckd_jax.step import StepConfig, eval_step, make_train_step
@@ -26,13 +25,17 @@ def make_memory(kind):
     return lambda key: BankMemory.create(key, TRAIN_LABELS, NUM_CLASSES, DIM)
 
 
+def small_step_config(preset="paper", batch_size=BATCH):
+    """The step's settings for the tiny model: P = 3, K = 10, d = DIM, 5 steps per epoch."""
+    config = run_config(loss={"preset": preset}, train={"batch_size": batch_size},
+                        memory={"num_positives": 3, "num_negatives": 10, "embed_dim": DIM})
+    return StepConfig.from_config(config, steps_per_epoch=5, axis_name=None)
+
+
 def build(kind, seed=0, preset="paper"):
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32)
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
-    config = StepConfig(
-        loss=LossConfig.from_preset(preset),
-        contrast=ContrastConfig(num_positives=3, num_negatives=10),
-        embed_dim=DIM, ema_decay=0.99, steps_per_epoch=5, consistency_divisor=BATCH)
+    config = small_step_config(preset=preset)
     state = create_train_state(jax.random.key(seed), model, optimizer, make_memory(kind),
                                (SIZE, SIZE, 3), DIM)
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
@@ -158,8 +161,9 @@ def test_eval_step_probabilities():
 def test_densenet121_224_batch8_one_step():
     model = CRCKDNet(densenet_config("densenet121"), 7)
     optimizer = make_optimizer(total_steps=10)
-    config = StepConfig(loss=LossConfig.from_preset("paper"), contrast=ContrastConfig(),
-                        steps_per_epoch=5, consistency_divisor=8)
+    config = StepConfig.from_config(
+        run_config(loss={"preset": "paper"}, train={"batch_size": 8}), steps_per_epoch=5,
+        axis_name=None)
     labels = np.arange(2929) % 7
     state = create_train_state(
         jax.random.key(0), model, optimizer,
@@ -218,10 +222,7 @@ def build_with(kind, group_size, divisor=BATCH):
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32,
                      bn=BatchNormSettings(group_size=group_size))
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
-    config = StepConfig(
-        loss=LossConfig.from_preset("paper"),
-        contrast=ContrastConfig(num_positives=3, num_negatives=10),
-        embed_dim=DIM, ema_decay=0.99, steps_per_epoch=5, consistency_divisor=divisor)
+    config = small_step_config(batch_size=divisor)
     state = create_train_state(jax.random.key(0), model, optimizer, make_memory(kind),
                                (SIZE, SIZE, 3), DIM)
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))

@@ -83,8 +83,8 @@ def prepare(
     config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print
 ) -> dict:
     """Builds the data set if needed, writes the folds and data_summary.json, logs a summary
-    table, and returns the summary dict. Raises DataError/ConfigError naming what is wrong."""
-    config_lib.validate(config)
+    table, and returns the summary dict. Raises DataError/ConfigError naming what is wrong;
+    `config` has passed `config.validate`."""
     paths = _paths(workdir)
     os.makedirs(paths["data"], exist_ok=True)
     layout, root = _source_folder(config, paths)

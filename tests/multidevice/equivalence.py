@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crckd_jax import config as config_lib
 from crckd_jax import losses
-from crckd_jax.distillation import ContrastConfig
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
-from crckd_jax.objective import LossConfig
 from crckd_jax.optim import make_optimizer
 from crckd_jax.parallel import AXIS, DataParallel
 from crckd_jax.state import create_train_state
@@ -35,10 +34,12 @@ def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32, bn=bn,
                      dtype=dtype)
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
-    config = StepConfig(loss=LossConfig.from_preset("paper"),
-                        contrast=ContrastConfig(num_positives=3, num_negatives=10),
-                        embed_dim=DIM, steps_per_epoch=5, consistency_divisor=BATCH,
-                        running_stats_of_first_device=bool(group), axis_name=axis_name)
+    settings = config_lib.default_config()
+    settings.loss.preset = "paper"
+    settings.memory.update(num_positives=3, num_negatives=10, embed_dim=DIM)
+    settings.train.batch_size = BATCH
+    settings.model.bn_group_size = group
+    config = StepConfig.from_config(settings, steps_per_epoch=5, axis_name=axis_name)
     if kind.startswith("queue"):
         make_memory = lambda k: QueueMemory.create(k, NUM_CLASSES, 8, DIM)
     else:
