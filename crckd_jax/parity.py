@@ -281,7 +281,176 @@ def _densenet_tolerance(key: str) -> tuple[float, float]:
     return 1e-5, 1e-5
 
 
+# ------------------------------------------------------------------------- train steps
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+               "var": "running_var"}
+
+
+def _prefixed(d: Arrays, prefix: str) -> dict[str, np.ndarray]:
+    """The entries `prefix/<key>` of the file as {key: array}."""
+    return {k[len(prefix) + 1:]: v for k, v in d.items() if k.startswith(prefix + "/")}
+
+
+def _network_variables(state_dict: Arrays, template: dict) -> tuple[dict, dict]:
+    """(params, batch_stats) of a CRCKDNet from torchvision-named weights: the backbone
+    through `torch_import.import_densenet`, the two Linear layers of the head transposed."""
+    from crckd_jax.models.torch_import import import_densenet
+
+    backbone = {k: v for k, v in state_dict.items() if k.startswith("features.")}
+    variables = import_densenet(backbone, template, name="the file's network")
+    params = dict(variables["params"])
+    for name in ("fc_layer", "classifier"):
+        params[name] = {"kernel": jnp.asarray(state_dict[f"{name}.weight"]).T,
+                        "bias": jnp.asarray(state_dict[f"{name}.bias"])}
+    return params, variables["batch_stats"]
+
+
+def _torch_named(prefix: str, *trees) -> dict[str, np.ndarray]:
+    """Flax leaves under torch names `prefix/<module path>.<weight|bias|running_*>`, in
+    torch layouts (conv [out, in, kh, kw], Linear [out, in])."""
+    from flax import traverse_util
+
+    out = {}
+    for tree in trees:
+        for path, leaf in traverse_util.flatten_dict(tree).items():
+            value = np.asarray(leaf)
+            if value.ndim == 4:
+                value = value.transpose(3, 2, 0, 1)
+            elif value.ndim == 2:
+                value = value.T
+            out[f"{prefix}/{'.'.join(path[:-1] + (_TORCH_LEAF[path[-1]],))}"] = value
+    return out
+
+
+def _embed_params(d: Arrays, prefix: str) -> dict:
+    return {"kernel": jnp.asarray(d[f"{prefix}/weight"]).T,
+            "bias": jnp.asarray(d[f"{prefix}/bias"])}
+
+
+def _adam_moments(opt_state):
+    """optax's ScaleByAdamState inside a `make_optimizer` state."""
+    import optax
+
+    (adam,) = [s for s in opt_state.inner_state if isinstance(s, optax.ScaleByAdamState)]
+    return adam
+
+
+def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
+    """The file's steps of `crckd_jax.step.train_step`, built as a `reference` run builds it
+    (`train.Trainer.build`): CRCKDNet with BatchNorm groups and the double running-statistics
+    update of norm0 .. denseblock3, the bank memory, the reference loss preset, torch Adam +
+    OneCycle with the epoch-end reset, the teacher in train mode. The state starts from the
+    file's initial weights, memory and (unset) Z; each step gets the file's two views (the
+    teacher's already rotated), labels, indices and contrast indices (column 0 overwritten
+    with the item's row, as the reference's memory does); a partial batch is laid out over
+    the BatchNorm groups as the data pipeline lays it out (`pipeline.partial_batch_rows`),
+    padding masked."""
+    from crckd_jax import objective
+    from crckd_jax.data.pipeline import partial_batch_rows
+    from crckd_jax.distillation import ContrastConfig
+    from crckd_jax.memory import BankMemory, with_anchor_column
+    from crckd_jax.models.batch_norm import BatchNormSettings
+    from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
+    from crckd_jax.optim import current_learning_rate, make_optimizer
+    from crckd_jax.state import TrainState
+    from crckd_jax.step import StepConfig, make_train_step
+
+    num_classes, batch = int(d["num_classes"]), int(d["batch_size"])
+    group = batch // int(d["bn_groups"])
+    steps_per_epoch, epochs = int(d["steps_per_epoch"]), int(d["epochs"])
+    size, feat_dim = int(d["image_size"]), int(d["feat_dim"])
+    model = CRCKDNet(
+        DenseNetConfig(int(d["growth_rate"]), tuple(d["block_config"]),
+                       int(d["num_init_features"]), int(d["bn_size"])),
+        num_classes, hidden_dim=int(d["hidden_dim"]), bn=BatchNormSettings(group_size=group),
+        double_update_until_block=3)
+    optimizer = make_optimizer(
+        epochs * steps_per_epoch, max_lr=float(d["max_lr"]),
+        weight_decay=float(d["weight_decay"]), reset_lr_every=steps_per_epoch,
+        reset_lr=float(d["base_lr"]))
+    config = StepConfig(
+        loss=objective.LossConfig.from_preset(
+            "reference", ccd_weight=float(d["ccd_weight"]), crp_weight=float(d["crp_weight"]),
+            consistency=float(d["consistency"]), rampup_epochs=float(d["rampup_epochs"]),
+            begin_epoch=int(d["begin_epoch"])),
+        contrast=ContrastConfig(num_positives=int(d["nce_p"]), num_negatives=int(d["nce_k"]),
+                                temperature=float(d["nce_t"]), momentum=float(d["nce_m"])),
+        embed_dim=feat_dim, ema_decay=float(d["ema_decay"]), steps_per_epoch=steps_per_epoch,
+        consistency_divisor=float(batch), teacher_bn="train", teacher_rotate=False,
+        running_stats_of_first_device=True)
+    step_fn = jax.jit(make_train_step(model, optimizer, d["class_weight"], config))
+
+    template = jax.jit(lambda: model.init(
+        jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False))()
+    student, stats = _network_variables(_prefixed(d, "student0"), template)
+    teacher, teacher_stats = _network_variables(_prefixed(d, "teacher0"), template)
+    params = {"student": student, "embed_s": _embed_params(d, "embed0_s"),
+              "embed_t": _embed_params(d, "embed0_t")}
+    memory = BankMemory.create(jax.random.key(0), d["train_labels"], num_classes, feat_dim)
+    memory = memory.replace(student=jnp.asarray(d["memory_v1_0"]),
+                            teacher=jnp.asarray(d["memory_v2_0"]))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, ema_params=teacher,
+        ema_batch_stats=teacher_stats, opt_state=optimizer.init(params), memory=memory,
+        rng=jax.random.key_data(jax.random.key(0)))
+
+    per_step = {k: [] for k in ("step_ce", "step_mt", "step_ccd", "step_crp", "step_loss",
+                                "step_lr", "step_beta1")}
+    for t, count in enumerate(np.asarray(d["batch_count"])):
+        rows = (np.arange(batch) if count == batch
+                else partial_batch_rows(int(count), batch, group))
+        take = lambda key: np.where(  # noqa: E731
+            (rows >= 0).reshape((-1,) + (1,) * (d[key].ndim - 2)),
+            d[key][t][np.maximum(rows, 0)], 0).astype(d[key].dtype)
+        index = jnp.asarray(take("index"))
+        inputs = {"image_student": jnp.asarray(take("image_student")),
+                  "image_teacher": jnp.asarray(take("image_teacher")),
+                  "label": jnp.asarray(take("label")), "index": index,
+                  "contrast_idx": with_anchor_column(jnp.asarray(take("contrast_idx")), index),
+                  "mask": jnp.asarray(rows >= 0)}
+        state, metrics = step_fn(state, inputs)
+        for term in ("ce", "mt", "ccd", "crp", "loss"):
+            per_step[f"step_{term}"].append(np.asarray(metrics[term]))
+        per_step["step_lr"].append(np.asarray(current_learning_rate(state.opt_state)))
+        per_step["step_beta1"].append(np.asarray(state.opt_state.hyperparams["b1"]))
+
+    adam = _adam_moments(state.opt_state)
+    out = {k: np.stack(v) for k, v in per_step.items()}
+    out |= _torch_named("student", state.params["student"], state.batch_stats)
+    out |= _torch_named("teacher", state.ema_params, state.ema_batch_stats)
+    for side in ("s", "t"):
+        out |= _torch_named(f"embed_{side}", state.params[f"embed_{side}"])
+        for name, moments in (("adam_m", adam.mu), ("adam_v", adam.nu)):
+            out |= _torch_named(f"{name}/embed_{side}", moments[f"embed_{side}"])
+    for name, moments in (("adam_m", adam.mu), ("adam_v", adam.nu)):
+        out |= _torch_named(f"{name}/student", moments["student"])
+    out |= {"memory_v1": np.asarray(state.memory.student),
+            "memory_v2": np.asarray(state.memory.teacher),
+            "z_v1": np.asarray(state.memory.z_student),
+            "z_v2": np.asarray(state.memory.z_teacher),
+            "adam_step": np.asarray(adam.count)}
+    return out
+
+
+def _train_steps_tolerance(key: str) -> tuple[float, float]:
+    """rtol 1e-4 on every key (nine chained float32 steps against the reference's computation
+    in float64: measured max_rel up to 1e-4 on the first Adam moment of norm0.weight, a few
+    1e-6 elsewhere). Absolute floors for entries near zero: 1e-6 on the first Adam moments
+    (signed averages of gradients, entries passing zero keep the absolute rounding of the
+    early layers' gradients, which reach 0.2; measured 7e-7), 1e-12 on the second moments
+    (squared gradients, down to 1e-8 in the largest entry of a key; measured 4e-13), 1e-7
+    elsewhere. The learning rate and beta1 are the float32 schedules against torch's float64
+    ones (~1e-7). Integer keys must be equal."""
+    if key.startswith("adam_m/"):
+        return 1e-4, 1e-6
+    if key.startswith("adam_v/"):
+        return 1e-4, 1e-12
+    return 1e-4, 1e-7
+
+
 KINDS: tuple[Kind, ...] = (
+    Kind("train_steps", ("step_loss", "memory_v1_0", "adam_step"), _train_steps,
+         _train_steps_tolerance),
     Kind("ccd_crp_two_steps", ("f_s_1", "contrast_idx_in_2"), _ccd_crp_two_steps,
          _ccd_tolerance),
     Kind("ccd_crp_step", ("f_s", "contrast_idx_in", "memory_v1_in"), _ccd_crp_step,
@@ -319,13 +488,23 @@ def compare(file: str, key: str, ours: np.ndarray, ref: np.ndarray,
     return Row(file, key, max_abs, max_abs / scale if scale else max_abs, ok)
 
 
-def check(file: str, ref: Arrays) -> list[Row]:
-    """Recompute one reference file and compare every output it holds."""
-    kind = kind_of(ref)
+def recompute(ref: Arrays) -> dict[str, np.ndarray]:
+    """Every output of one reference file, recomputed by this project at full precision."""
     with jax.default_matmul_precision("highest"):
-        ours = kind.recompute(ref)
+        return kind_of(ref).recompute(ref)
+
+
+def compare_all(file: str, ref: Arrays, ours: Mapping[str, np.ndarray]) -> list[Row]:
+    """`ours` (from `recompute`) against every output the file holds, at the kind's
+    tolerances."""
+    kind = kind_of(ref)
     return [compare(file, key, value, ref[key], *kind.tolerance(key))
             for key, value in ours.items() if key in ref]
+
+
+def check(file: str, ref: Arrays) -> list[Row]:
+    """Recompute one reference file and compare every output it holds."""
+    return compare_all(file, ref, recompute(ref))
 
 
 def main(argv: list[str]) -> int:

@@ -13,9 +13,11 @@ teacher's augmented views from it, `crckd_jax.augment`), or image_student, image
 float32 [B, H, W, 3] made on the host; label, index int32 [B] (index = the item's position
 in the training set); optionally mask bool [B] (a partial batch: False on padding, which
 enters no BatchNorm statistics, no loss and no memory row; CE, CCD and CRP average the
-unmasked items, MT keeps the configured divisor, as the reference does). Eval batch: image
-[B, H, W, 3] (uint8, normalised here, or float32 already normalised), label [B], mask bool
-[B].
+unmasked items, MT keeps the configured divisor, as the reference does); optionally
+contrast_idx int32 [B, P + K] (row ids into the memory, used as given instead of
+`memory.sample_contrast`: a parity check replaying the reference's own indices). Eval
+batch: image [B, H, W, 3] (uint8, normalised here, or float32 already normalised), label
+[B], mask bool [B].
 """
 
 from __future__ import annotations
@@ -138,9 +140,12 @@ def train_step(
     if config.teacher_rotate:
         images_t = jax.vmap(teacher.rotate_flip)(keys[:, 0], images_t)
     out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config, mask)
-    contrast_idx = state.memory.sample_contrast(
-        keys[:, 1], labels, index, config.contrast.num_positives,
-        config.contrast.num_negatives)
+    if "contrast_idx" in batch:
+        contrast_idx = batch["contrast_idx"]
+    else:
+        contrast_idx = state.memory.sample_contrast(
+            keys[:, 1], labels, index, config.contrast.num_positives,
+            config.contrast.num_negatives)
     epoch = state.step // config.steps_per_epoch
     weights = loss_weights(config.loss, epoch)
     # ccd_crp's losses are this device's batch means, or with a mask already its share of
