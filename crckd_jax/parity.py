@@ -345,9 +345,8 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
     with the item's row, as the reference's memory does); a partial batch is laid out over
     the BatchNorm groups as the data pipeline lays it out (`pipeline.partial_batch_rows`),
     padding masked."""
-    from crckd_jax import objective
+    from crckd_jax import config as config_lib
     from crckd_jax.data.pipeline import partial_batch_rows
-    from crckd_jax.distillation import ContrastConfig
     from crckd_jax.memory import BankMemory, with_anchor_column
     from crckd_jax.models.batch_norm import BatchNormSettings
     from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
@@ -368,16 +367,18 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
         epochs * steps_per_epoch, max_lr=float(d["max_lr"]),
         weight_decay=float(d["weight_decay"]), reset_lr_every=steps_per_epoch,
         reset_lr=float(d["base_lr"]))
-    config = StepConfig(
-        loss=objective.LossConfig.from_preset(
-            "reference", ccd_weight=float(d["ccd_weight"]), crp_weight=float(d["crp_weight"]),
-            consistency=float(d["consistency"]), rampup_epochs=float(d["rampup_epochs"]),
-            begin_epoch=int(d["begin_epoch"])),
-        contrast=ContrastConfig(num_positives=int(d["nce_p"]), num_negatives=int(d["nce_k"]),
-                                temperature=float(d["nce_t"]), momentum=float(d["nce_m"])),
-        embed_dim=feat_dim, ema_decay=float(d["ema_decay"]), steps_per_epoch=steps_per_epoch,
-        consistency_divisor=float(batch), teacher_bn="train", teacher_rotate=False,
-        running_stats_of_first_device=True)
+    run = config_lib.default_config()  # the reference protocol's settings, from the file
+    run.train.batch_size, run.train.ema_decay = batch, float(d["ema_decay"])
+    run.train.teacher_bn, run.train.teacher_rotate = "train", False  # the view comes rotated
+    run.model.bn_group_size = group
+    run.loss.preset, run.loss.begin_epoch = "reference", int(d["begin_epoch"])
+    run.loss.ccd_weight, run.loss.crp_weight = float(d["ccd_weight"]), float(d["crp_weight"])
+    run.loss.consistency, run.loss.rampup_epochs = (float(d["consistency"]),
+                                                    int(d["rampup_epochs"]))
+    run.memory.kind, run.memory.embed_dim = "bank", feat_dim
+    run.memory.num_positives, run.memory.num_negatives = int(d["nce_p"]), int(d["nce_k"])
+    run.memory.temperature, run.memory.momentum = float(d["nce_t"]), float(d["nce_m"])
+    config = StepConfig.from_config(run, steps_per_epoch=steps_per_epoch, axis_name=None)
     step_fn = jax.jit(make_train_step(model, optimizer, d["class_weight"], config))
 
     template = jax.jit(lambda: model.init(
