@@ -56,7 +56,7 @@ SUMMARY_VIEWS = ("final", MEAN_VIEW, "best_val")  # the views of `summarise`, in
 
 
 def load_data(config: ml_collections.ConfigDict, data_workdir: str,
-              log: Callable[[str], None], prepare_missing: bool = True) -> pipeline.FoldData:
+              log: Callable[[str], None], prepare_missing: bool = True) -> prepare.FoldData:
     """The prepared fold, preparing the data set first when `data_workdir` has none (or,
     without `prepare_missing`, DataError naming the folder).
 
@@ -87,7 +87,7 @@ class Trainer:
     """Everything built for one run: model, optimizer, compiled steps, data."""
 
     config: ml_collections.ConfigDict
-    data: pipeline.FoldData
+    data: prepare.FoldData
     model: CRCKDNet
     parallel: DataParallel
     steps_per_epoch: int
@@ -97,7 +97,7 @@ class Trainer:
     eval_step: dict[bool, Callable]  # use_teacher -> the compiled eval step
 
     @classmethod
-    def build(cls, config: ml_collections.ConfigDict, data: pipeline.FoldData) -> "Trainer":
+    def build(cls, config: ml_collections.ConfigDict, data: prepare.FoldData) -> "Trainer":
         num_classes = len(data.class_names)
         parallel = DataParallel(config.parallel.backend)
         if config.train.batch_size % parallel.num_devices:

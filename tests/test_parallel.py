@@ -40,11 +40,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "multidevice" / "equivalence.py"
 
 
-def run_equivalence(num_devices, kind, backends):
+def run_equivalence(num_devices, kind, backends, forms="both"):
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
     out = subprocess.run([sys.executable, str(SCRIPT), str(num_devices), kind,
-                          ",".join(backends)], env=env, capture_output=True, text=True,
+                          ",".join(backends), forms], env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,8 +59,11 @@ def check(report, backends):
         assert r["memory"] < 1e-4 and r["batch_stats"] < 1e-4, r
 
 
-def test_four_devices_queue_shard_map_and_pmap():
-    report = run_equivalence(4, "queue", ["shard_map", "pmap"])
+@pytest.mark.parametrize("forms", ["uint8", pytest.param("both", marks=pytest.mark.slow)])
+def test_four_devices_queue_shard_map_and_pmap(forms):
+    """The default data path (uint8 images augmented in the step); with `both` (slow) also
+    steps on views made on the host."""
+    report = run_equivalence(4, "queue", ["shard_map", "pmap"], forms)
     check(report, ["shard_map", "pmap"])
     assert report["pmap_vs_shard_map_losses_identical"], report
     parts = report["pmap_vs_shard_map_parts"]

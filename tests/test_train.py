@@ -51,10 +51,15 @@ def leaves(tree):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+# Three epochs of two steps, a checkpoint after every step: the run the artefact, eval,
+# predict and export tests read, and the uninterrupted run the SIGKILL test compares with.
+TRAINED_FLAGS = ("--config.train.epochs=3", "--config.train.checkpoint_every_steps=1")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache):
     workdir = tmp_path_factory.mktemp("train")
-    done = launch(workdir, cache)
+    done = launch(workdir, cache, *TRAINED_FLAGS)
     return workdir, done
 
 
@@ -71,7 +76,7 @@ def test_train_writes_every_artefact(trained):
     assert all(np.isfinite(r[k]) for r in train for k in ("loss", "ce", "mt", "ccd", "crp"))
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     step, state, data = final_state(workdir)  # the last step's checkpoint, restorable
-    assert step == 2 and int(state["step"]) == 2 and data
+    assert step == 6 and int(state["step"]) == 6 and data
     for name in ("training_curves", "confusion_matrix", "roc_curves", "tsne_embeddings"):
         assert (workdir / "report" / f"{name}.png").stat().st_size > 10_000
     assert "test (final epoch)" in done.stdout
@@ -104,12 +109,10 @@ def test_eval_and_predict_use_the_checkpoint(trained, cache):
         assert abs(probs.sum() - 1) < 1e-4 and row["predicted"] == classes[np.argmax(probs)]
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, cache):
-    flags = ("--config.train.epochs=3", "--config.train.checkpoint_every_steps=1")
-    launch(tmp_path / "straight", cache, *flags)
-
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path, cache):
+    straight, _ = trained
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_command(killed, cache, *flags), cwd=ROOT,
+    proc = subprocess.Popen(launch_command(killed, cache, *TRAINED_FLAGS), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "1"
     deadline = time.time() + 300
@@ -121,9 +124,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, cache):
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 6, f"killed too late: checkpoints {steps}"
 
-    resumed = launch(killed, cache, *flags)
+    resumed = launch(killed, cache, *TRAINED_FLAGS)
     assert "resumed from step" in resumed.stdout
-    step_a, state_a, data_a = final_state(tmp_path / "straight")
+    step_a, state_a, data_a = final_state(straight)
     step_b, state_b, data_b = final_state(killed)
     assert step_a == step_b == 6 and data_a == data_b
     a, b = leaves(state_a), leaves(state_b)
@@ -226,34 +229,66 @@ def test_non_finite_loss_stops_with_step_and_terms(tmp_path, cache):
 @pytest.mark.parametrize("flag, message", [
     ("--config.train.epoch=3", "train.epoch"),
     ("--config.train.epochs=two", "train.epochs"),
-    ("--config.data.fold=7", "'data.fold' is 7"),
-    ("--config.model.pretrained=/nonexistent/densenet121.pth", "'model.pretrained'"),
-    ("--config.memory.kind=stack", "'memory.kind' is 'stack'"),
 ])
-def test_bad_config_values_are_named(tmp_path, cache, flag, message):
+def test_bad_config_flags_are_named(tmp_path, cache, flag, message):
+    """Overrides the command line's parser rejects (an unknown key, a value of the wrong
+    type): one error line from `launch.py`, nothing written."""
     done = launch(tmp_path, cache, flag, check=False)
-    assert done.returncode != 0
-    assert message in done.stderr
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_missing_data_dir_is_named(tmp_path, cache):
-    done = launch(tmp_path, cache, "--config.data.source=ham10000",
-                  "--config.data.dir=/nonexistent/HAM10000", "--config.model.pretrained=none",
-                  check=False)
-    assert done.returncode != 0 and "/nonexistent/HAM10000" in done.stderr
+def tiny_config(**overrides):
+    """configs/demo.py:tiny with `overrides` ({"section.key": value}) set."""
+    from crckd_jax.configs import demo
+
+    config = demo.get_config("tiny")
+    with config.unlocked():
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            config[section][name] = value
+    return config
 
 
-def test_real_data_needs_pretrained_weights_or_an_explicit_none(tmp_path, cache):
+def execute_failing(config, workdir, capsys):
+    """`crckd_jax.cli.execute` of `train` in this process: (exit status, stderr)."""
+    from crckd_jax import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.execute("train", config, str(workdir), tracebacks=False)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.fold": 7}, "error: config key 'data.fold' is 7: expected an integer in [0, 4]"),
+    ({"model.pretrained": "/nonexistent/densenet121.pth"},
+     "error: config key 'model.pretrained' is '/nonexistent/densenet121.pth': expected an "
+     "existing torchvision DenseNet checkpoint file"),
+    ({"memory.kind": "stack"}, "error: config key 'memory.kind' is 'stack': expected one of "
+                               "'queue', 'bank'"),
+])
+def test_bad_config_values_are_named(tmp_path, capsys, overrides, message):
+    code, err = execute_failing(tiny_config(**overrides), tmp_path, capsys)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_missing_data_dir_is_named(tmp_path, capsys):
+    code, err = execute_failing(tiny_config(**{
+        "data.source": "ham10000", "data.dir": "/nonexistent/HAM10000",
+        "model.pretrained": "none"}), tmp_path, capsys)
+    assert code == 3 and err.startswith("error: ") and "/nonexistent/HAM10000" in err, err
+
+
+def test_real_data_needs_pretrained_weights_or_an_explicit_none(tmp_path, capsys):
     """Training on a real source without model.pretrained stops before anything is read,
     naming torchvision's file; 'none' passes that check (and fails later on the data)."""
-    done = launch(tmp_path, cache, "--config.data.source=ham10000",
-                  "--config.data.dir=/nonexistent/HAM10000", check=False)
-    assert done.returncode != 0
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("error: config key 'model.pretrained' is '': the reference "
-                                  "starts "), done.stderr
-    assert "'none'" in done.stderr and "/nonexistent/HAM10000" not in done.stderr
+    code, err = execute_failing(tiny_config(**{
+        "data.source": "ham10000", "data.dir": "/nonexistent/HAM10000"}), tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: config key 'model.pretrained' is '': the reference starts "), err
+    assert "'none'" in err and "/nonexistent/HAM10000" not in err
     assert not (tmp_path / "checkpoints").exists()
     from crckd_jax import config as config_lib
 

@@ -34,9 +34,8 @@ n processes is resumed with m through `rescale_iterator_state`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import grain
 import jax
@@ -45,24 +44,8 @@ import numpy as np
 from crckd_jax.data import augment, splits
 from crckd_jax.errors import DataError
 
-
-@dataclasses.dataclass(frozen=True)
-class FoldData:
-    """A prepared data set (random access by record number) and one fold of it."""
-
-    source: Sequence[dict]  # tfds ArrayRecordDataSource: image uint8 [S, S, 3], label, ids
-    fold: splits.Fold
-    class_names: tuple[str, ...]
-
-    @property
-    def train_labels(self) -> np.ndarray:
-        """[N_train] int32, aligned with the training batches' `index`."""
-        return self.fold.train_labels
-
-    @property
-    def class_counts(self) -> np.ndarray:
-        """[C] int64 images per class in the training part of the fold."""
-        return np.bincount(self.fold.train_labels, minlength=len(self.class_names))
+if TYPE_CHECKING:  # defined where it is built; annotations only (prepare imports tfds)
+    from crckd_jax.data.prepare import FoldData
 
 
 class _ReadRecord(grain.transforms.Map):

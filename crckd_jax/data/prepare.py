@@ -12,16 +12,17 @@ Workdir layout written here and read by `load`:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from crckd_jax import config as config_lib
-from crckd_jax.data import builders, pipeline, sources, splits, synthetic
+from crckd_jax.data import builders, sources, splits, synthetic
 from crckd_jax.errors import DataError
 
 
@@ -169,7 +170,26 @@ def _log_table(
         log(f"{f.fold:<6}{len(f.train):>7}{len(f.val):>6}{len(f.test):>6}")
 
 
-def load(workdir: str, fold: int) -> pipeline.FoldData:
+@dataclasses.dataclass(frozen=True)
+class FoldData:
+    """A prepared data set (random access by record number) and one fold of it."""
+
+    source: Sequence[dict]  # tfds ArrayRecordDataSource: image uint8 [S, S, 3], label, ids
+    fold: splits.Fold
+    class_names: tuple[str, ...]
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """[N_train] int32, aligned with the training batches' `index`."""
+        return self.fold.train_labels
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """[C] int64 images per class in the training part of the fold."""
+        return np.bincount(self.fold.train_labels, minlength=len(self.class_names))
+
+
+def load(workdir: str, fold: int) -> FoldData:
     """The prepared data set and fold `fold` of `workdir` (DataError if not prepared)."""
     paths = _paths(workdir)
     if not os.path.isfile(paths["dataset"]):
@@ -179,7 +199,7 @@ def load(workdir: str, fold: int) -> pipeline.FoldData:
     with open(paths["dataset"]) as f:
         info = json.load(f)
     source = tfds.builder_from_directory(info["dataset_dir"]).as_data_source(split="train")
-    return pipeline.FoldData(
+    return FoldData(
         source=source,
         fold=splits.read_fold(paths["folds"], fold),
         class_names=tuple(info["class_names"]),

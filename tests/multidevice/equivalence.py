@@ -1,9 +1,12 @@
 """Run a few CRCKD steps on 1 device and on N fake CPU devices; print max differences.
 
 Usage: XLA_FLAGS=--xla_force_host_platform_device_count=N python equivalence.py N KIND BACKENDS
+[FORMS]
 KIND: queue | bank (BatchNorm synchronised over the devices) | queue-groups (BatchNorm in
 groups of BATCH / N items, running statistics of the first group: one device with N groups
-against N devices with one group each, the reference's DataParallel).
+against N devices with one group each, the reference's DataParallel). FORMS: `both`
+(default: uint8 images augmented in the step, alternating with views made on the host) or
+`uint8` (the default data path only: one compile per backend instead of two).
 Prints one JSON line: {"<backend>": {"params": err, "memory": err, "loss": err, ...}}.
 """
 
@@ -51,14 +54,14 @@ def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
     return state, step
 
 
-def batches():
-    """Odd steps: uint8 images augmented inside the step (the default); even steps: views
-    made on the host."""
+def batches(forms):
+    """With forms 'both': odd steps uint8 images augmented inside the step (the default),
+    even steps views made on the host; with 'uint8': uint8 images at every step."""
     rng = np.random.default_rng(0)
     for i in range(STEPS):
         index = rng.choice(N_TRAIN, BATCH, replace=False).astype(np.int32)
         batch = {"label": TRAIN_LABELS[index].astype(np.int32), "index": index}
-        if i % 2:
+        if i % 2 or forms == "uint8":
             batch["image"] = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8)
         else:
             batch["image_student"] = rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
@@ -73,11 +76,11 @@ def max_rel(a, b):
     return max(errs)
 
 
-def main(num_devices, kind, backends):
+def main(num_devices, kind, backends, forms):
     state, step = setup(kind, None, num_devices=num_devices)
     step = jax.jit(step)
     ref_losses = []
-    for b in batches():
+    for b in batches(forms):
         state, m = step(state, b)
         ref_losses.append(float(m["loss"]))
     reference = jax.tree.map(np.asarray, state)
@@ -88,7 +91,7 @@ def main(num_devices, kind, backends):
         compiled = dp.compile(per_device)
         state = dp.put_state(state)
         got_losses = []
-        for b in batches():
+        for b in batches(forms):
             state, m = compiled(state, dp.put_batch(b))
             got_losses.append(float(dp.get_outputs(m)["loss"]))
         # Every device holds the same memory, bit for bit.
@@ -132,4 +135,5 @@ def main(num_devices, kind, backends):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","))
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","),
+         sys.argv[4] if len(sys.argv) > 4 else "both")
