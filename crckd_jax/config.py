@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", 2020, _SEED, "seed of parameter init, shuffling and augmentation"),
     # data: where the images are, how they are split, stored and read
     Setting("data.source", "ham10000", _choice(*SOURCES),
-        "layout of data.dir: synthetic | ham10000 | isic2018 | aptos | csv"),
+        "layout of data.dir (the data set as downloaded, or generated)"),
     Setting("data.dir", "", _STR,
         "folder as downloaded; for 'synthetic' '' = generate into <workdir>/data"),
     Setting("data.tfds_dir", "", _STR,
@@ -125,7 +125,7 @@ SETTINGS: tuple[Setting, ...] = (
         '--mode cv: comma-separated test folds to run, e.g. "0,2"; "" = all'),
     # model: the backbone and its BatchNorm
     Setting("model.name", "densenet121", _choice(*MODELS),
-        "backbone: densenet121 | 169 | 201 | densenet_small | _tiny"),
+        "backbone: a torchvision DenseNet, or a small one for tests and the demo"),
     Setting("model.pretrained", "", _STR,
         "torchvision DenseNet weights (.safetensors, .pth, .npz) for student and teacher; "
         "'none' = random init (an explicit choice: real data sets need one or the other); "
@@ -161,7 +161,7 @@ SETTINGS: tuple[Setting, ...] = (
         "period of train-metric records (JSONL, TensorBoard)"),
     Setting("train.keep_checkpoints", 3, _int(1), "number of most recent checkpoints kept"),
     Setting("train.dtype", "float32", _choice("float32", "bfloat16"),
-        "compute dtype: float32 | bfloat16 (params, memory stay f32)"),
+        "compute dtype (parameters and memory stay float32)"),
     Setting("train.matmul_precision", "default", _choice("default", "highest"),
         "float32 convolutions and matrix products: default (XLA's choice: TF32 on NVIDIA GPUs "
         "since Ampere, about 3 decimal digits) | highest (full float32, as on the CPU)"),
