@@ -54,7 +54,7 @@ def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
     return state, step
 
 
-def batches(forms):
+def batches(forms="both"):
     """With forms 'both': odd steps uint8 images augmented inside the step (the default),
     even steps views made on the host; with 'uint8': uint8 images at every step."""
     rng = np.random.default_rng(0)
