@@ -47,13 +47,17 @@ def create_train_state(
     """A fresh state, created in one compiled call.
 
     model maps images [B, *image_shape] to {'feature': [B, F], 'logits': [B, C], ...};
-    make_memory(key) builds the memory. The teacher starts as a copy of the student (the
-    reference's first EMA update, at alpha 0, copies the student anyway).
+    make_memory(key) builds the memory. The teacher is a second, independent initialisation
+    of the network, as the reference creates it (its first EMA update, at alpha 0, then
+    copies the student; until then the teacher's outputs of step 0 come from its own
+    weights, and they set the teacher-side Z and the first teacher memory rows).
     """
 
     def init(key):
         k_model, k_embed_s, k_embed_t, k_memory, k_run = jax.random.split(key, 5)
-        variables = model.init(k_model, jnp.zeros((2, *image_shape), jnp.float32), train=False)
+        images = jnp.zeros((2, *image_shape), jnp.float32)
+        variables = model.init(k_model, images, train=False)
+        teacher = model.init(jax.random.fold_in(k_model, 1), images, train=False)
         feature = jax.eval_shape(
             lambda v: model.apply(v, jnp.zeros((2, *image_shape)), train=False), variables
         )["feature"]
@@ -67,8 +71,8 @@ def create_train_state(
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=variables["batch_stats"],
-            ema_params=variables["params"],
-            ema_batch_stats=variables["batch_stats"],
+            ema_params=teacher["params"],
+            ema_batch_stats=teacher["batch_stats"],
             opt_state=optimizer.init(params),
             memory=make_memory(k_memory),
             rng=jax.random.key_data(k_run),

@@ -200,17 +200,18 @@ class Trainer:
 
 
 def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainState:
-    """Student and teacher backbones from a torchvision DenseNet checkpoint; fresh head."""
-    variables = import_densenet(
-        load_state_dict(path), {"params": state.params["student"],
-                                "batch_stats": state.batch_stats},
-        name=f"model {model.config}")
-    # The teacher gets its own copy: the step donates the state, and two leaves sharing a
-    # buffer would be donated twice.
-    teacher = jax.tree.map(jnp.copy, variables)
+    """Student and teacher backbones from a torchvision DenseNet checkpoint; each keeps its
+    own freshly initialised head (the reference builds both networks from the checkpoint)."""
+    state_dict = load_state_dict(path)
+    load = lambda params, stats: import_densenet(  # noqa: E731
+        state_dict, {"params": params, "batch_stats": stats}, name=f"model {model.config}")
+    student = load(state.params["student"], state.batch_stats)
+    # Copied: both imports may wrap the same checkpoint arrays, and the step donates the
+    # state (a buffer shared by two leaves would be donated twice).
+    teacher = jax.tree.map(jnp.copy, load(state.ema_params, state.ema_batch_stats))
     return state.replace(
-        params={**state.params, "student": variables["params"]},
-        batch_stats=variables["batch_stats"], ema_params=teacher["params"],
+        params={**state.params, "student": student["params"]},
+        batch_stats=student["batch_stats"], ema_params=teacher["params"],
         ema_batch_stats=teacher["batch_stats"])
 
 

@@ -321,8 +321,14 @@ def test_pretrained_backbone_for_student_and_teacher(tmp_path):
     for stats in (loaded.batch_stats, loaded.ema_batch_stats):
         np.testing.assert_array_equal(stats["features"]["norm5"]["var"],
                                       state_dict["features.norm5.running_var"])
+    # Each network keeps its own head: the teacher is a second initialisation, as the
+    # reference's second create_model.
     np.testing.assert_array_equal(loaded.params["student"]["classifier"]["kernel"],
                                   state.params["student"]["classifier"]["kernel"])
+    np.testing.assert_array_equal(loaded.ema_params["classifier"]["kernel"],
+                                  state.ema_params["classifier"]["kernel"])
+    assert not np.array_equal(loaded.ema_params["classifier"]["kernel"],
+                              loaded.params["student"]["classifier"]["kernel"])
 
 
 def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tmp_path, cache):
