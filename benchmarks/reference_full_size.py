@@ -23,7 +23,7 @@ gives its epoch-0 loss, CE + 0.1 CCD, where MT and CRP are computed and compared
 reach the gradient. Z is set at the first step, the memory rows of 3 x 64 items move.
 
 Tolerance. Both sides compute in float32 by default (torch's float64 run is available with
-`--dtype float64`, but needs about twice the 17.5 GB that torch's float32 run peaks at); the
+`--dtype float64`, but needs about twice the 15.2 GB that torch's float32 run peaks at); the
 two accumulate in different orders, and over DenseNet-121's depth this does not stay within
 the small fixture's elementwise rtol 1e-4. Per key, max |ours - ref| / max |ref| (the printed
 max_rel) must be within 2e-3 for the losses, parameters, running statistics, memory and Z
