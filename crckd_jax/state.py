@@ -47,20 +47,23 @@ def create_train_state(
     """A fresh state, created in one compiled call.
 
     model maps images [B, *image_shape] to {'feature': [B, F], 'logits': [B, C], ...};
-    make_memory(key) builds the memory. The teacher is a second, independent initialisation
-    of the network, as the reference creates it (its first EMA update, at alpha 0, then
-    copies the student; until then the teacher's outputs of step 0 come from its own
-    weights, and they set the teacher-side Z and the first teacher memory rows).
+    make_memory(key) builds the memory. The teacher has the student's backbone (the
+    `features` subtree, which `model.pretrained` loads into both) and a head of its own, as
+    the reference's second network has: its first EMA update, at alpha 0, copies the
+    student, but its step-0 outputs come from its own head, and they set the teacher-side
+    Z and the first teacher memory rows.
     """
 
     def init(key):
         k_model, k_embed_s, k_embed_t, k_memory, k_run = jax.random.split(key, 5)
         images = jnp.zeros((2, *image_shape), jnp.float32)
         variables = model.init(k_model, images, train=False)
-        teacher = model.init(jax.random.fold_in(k_model, 1), images, train=False)
+        # Only the head of this second initialisation is kept, and XLA drops the rest: the
+        # compiled init stays the size of one network's.
+        head = model.init(jax.random.fold_in(k_model, 1), images, train=False)["params"]
+        teacher_params = {**head, "features": variables["params"]["features"]}
         feature = jax.eval_shape(
-            lambda v: model.apply(v, jnp.zeros((2, *image_shape)), train=False), variables
-        )["feature"]
+            lambda v: model.apply(v, images, train=False), variables)["feature"]
         dummy = jnp.zeros(feature.shape, jnp.float32)
         params = {
             "student": variables["params"],
@@ -71,8 +74,8 @@ def create_train_state(
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=variables["batch_stats"],
-            ema_params=teacher["params"],
-            ema_batch_stats=teacher["batch_stats"],
+            ema_params=teacher_params,
+            ema_batch_stats=variables["batch_stats"],
             opt_state=optimizer.init(params),
             memory=make_memory(k_memory),
             rng=jax.random.key_data(k_run),
