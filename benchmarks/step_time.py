@@ -332,6 +332,7 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
     from crckd_jax.memory import BankMemory, QueueMemory
     from crckd_jax.models.densenet import CRCKDNet, densenet_config
     from crckd_jax.models.kernels import resolve_kernels
+    from crckd_jax.models.networks import Networks
     from crckd_jax.optim import make_optimizer
     from crckd_jax.state import create_train_state
     from crckd_jax.step import StepConfig, make_train_step
@@ -355,12 +356,13 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
     settings.train.batch_size = variant.batch_size
     config = StepConfig.from_config(settings, steps_per_epoch=1000, axis_name=None)
     class_weight = losses.class_weights(np.bincount(train_labels, minlength=num_classes))
-    step = jax.jit(make_train_step(model, optimizer, class_weight, config),
+    networks = Networks(model, args.embed_dim)
+    step = jax.jit(make_train_step(networks, optimizer, class_weight, config),
                    donate_argnums=(0,))
 
     t0 = time.perf_counter()
-    state = create_train_state(jax.random.key(args.seed), model, optimizer, make_memory,
-                               (args.image_size, args.image_size, 3), args.embed_dim)
+    state = create_train_state(jax.random.key(args.seed), networks, optimizer, make_memory,
+                               (args.image_size, args.image_size, 3))
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     dropped = ("image_student", "image_teacher") if variant.augment == "device" else ("image",)

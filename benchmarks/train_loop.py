@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crckd_jax import config as config_lib  # noqa: E402
 from crckd_jax import train  # noqa: E402
+from crckd_jax.trainer import build_trainer, load_data  # noqa: E402
 from crckd_jax.logger import MetricLogger  # noqa: E402
 from crckd_jax.objective import LOSS_KEYS  # noqa: E402
 from crckd_jax.parallel import AXIS  # noqa: E402
@@ -182,7 +183,7 @@ def trivial_rows(args, data_dir, tmp):
     results = {}
     for augment_on, loop in (("device", "new"), ("host", "old")):
         config = make_config(args, augment_on)
-        trainer = train._trainer(config, data_dir, log=lambda _: None)
+        trainer = build_trainer(config, data_dir, log=lambda _: None)
         trainer = dataclasses.replace(
             trainer, train_step=trainer.parallel.compile(trivial_step))
         if loop == "new":  # the trivial step's own cost, to subtract from the loop rows
@@ -206,7 +207,7 @@ def trivial_rows(args, data_dir, tmp):
 
 def real_rows(args, data_dir, tmp):
     config = make_config(args, "device")
-    trainer = train._trainer(config, data_dir, log=lambda _: None)
+    trainer = build_trainer(config, data_dir, log=lambda _: None)
     wall, cpu = new_loop(trainer, trainer.train_dataset(), os.path.join(tmp, "real"))
     print(f'{"CRCKD step":<38}{"images/s":>10}{"wall ms/step":>16}{"host CPU ms/step":>18}')
     trainer_rate = report("trainer loop", args.steps, args.batch_size, wall, cpu)
@@ -239,7 +240,7 @@ def main():
           f"{os.cpu_count()} CPUs; {args.image_size} px, batch {args.batch_size}, "
           f"{args.steps} timed steps")
     data_dir = os.path.join(args.workdir, f"data{args.image_size}")
-    train.load_data(make_config(args, "device"), data_dir, log=lambda _: None)
+    load_data(make_config(args, "device"), data_dir, log=lambda _: None)
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_step:
             real_rows(args, data_dir, tmp)

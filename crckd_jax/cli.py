@@ -38,7 +38,6 @@ import errno
 import os
 import re
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -146,7 +145,7 @@ def run(mode: str, config, workdir: str, allow_config_change: bool = False) -> N
     # Imported here so that a bad flag or config fails before JAX starts.
     import jax
 
-    from crckd_jax import cv, inference, predict, train
+    from crckd_jax import cv, evaluate, inference, predict, train
     from crckd_jax.data import prepare
     from crckd_jax.runlock import WorkdirLock
 
@@ -154,7 +153,7 @@ def run(mode: str, config, workdir: str, allow_config_change: bool = False) -> N
         if mode == "eval" and config.eval.input:
             predict.evaluate_input(config, workdir)
         elif mode == "eval":
-            train.evaluate_checkpoint(config, workdir)
+            evaluate.evaluate_checkpoint(config, workdir)
         elif mode == "predict":
             predict.predict(config, workdir)
         else:
@@ -310,7 +309,8 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
             num_processes: int | None = None, process_id: int | None = None,
             allow_config_change: bool = False, tracebacks: bool | None = None,
             run_config_file: str | None = None) -> None:
-    """Checks `config`, starts `jax.distributed` if asked, runs `mode`. Every failure ends
+    """Checks `config` (and, to train, its initialisation: `config.require_initialisation`),
+    starts `jax.distributed` if asked, runs `mode`. Every failure ends
     the program with one `error: ...` line and the exit status of its kind
     (crckd_jax/errors.py); with `tracebacks` (default: `show_tracebacks()`) the exception
     propagates with its traceback instead. `run_config_file`: the run's config.json that
@@ -318,6 +318,8 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
     tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
         config_lib.validate(config)
+        if mode in ("train", "cv"):
+            config_lib.require_initialisation(config)
         initialize_distributed(coordinator_address, num_processes, process_id)
         if allow_config_change:
             run(mode, config, workdir, allow_config_change=True)

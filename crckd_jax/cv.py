@@ -3,7 +3,7 @@
 Fold k trains in `<workdir>/fold_<k>/` on the data set prepared once in `<workdir>`. A fold
 whose `summary.json` exists is done and is not run again; an interrupted fold resumes from
 its checkpoints. `cv_summary.json` and `cv_summary.md` hold the mean and standard deviation
-(population, ddof 0) of every metric across folds, for each view of `train.summarise`.
+(population, ddof 0) of every metric across folds, for each view of `summary.summarise`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from crckd_jax import config as config_lib
 from crckd_jax.metrics import METRIC_KEYS
-from crckd_jax.train import SUMMARY_VIEWS, train_and_evaluate
+from crckd_jax.summary import SUMMARY_VIEWS
+from crckd_jax.train import train_and_evaluate
 
 
 def folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
@@ -56,8 +56,7 @@ def markdown(result: dict) -> str:
 def run_cv(config: ml_collections.ConfigDict, workdir: str,
            log: Callable[[str], None] = print, allow_config_change: bool = False) -> dict:
     """Trains the folds of `folds_to_run` in `<workdir>/fold_<k>/` and writes the summary
-    across them; `config` has passed `config.validate`."""
-    config_lib.require_initialisation(config)
+    across them; `config` has passed `config.validate` and `config.require_initialisation`."""
     summaries = {}
     for fold in folds_to_run(config):
         fold_dir = os.path.join(workdir, f"fold_{fold}")

@@ -14,38 +14,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from crckd_jax import losses
 from crckd_jax.memory import Memory
-
-
-def torch_linear_bias_init(key, shape, dtype=jnp.float32, fan_in: int = 1):
-    bound = 1.0 / jnp.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class Embed(nn.Module):
-    """The CCD projection: `l2_normalize(x @ kernel + bias)`, x [B, in] -> [B, dim].
-
-    Initialised like torch's `nn.Linear` (uniform in +-1/sqrt(in)), as the reference.
-    """
-
-    dim: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], -1)
-        fan_in = x.shape[-1]
-        kernel = self.param(
-            "kernel", nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-            (fan_in, self.dim))
-        bias = self.param(
-            "bias", lambda k, s: torch_linear_bias_init(k, s, fan_in=fan_in), (self.dim,))
-        return losses.l2_normalize(x @ kernel + bias)
 
 
 class ContrastConfig(NamedTuple):

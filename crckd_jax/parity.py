@@ -56,7 +56,8 @@ class Kind:
 # --------------------------------------------------------------------------- CCD + CRP
 def _ccd_crp_call(d: Arrays, suffix: str, proj: Arrays) -> dict[str, np.ndarray]:
     """One reference `CCD_CRP_Loss.forward` call on a bank memory; keys get `suffix`."""
-    from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
+    from crckd_jax.distillation import ContrastConfig, ccd_crp
+    from crckd_jax.models.networks import Embed
     from crckd_jax.memory import BankMemory, with_anchor_column
 
     g = lambda k: d[k + suffix]
@@ -249,6 +250,7 @@ def _float64_tolerance(key: str) -> tuple[float, float]:
 def _densenet(d: Arrays) -> dict[str, np.ndarray]:
     """Eval and train forwards of a torchvision DenseNet imported from the file's `sd/`."""
     from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
+    from crckd_jax.models.networks import Networks
     from crckd_jax.models.torch_import import classifier_from_state_dict, import_densenet
 
     state_dict = {k[3:]: v for k, v in d.items() if k.startswith("sd/")}
@@ -337,7 +339,7 @@ def _adam_moments(opt_state):
 
 def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
     """The file's steps of `crckd_jax.step.train_step`, built as a `reference` run builds it
-    (`train.Trainer.build`): CRCKDNet with BatchNorm groups and the double running-statistics
+    (`trainer.Trainer.build`): CRCKDNet with BatchNorm groups and the double running-statistics
     update of norm0 .. denseblock3, the bank memory, the reference loss preset, torch Adam +
     OneCycle with the epoch-end reset, the teacher in train mode. The state starts from the
     file's initial weights, memory and (unset) Z; each step gets the file's two views (the
@@ -350,6 +352,7 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
     from crckd_jax.memory import BankMemory, with_anchor_column
     from crckd_jax.models.batch_norm import BatchNormSettings
     from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
+    from crckd_jax.models.networks import Networks
     from crckd_jax.optim import current_learning_rate, make_optimizer
     from crckd_jax.state import TrainState
     from crckd_jax.step import StepConfig, make_train_step
@@ -379,7 +382,8 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
     run.memory.num_positives, run.memory.num_negatives = int(d["nce_p"]), int(d["nce_k"])
     run.memory.temperature, run.memory.momentum = float(d["nce_t"]), float(d["nce_m"])
     config = StepConfig.from_config(run, steps_per_epoch=steps_per_epoch, axis_name=None)
-    step_fn = jax.jit(make_train_step(model, optimizer, d["class_weight"], config))
+    step_fn = jax.jit(make_train_step(Networks(model, feat_dim), optimizer, d["class_weight"],
+                                      config))
 
     template = jax.jit(lambda: model.init(
         jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False))()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,7 +32,9 @@ import optax
 
 from crckd_jax import augment, losses, teacher
 from crckd_jax.config import TEACHER_BN
-from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
+from crckd_jax.distillation import ContrastConfig, ccd_crp
+from crckd_jax.models.densenet import CRCKDNet
+from crckd_jax.models.networks import Networks
 from crckd_jax.objective import LossConfig, loss_weights
 from crckd_jax.state import TrainState
 
@@ -52,7 +53,6 @@ class StepConfig(NamedTuple):
 
     loss: LossConfig
     contrast: ContrastConfig
-    embed_dim: int
     ema_decay: float
     steps_per_epoch: int
     consistency_divisor: float
@@ -69,7 +69,6 @@ class StepConfig(NamedTuple):
         return cls(
             loss=LossConfig.from_config(config.loss),
             contrast=ContrastConfig.from_config(config.memory),
-            embed_dim=config.memory.embed_dim,
             ema_decay=config.train.ema_decay,
             steps_per_epoch=steps_per_epoch,
             consistency_divisor=config.train.batch_size,
@@ -110,7 +109,7 @@ def _views(batch: dict[str, jax.Array], keys: jax.Array) -> tuple[jax.Array, jax
     return batch["image_student"], batch["image_teacher"]
 
 
-def _teacher_forward(model, state, images, config, mask):
+def _teacher_forward(model: CRCKDNet, state, images, config, mask):
     variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
     if config.teacher_bn == "train":
         out, updated = model.apply(variables, images, train=True, mask=mask,
@@ -126,7 +125,7 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     *,
-    model: nn.Module,
+    networks: Networks,
     optimizer: optax.GradientTransformation,
     class_weight: jax.Array,
     config: StepConfig,
@@ -139,7 +138,7 @@ def train_step(
     images_s, images_t = _views(batch, keys[:, 2:])
     if config.teacher_rotate:
         images_t = jax.vmap(teacher.rotate_flip)(keys[:, 0], images_t)
-    out_t, ema_batch_stats = _teacher_forward(model, state, images_t, config, mask)
+    out_t, ema_batch_stats = _teacher_forward(networks.network, state, images_t, config, mask)
     if "contrast_idx" in batch:
         contrast_idx = batch["contrast_idx"]
     else:
@@ -154,12 +153,10 @@ def train_step(
     weight_sum = _psum(jnp.sum(losses.item_weights(class_weight, labels, mask)), axis)
 
     def loss_fn(params):
-        out_s, updated = model.apply(
+        out_s, updated = networks.network.apply(
             {"params": params["student"], "batch_stats": state.batch_stats},
             images_s, train=True, mask=mask, mutable=["batch_stats"])
-        embed = Embed(config.embed_dim)
-        e_s = embed.apply({"params": params["embed_s"]}, out_s["feature"])
-        e_t = embed.apply({"params": params["embed_t"]}, out_t["feature"])
+        e_s, e_t = networks.embed(params, out_s["feature"], out_t["feature"])
         distill, memory = ccd_crp(e_s, e_t, state.memory, labels, index, contrast_idx,
                                   config.contrast, axis, mask)
         # This device's share of each term of the global batch's loss.
@@ -204,7 +201,7 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: CRCKDNet,
               use_teacher: bool = False) -> dict[str, jax.Array]:
     """Probabilities [B, C] and embeddings [B, F] of the student (or teacher), eval mode."""
     params, stats = ((state.ema_params, state.ema_batch_stats) if use_teacher
@@ -212,7 +209,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
     return classify(model, {"params": params, "batch_stats": stats}, batch["image"])
 
 
-def classify(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+def classify(model: CRCKDNet, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Probabilities [B, C] and embeddings [B, F] of `images` (uint8 [B, H, W, 3], normalised
     here, or float32 already normalised) in eval mode."""
     if images.dtype == jnp.uint8:
@@ -221,8 +218,8 @@ def classify(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, 
     return {"probs": jax.nn.softmax(out["logits"]), "features": out["feature"]}
 
 
-def make_train_step(model, optimizer, class_weight, config: StepConfig):
+def make_train_step(networks: Networks, optimizer, class_weight, config: StepConfig):
     """The per-device train step with everything static bound: (state, batch) -> ..."""
-    return functools.partial(train_step, model=model, optimizer=optimizer,
+    return functools.partial(train_step, networks=networks, optimizer=optimizer,
                              class_weight=jnp.asarray(class_weight, jnp.float32),
                              config=config)

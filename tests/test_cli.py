@@ -227,10 +227,30 @@ def test_a_run_config_that_fails_validation_is_named(tmp_path):
     assert last.startswith("error: ") and f"{tmp_path / 'config.json'} is not valid JSON" in last
 
 
+def test_orchestration_modules_do_not_import_each_other():
+    """`train`, `cv`, `evaluate` and `predict` build on `trainer` / `inference`; only `cv`
+    imports one of them (`train`, which it runs per fold)."""
+    import ast
+
+    package = pathlib.Path(cli.__file__).parent
+    commands = {"train", "cv", "evaluate", "predict"}
+    allowed = {"cv": {"train"}}
+    for name in sorted(commands | {"trainer", "inference"}):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "crckd_jax":
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crckd_jax."):
+                imported.add(node.module.split(".")[1])
+        assert imported & commands <= allowed.get(name, set()), (name, imported & commands)
+
+
 def test_training_imports_no_plotting_library():
     """matplotlib (and the report's t-SNE) load only when a report is written: ~0.8 s less
     start-up for every command."""
-    done = _python("-c", "import sys, crckd_jax.cli, crckd_jax.train, crckd_jax.predict; "
+    done = _python("-c", "import sys, crckd_jax.cli, crckd_jax.train, crckd_jax.cv, "
+                         "crckd_jax.evaluate, crckd_jax.predict; "
                          "print('matplotlib' in sys.modules)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

@@ -9,7 +9,7 @@ import re
 import ml_collections
 import pytest
 
-from crckd_jax import cli, cv, train, xla_options
+from crckd_jax import cli, trainer, xla_options
 from crckd_jax import config as config_lib
 from crckd_jax.configs import path as packaged_config_path
 from crckd_jax.distillation import ContrastConfig
@@ -166,7 +166,7 @@ def test_factories_read_the_table_defaults():
     assert (paper.ccd_weight_late, paper.begin_epoch) == (0.1, 0)
     step = StepConfig.from_config(config, steps_per_epoch=7, axis_name="data")
     assert step._replace(loss=None, contrast=None) == StepConfig(
-        loss=None, contrast=None, embed_dim=128, ema_decay=0.99, steps_per_epoch=7,
+        loss=None, contrast=None, ema_decay=0.99, steps_per_epoch=7,
         consistency_divisor=32, teacher_bn="train", teacher_rotate=True,
         running_stats_of_first_device=False, axis_name="data")
     config.model.bn_group_size = 16
@@ -180,19 +180,21 @@ class _Stop(Exception):
     pass
 
 
-def test_a_cv_command_validates_its_config_once(tmp_path, monkeypatch):
-    """`--mode cv` down to the first fold's data: one `validate` (the command line's)."""
+def test_a_cv_command_checks_its_config_once(tmp_path, monkeypatch):
+    """`--mode cv` down to the first fold's data: one `validate` and one
+    `require_initialisation` (the command line's), none per fold."""
     calls = []
-    validate = config_lib.validate
-    monkeypatch.setattr(config_lib, "validate", lambda c: calls.append(1) or validate(c))
+    for name in ("validate", "require_initialisation"):
+        check = getattr(config_lib, name)
+        monkeypatch.setattr(config_lib, name,
+                            lambda c, name=name, check=check: calls.append(name) or check(c))
 
     def stop(*args, **kwargs):
         raise _Stop
 
     monkeypatch.setattr(xla_options, "enable_compilation_cache", lambda directory: None)
-    monkeypatch.setattr(train, "load_data", stop)
+    monkeypatch.setattr(trainer, "load_data", stop)
     config = load_config(packaged_config_path("demo"), "tiny")
-    assert cv.train_and_evaluate is train.train_and_evaluate
     with pytest.raises(_Stop):
         cli.execute("cv", config, str(tmp_path / "w"), tracebacks=True)
-    assert len(calls) == 1
+    assert calls == ["validate", "require_initialisation"]

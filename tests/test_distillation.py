@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crckd_jax.distillation import ContrastConfig, Embed, ccd_crp
+from crckd_jax.distillation import ContrastConfig, ccd_crp
+from crckd_jax.models.networks import Embed
 from crckd_jax.memory import BankMemory, with_anchor_column
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from crckd_jax import train
+from crckd_jax.trainer import build_trainer, load_data
 from crckd_jax.checkpoint import Checkpointer
 from crckd_jax.errors import Preempted
 from crckd_jax.preemption import StopRequest
@@ -41,7 +42,7 @@ def tiny_config(**train_keys):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data")
-    train.load_data(tiny_config(), str(path), log=lambda _: None)
+    load_data(tiny_config(), str(path), log=lambda _: None)
     return str(path)
 
 
@@ -64,7 +65,7 @@ def count_traces(monkeypatch) -> list[str]:
 def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None, stop=None):
     """Runs `_train_loop` from step 0; returns the trainer, the sizes of the metric reads,
     and the checkpointer."""
-    trainer = train._trainer(config, data_dir, log=lambda _: None)
+    trainer = build_trainer(config, data_dir, log=lambda _: None)
     if wrap_step is not None:
         trainer.train_step = wrap_step(trainer.train_step)
     reads = []
@@ -128,7 +129,7 @@ def test_non_finite_loss_between_reads_stops_before_the_next_checkpoint(
 
 
 def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
-    trainer = train._trainer(tiny_config(), data_dir, log=lambda _: None)
+    trainer = build_trainer(tiny_config(), data_dir, log=lambda _: None)
     plain = iter(trainer.train_dataset())
     expected = []
     for _ in range(5):
@@ -177,7 +178,7 @@ def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_
     checkpoints = Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpoints.manager.all_steps() == [2]
     saved = checkpoints.manager.restore(2, args=ocp_args())["data"]
-    plain = iter(train._trainer(tiny_config(), data_dir, log=lambda _: None).train_dataset())
+    plain = iter(build_trainer(tiny_config(), data_dir, log=lambda _: None).train_dataset())
     next(plain), next(plain)
     assert saved == plain.get_state()
 
@@ -192,7 +193,7 @@ def ocp_args():
 def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision, expected):
     """`train.matmul_precision=highest` marks every convolution and dot of the compiled
     train and eval steps HIGHEST; 'default' marks none (XLA chooses, TF32 on GPUs)."""
-    trainer = train._trainer(tiny_config(matmul_precision=precision), data_dir,
+    trainer = build_trainer(tiny_config(matmul_precision=precision), data_dir,
                              log=lambda _: None)
     state = trainer.parallel.put_state(trainer.initial_state)
     batch = trainer.parallel.put_batch(next(iter(trainer.train_dataset())))

@@ -11,6 +11,7 @@ from conftest import run_config
 from crckd_jax import losses, teacher
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.models.networks import Networks
 from crckd_jax.optim import make_optimizer
 from crckd_jax.state import create_train_state
 from crckd_jax.step import StepConfig, eval_step, make_train_step
@@ -36,10 +37,10 @@ def build(kind, seed=0, preset="paper"):
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32)
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
     config = small_step_config(preset=preset)
-    state = create_train_state(jax.random.key(seed), model, optimizer, make_memory(kind),
-                               (SIZE, SIZE, 3), DIM)
+    state = create_train_state(jax.random.key(seed), Networks(model, DIM), optimizer,
+                               make_memory(kind), (SIZE, SIZE, 3))
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
-    step = jax.jit(make_train_step(model, optimizer, class_weight, config))
+    step = jax.jit(make_train_step(Networks(model, DIM), optimizer, class_weight, config))
     return model, state, step
 
 
@@ -165,11 +166,13 @@ def test_densenet121_224_batch8_one_step():
         run_config(loss={"preset": "paper"}, train={"batch_size": 8}), steps_per_epoch=5,
         axis_name=None)
     labels = np.arange(2929) % 7
+    networks = Networks(model, 128)
     state = create_train_state(
-        jax.random.key(0), model, optimizer,
-        lambda k: BankMemory.create(k, labels, 7, 128), (224, 224, 3), 128)
-    step = jax.jit(make_train_step(model, optimizer, losses.class_weights(np.bincount(labels)),
-                                   config), donate_argnums=0)
+        jax.random.key(0), networks, optimizer,
+        lambda k: BankMemory.create(k, labels, 7, 128), (224, 224, 3))
+    step = jax.jit(make_train_step(networks, optimizer,
+                                   losses.class_weights(np.bincount(labels)), config),
+                   donate_argnums=0)
     rng = np.random.default_rng(0)
     index = rng.choice(2929, 8, replace=False).astype(np.int32)
     b = {"image_student": rng.normal(size=(8, 224, 224, 3)).astype(np.float32),
@@ -223,10 +226,11 @@ def build_with(kind, group_size, divisor=BATCH):
                      bn=BatchNormSettings(group_size=group_size))
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
     config = small_step_config(batch_size=divisor)
-    state = create_train_state(jax.random.key(0), model, optimizer, make_memory(kind),
-                               (SIZE, SIZE, 3), DIM)
+    networks = Networks(model, DIM)
+    state = create_train_state(jax.random.key(0), networks, optimizer, make_memory(kind),
+                               (SIZE, SIZE, 3))
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
-    return state, jax.jit(make_train_step(model, optimizer, class_weight, config))
+    return state, jax.jit(make_train_step(networks, optimizer, class_weight, config))
 
 
 def padded(b, layout):

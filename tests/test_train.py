@@ -206,16 +206,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
     assert step == 2
 
 
-def test_cv_two_folds_writes_both_summaries(tmp_path, cache):
-    launch(tmp_path, cache, "--mode", "cv", "--config.data.num_folds=2")
-    for fold in (0, 1):
-        assert (tmp_path / f"fold_{fold}" / "summary.json").exists()
+def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, cache, trained):
+    """Fold 0 is done (a summary.json of its own: the trained run's), fold 1 is trained on
+    its own fold; the cross-validation summary is the mean and std over both."""
+    done_summary = json.loads((trained[0] / "summary.json").read_text())
+    (tmp_path / "fold_0").mkdir()
+    (tmp_path / "fold_0" / "summary.json").write_text(json.dumps(done_summary))
+    done = launch(tmp_path, cache, "--mode", "cv", "--config.data.num_folds=2")
+    assert "fold 0: done earlier" in done.stdout and "fold 1: training" in done.stdout
+    fold_1 = json.loads((tmp_path / "fold_1" / "config.json").read_text())
+    assert fold_1["data"]["fold"] == 1 and fold_1["data"]["num_folds"] == 2
+    trained_1 = json.loads((tmp_path / "fold_1" / "summary.json").read_text())
     result = json.loads((tmp_path / "cv_summary.json").read_text())
     assert result["folds"] == [0, 1]
-    assert set(result["final"]["bacc"]) == {"mean", "std"}
+    pair = [done_summary["final"]["bacc"], trained_1["final"]["bacc"]]
+    assert result["final"]["bacc"] == pytest.approx(
+        {"mean": np.mean(pair), "std": np.std(pair)}, rel=1e-12)
     assert "| bacc |" in (tmp_path / "cv_summary.md").read_text()
-    again = launch(tmp_path, cache, "--mode", "cv", "--config.data.num_folds=2")
-    assert "fold 0: done earlier" in again.stdout
 
 
 def test_non_finite_loss_stops_with_step_and_terms(tmp_path, cache):
@@ -303,17 +310,18 @@ def test_real_data_needs_pretrained_weights_or_an_explicit_none(tmp_path, capsys
 def test_pretrained_backbone_for_student_and_teacher(tmp_path):
     from crckd_jax.memory import QueueMemory
     from crckd_jax.models.densenet import CRCKDNet, densenet_config
+    from crckd_jax.models.networks import Networks
     from crckd_jax.optim import make_optimizer
     from crckd_jax.state import create_train_state
-    from crckd_jax.train import _with_pretrained
+    from crckd_jax.trainer import _with_pretrained
 
     with np.load(ROOT / "tests" / "fixtures" / "densenet_small.npz") as f:
         state_dict = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
     path = tmp_path / "densenet_small.npz"
     np.savez(path, **state_dict)
     model = CRCKDNet(densenet_config("densenet_small"), 7)
-    state = create_train_state(jax.random.key(0), model, make_optimizer(10),
-                               lambda k: QueueMemory.create(k, 7, 4, 16), (32, 32, 3), 16)
+    state = create_train_state(jax.random.key(0), Networks(model, 16), make_optimizer(10),
+                               lambda k: QueueMemory.create(k, 7, 4, 16), (32, 32, 3))
     loaded = _with_pretrained(state, model, str(path))
     want = np.transpose(state_dict["features.conv0.weight"], (2, 3, 1, 0))
     for params in (loaded.params["student"], loaded.ema_params):
@@ -358,7 +366,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
 
     from PIL import Image
 
-    from crckd_jax import inference, load_model, predict, run_config, train
+    from crckd_jax import inference, load_model, predict, run_config, trainer as trainer_lib
     from crckd_jax.data import augment, sources
     from crckd_jax.errors import DataError
     from crckd_jax.errors import CheckpointUnavailable
@@ -384,7 +392,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
 
     # The trainer's eval step on the original run, on the same images.
     config = run_config.get_config(str(workdir / "config.json"))
-    trainer, state = train.load_trained(config, str(workdir), log=lambda _: None)
+    trainer, state = trainer_lib.load_trained(config, str(workdir), log=lambda _: None)
     model = load_model(str(copy))
     decoded = [np.asarray(sources.load_rgb(str(p), model.store_size)) for p in images]
     batch = np.zeros((config.train.batch_size, 32, 32, 3), np.uint8)

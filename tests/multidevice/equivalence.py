@@ -22,6 +22,7 @@ from crckd_jax import losses
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.models.networks import Networks
 from crckd_jax.optim import make_optimizer
 from crckd_jax.parallel import AXIS, DataParallel
 from crckd_jax.state import create_train_state
@@ -47,9 +48,10 @@ def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
         make_memory = lambda k: QueueMemory.create(k, NUM_CLASSES, 8, DIM)
     else:
         make_memory = lambda k: BankMemory.create(k, TRAIN_LABELS, NUM_CLASSES, DIM)
-    state = create_train_state(jax.random.key(0), model, optimizer, make_memory,
-                               (SIZE, SIZE, 3), DIM)
-    step = make_train_step(model, optimizer, losses.class_weights(np.bincount(TRAIN_LABELS)),
+    networks = Networks(model, DIM)
+    state = create_train_state(jax.random.key(0), networks, optimizer, make_memory,
+                               (SIZE, SIZE, 3))
+    step = make_train_step(networks, optimizer, losses.class_weights(np.bincount(TRAIN_LABELS)),
                            config)
     return state, step
 
