@@ -129,8 +129,19 @@ def test_tsne_is_deterministic(tmp_path):
     np.testing.assert_array_equal(mpimg.imread(first), mpimg.imread(second))
 
 
+def loss_panel(history):
+    """(y scale, line labels) of the loss panel drawn from `history`'s train records."""
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    report._plot_losses(ax, [r for r in history if r["split"] == "train"])
+    return ax.get_yscale(), [line.get_label() for line in ax.get_lines()]
+
+
 def test_history_without_some_loss_terms(tmp_path):
     history = fake_history(drop=("mt", "crp", "learning_rate"))
+    assert loss_panel(history)[1] == ["total", "CE", "CCD"]
+    assert loss_panel(fake_history())[1] == ["total", "CE", "mean teacher", "CCD", "CRP"]
     path = report.plot_training_curves(history, tmp_path / "curves.png")
     assert_png(path)
 
@@ -149,7 +160,9 @@ def test_history_with_only_eval_records(tmp_path):
 
 def test_history_with_non_positive_loss_uses_linear_scale(tmp_path):
     history = fake_history()
+    assert loss_panel(history)[0] == "log"
     history[0]["mt"] = 0.0
+    assert loss_panel(history)[0] == "linear"
     path = report.plot_training_curves(history, tmp_path / "curves.png")
     assert_png(path)
 
