@@ -57,6 +57,12 @@ class LossConfig(NamedTuple):
         )
 
 
+def epoch_of_step(step, steps_per_epoch: int):
+    """The 0-based epoch of optimizer step number `step` (1-based: the step that brings the
+    state's step count to `step`); a Python int or a traced integer array."""
+    return (step - 1) // steps_per_epoch
+
+
 def loss_weights(config: LossConfig, epoch: jax.Array) -> dict[str, jax.Array]:
     """Weights of CE, MT, CCD and CRP at `epoch` (int scalar): float32 scalars."""
     late = jnp.asarray(epoch) >= config.begin_epoch

@@ -250,7 +250,6 @@ def _float64_tolerance(key: str) -> tuple[float, float]:
 def _densenet(d: Arrays) -> dict[str, np.ndarray]:
     """Eval and train forwards of a torchvision DenseNet imported from the file's `sd/`."""
     from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
-    from crckd_jax.models.networks import Networks
     from crckd_jax.models.torch_import import classifier_from_state_dict, import_densenet
 
     state_dict = {k[3:]: v for k, v in d.items() if k.startswith("sd/")}

@@ -35,7 +35,7 @@ from crckd_jax.config import TEACHER_BN
 from crckd_jax.distillation import ContrastConfig, ccd_crp
 from crckd_jax.models.densenet import CRCKDNet
 from crckd_jax.models.networks import Networks
-from crckd_jax.objective import LossConfig, loss_weights
+from crckd_jax.objective import LossConfig, epoch_of_step, loss_weights
 from crckd_jax.state import TrainState
 
 
@@ -145,7 +145,7 @@ def train_step(
         contrast_idx = state.memory.sample_contrast(
             keys[:, 1], labels, index, config.contrast.num_positives,
             config.contrast.num_negatives)
-    epoch = state.step // config.steps_per_epoch
+    epoch = epoch_of_step(state.step + 1, config.steps_per_epoch)
     weights = loss_weights(config.loss, epoch)
     # ccd_crp's losses are this device's batch means, or with a mask already its share of
     # the global mean

@@ -27,7 +27,7 @@ from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, S
                               TrainingDiverged)
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.metrics import METRIC_KEYS
-from crckd_jax.objective import LOSS_KEYS
+from crckd_jax.objective import LOSS_KEYS, epoch_of_step
 from crckd_jax.preemption import StopRequest
 from crckd_jax.summary import summarise
 from crckd_jax.trainer import build_trainer
@@ -175,6 +175,7 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
         state, terms = trainer.train_step(state, batch)
         pending.append((step, terms))
         bar.update(1)
+        epoch = epoch_of_step(step, per_epoch)
         epoch_end = step % per_epoch == 0
         stopping = stop is not None and step < total and stop.reached(step)
         log_now = step % config.train.log_every_steps == 0 or epoch_end
@@ -186,10 +187,10 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
             now = time.perf_counter()
             img_s = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
             tick, tick_step = now, step
-            logger.write({"split": "train", "step": step, "epoch": (step - 1) // per_epoch,
+            logger.write({"split": "train", "step": step, "epoch": epoch,
                           "images_per_s": img_s, "process_cpu_s": time.process_time(),
                           **{k: v for k, v in terms.items() if k != "epoch"}})
-            bar.set_postfix_str(f"epoch {(step - 1) // per_epoch + 1}/{config.train.epochs} "
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.train.epochs} "
                                 f"{_format_metrics(terms)} {img_s:.1f} img/s")
         val_bacc = None
         if epoch_end:
@@ -203,8 +204,7 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
                       "process_count": jax.process_count()})
             checkpoints.save(*saved)
             if best is not None and val_bacc is not None:
-                best.save(*saved, metrics={"val_bacc": val_bacc,
-                                           "epoch": step // per_epoch - 1})
+                best.save(*saved, metrics={"val_bacc": val_bacc, "epoch": epoch})
         if stopping:
             checkpoints.wait()
             if best is not None:
@@ -232,15 +232,16 @@ def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
             kept = (f"the last good checkpoint is step {latest} in {checkpoints.directory}"
                     if latest is not None else "no checkpoint was written before it")
             raise TrainingDiverged(
-                f"non-finite loss at step {step} (epoch {(step - 1) // trainer.steps_per_epoch}"
-                f"): {_format_metrics(terms)}; {kept}")
+                f"non-finite loss at step {step} "
+                f"(epoch {epoch_of_step(step, trainer.steps_per_epoch)}): "
+                f"{_format_metrics(terms)}; {kept}")
     return terms
 
 
 def _evaluate_epoch(trainer, state, step, logger, bar):
     """Evaluates and logs every split and model; returns the student's test evaluation and
     validation balanced accuracy (None without a validation split)."""
-    epoch = step // trainer.steps_per_epoch - 1
+    epoch = epoch_of_step(step, trainer.steps_per_epoch)
     models = ["student"] + (["teacher"] if trainer.config.train.eval_teacher else [])
     student_test, student_val_bacc = None, None
     for split in trainer.eval_splits:

@@ -1,5 +1,6 @@
 """Loss weights over epochs for the two presets and the ablation ladder."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -46,3 +47,13 @@ def test_ablation_ladder(ablation, active, preset):
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="loss.preset must be one of"):
         LossConfig.from_config(run_config(loss={"preset": "papers"}).loss)
+
+
+def test_epoch_of_step_is_the_epoch_the_step_runs_in():
+    from crckd_jax.objective import epoch_of_step
+
+    # 3 steps per epoch: steps 1-3 run in epoch 0, 4-6 in epoch 1; the step's own view
+    # (the state's count before the step + 1) agrees on traced integers.
+    assert [epoch_of_step(s, 3) for s in range(1, 8)] == [0, 0, 0, 1, 1, 1, 2]
+    counts = jnp.arange(7, dtype=jnp.int32)  # state.step before steps 1..7
+    np.testing.assert_array_equal(epoch_of_step(counts + 1, 3), [0, 0, 0, 1, 1, 1, 2])
