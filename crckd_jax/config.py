@@ -166,7 +166,7 @@ SETTINGS: tuple[Setting, ...] = (
         "float32 convolutions and matrix products: default (XLA's choice: TF32 on NVIDIA GPUs "
         "since Ampere, about 3 decimal digits) | highest (full float32, as on the CPU)"),
     Setting("train.compilation_cache_dir", "", _STR,
-        "persistent XLA cache; '' = ~/.cache/crckd_jax/xla"),
+        "persistent XLA cache; '' = $JAX_COMPILATION_CACHE_DIR, else ~/.cache/crckd_jax/xla"),
     # parallel: how the devices share a step
     Setting("parallel.backend", "shard_map", _choice(*PARALLEL_BACKENDS),
         "data-parallel compiler: shard_map (jit) | pmap"),

@@ -154,15 +154,19 @@ def onednn_calls_enabled(environ=None) -> bool:
 
 
 def default_cache_dir(environ=None) -> str:
+    """``$JAX_COMPILATION_CACHE_DIR`` (JAX's own setting) when set, else
+    ``$XDG_CACHE_HOME`` or ``~/.cache``, then ``crckd_jax/xla``."""
     environ = os.environ if environ is None else environ
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
     base = environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "crckd_jax", "xla")
 
 
 def enable_compilation_cache(directory: str = "", environ=None) -> str | None:
-    """Turns on JAX's persistent compilation cache in `directory` ('' = ``$XDG_CACHE_HOME``
-    or ``~/.cache``, then ``crckd_jax/xla``) for every executable, however short its
-    compilation, so that a start with a warm cache compiles nothing.
+    """Turns on JAX's persistent compilation cache in `directory` ('' = `default_cache_dir`)
+    for every executable, however short its compilation, so that a start with a warm cache
+    compiles nothing.
 
     Returns the directory, or None when the cache is left off: on the CPU backend with
     oneDNN custom calls in ``XLA_FLAGS`` (``CRCKD_XLA_OPTIONS=onednn``), where XLA fails to

@@ -1,6 +1,7 @@
 """XLA options per backend and the persistent compilation cache."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -90,6 +91,13 @@ def _run_cache_script(cache, **env):
                                "PYTHONPATH": str(ROOT), **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_default_cache_dir_follows_jax_then_xdg():
+    assert xla_options.default_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/c/jax",
+                                          "XDG_CACHE_HOME": "/c/xdg"}) == "/c/jax"
+    assert xla_options.default_cache_dir({"XDG_CACHE_HOME": "/c/xdg"}) == "/c/xdg/crckd_jax/xla"
+    assert xla_options.default_cache_dir({}) == os.path.expanduser("~/.cache/crckd_jax/xla")
 
 
 def test_compilation_cache_is_written_and_a_second_start_compiles_nothing(tmp_path):
