@@ -205,7 +205,7 @@ def matmul_precision(precision: str):
 
 
 def build_trainer(config: ml_collections.ConfigDict, data_workdir: str,
-             log: Callable[[str], None], prepare_missing: bool = True) -> Trainer:
+                  log: Callable[[str], None], prepare_missing: bool = True) -> Trainer:
     """Enables the compilation cache, loads the data, builds the run."""
     xla_options.enable_compilation_cache(config.train.compilation_cache_dir)
     return Trainer.build(config, load_data(config, data_workdir, log, prepare_missing))
