@@ -310,11 +310,11 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
             allow_config_change: bool = False, tracebacks: bool | None = None,
             run_config_file: str | None = None) -> None:
     """Checks `config` (and, to train, its initialisation: `config.require_initialisation`),
-    starts `jax.distributed` if asked, runs `mode`. Every failure ends
-    the program with one `error: ...` line and the exit status of its kind
-    (crckd_jax/errors.py); with `tracebacks` (default: `show_tracebacks()`) the exception
-    propagates with its traceback instead. `run_config_file`: the run's config.json that
-    `config` was read from (named in a config error)."""
+    starts `jax.distributed` if asked, runs `mode`. Every failure ends the program with one
+    `error: ...` line and the exit status of its kind (crckd_jax/errors.py); with
+    `tracebacks` (default: `show_tracebacks()`) the exception propagates with its traceback
+    instead. `run_config_file`: the run's config.json that `config` was read from (named in
+    a config error)."""
     tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
         config_lib.validate(config)

@@ -11,7 +11,6 @@ import jax
 import ml_collections
 
 from crckd_jax import metrics
-from crckd_jax.metrics import METRIC_KEYS
 from crckd_jax.trainer import load_trained
 
 
@@ -23,7 +22,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     for split in trainer.eval_splits:
         out = trainer.evaluate(state, split)
         results[split] = trainer.scores(out)
-        log(f"{split}: " + " ".join(f"{k}={results[split][k]:.4f}" for k in METRIC_KEYS))
+        log(f"{split}: {metrics.format_metrics(results[split])}")
         log(metrics.per_class_report(out["probs"], out["labels"], trainer.data.class_names))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:

@@ -29,7 +29,7 @@ Classes absent from ``labels`` (possible on a small test fold) give one
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
@@ -152,6 +152,12 @@ def classification_metrics(probs, labels, num_classes: int | None = None) -> dic
             stacklevel=2,
         )
     return out
+
+
+def format_metrics(values: Mapping[str, float]) -> str:
+    """`acc=0.8123 bacc=...`: the `METRIC_KEYS` of `values` (e.g. a `classification_metrics`
+    result), in that order, with 4 decimals: the one-line form the commands log."""
+    return " ".join(f"{k}={values[k]:.4f}" for k in METRIC_KEYS)
 
 
 def confusion(probs, labels, num_classes: int | None = None) -> np.ndarray:

@@ -57,8 +57,8 @@ class Kind:
 def _ccd_crp_call(d: Arrays, suffix: str, proj: Arrays) -> dict[str, np.ndarray]:
     """One reference `CCD_CRP_Loss.forward` call on a bank memory; keys get `suffix`."""
     from crckd_jax.distillation import ContrastConfig, ccd_crp
-    from crckd_jax.models.networks import Embed
     from crckd_jax.memory import BankMemory, with_anchor_column
+    from crckd_jax.models.networks import Embed
 
     g = lambda k: d[k + suffix]
     num_classes = int(d["num_classes"])

@@ -154,8 +154,7 @@ def evaluate_input(config: ml_collections.ConfigDict, workdir: str,
     probs, kept = _probabilities(model, paths, config, log)
     labels = labels[kept]
     scores = metrics.classification_metrics(probs, labels, len(model.class_names))
-    log(f"{config.eval.input} ({len(kept)} images): "
-        + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    log(f"{config.eval.input} ({len(kept)} images): {metrics.format_metrics(scores)}")
     log(metrics.per_class_report(probs, labels, model.class_names))
     results = {"input": os.path.abspath(config.eval.input), "num_images": len(kept),
                "num_skipped": len(paths) - len(kept), **scores}

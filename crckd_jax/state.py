@@ -18,10 +18,10 @@ class TrainState(struct.PyTreeNode):
 
     step: int32 scalar, optimizer steps taken. params: {'student': network parameters,
     'embed_s', 'embed_t': the CCD projections} (`models.networks`; what the optimizer
-    updates). batch_stats:
-    the student's BatchNorm running statistics. ema_params, ema_batch_stats: the mean
-    teacher's network parameters (EMA of params['student']) and its own running statistics.
-    opt_state: optax state. memory: the class memory (queue or bank, Z included).
+    updates). batch_stats: the student's BatchNorm running statistics. ema_params,
+    ema_batch_stats: the mean teacher's network parameters (EMA of params['student']) and
+    its own running statistics. opt_state: optax state. memory: the class memory (queue or
+    bank, Z included).
     rng: base PRNG key data (uint32, `jax.random.key_data` form, so checkpoints hold a plain
     array); per-step randomness is derived from it and the step, never stored.
     """

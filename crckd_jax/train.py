@@ -26,14 +26,14 @@ from crckd_jax.data import pipeline
 from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, StorageError,
                               TrainingDiverged)
 from crckd_jax.logger import MetricLogger, read_records
-from crckd_jax.metrics import METRIC_KEYS
+from crckd_jax.metrics import format_metrics
 from crckd_jax.objective import LOSS_KEYS, epoch_of_step
 from crckd_jax.preemption import StopRequest
 from crckd_jax.summary import summarise
 from crckd_jax.trainer import build_trainer
 
 
-def _format_metrics(terms: dict) -> str:
+def _format_losses(terms: dict) -> str:
     return " ".join(f"{k}={terms[k]:.4g}" for k in LOSS_KEYS if k in terms)
 
 
@@ -191,7 +191,7 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
                           "images_per_s": img_s, "process_cpu_s": time.process_time(),
                           **{k: v for k, v in terms.items() if k != "epoch"}})
             bar.set_postfix_str(f"epoch {epoch + 1}/{config.train.epochs} "
-                                f"{_format_metrics(terms)} {img_s:.1f} img/s")
+                                f"{_format_losses(terms)} {img_s:.1f} img/s")
         val_bacc = None
         if epoch_end:
             last_test, val_bacc = _evaluate_epoch(trainer, state, step, logger, bar)
@@ -234,7 +234,7 @@ def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
             raise TrainingDiverged(
                 f"non-finite loss at step {step} "
                 f"(epoch {epoch_of_step(step, trainer.steps_per_epoch)}): "
-                f"{_format_metrics(terms)}; {kept}")
+                f"{_format_losses(terms)}; {kept}")
     return terms
 
 
@@ -277,5 +277,5 @@ def _finish(trainer, state, evaluation, workdir, logger, log):
     logger.close()
     final = summary["final"]
     if final:
-        log("test (final epoch): " + " ".join(f"{k}={final[k]:.4f}" for k in METRIC_KEYS))
+        log(f"test (final epoch): {format_metrics(final)}")
     return summary

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from crckd_jax import train
-from crckd_jax.trainer import build_trainer, load_data
 from crckd_jax.checkpoint import Checkpointer
 from crckd_jax.errors import Preempted
 from crckd_jax.preemption import StopRequest
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.parallel import DataParallel
+from crckd_jax.trainer import build_trainer, load_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision,
     """`train.matmul_precision=highest` marks every convolution and dot of the compiled
     train and eval steps HIGHEST; 'default' marks none (XLA chooses, TF32 on GPUs)."""
     trainer = build_trainer(tiny_config(matmul_precision=precision), data_dir,
-                             log=lambda _: None)
+                            log=lambda _: None)
     state = trainer.parallel.put_state(trainer.initial_state)
     batch = trainer.parallel.put_batch(next(iter(trainer.train_dataset())))
     eval_batch = {"image": batch["image"]}

@@ -11,6 +11,7 @@ import pytest
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import precision_score, roc_auc_score
 
+from crckd_jax import metrics
 from crckd_jax.metrics import classification_metrics, confusion, per_class_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "metrics.npz"
@@ -161,3 +162,10 @@ def test_input_validation(ref):
         classification_metrics(probs, np.where(gt == 0, 5, gt))
     with pytest.raises(ValueError):
         classification_metrics(probs, gt.astype(np.float32))
+
+
+def test_format_metrics_lists_every_metric_in_order():
+    values = {k: i / 8 for i, k in enumerate(reversed(metrics.METRIC_KEYS))}
+    assert metrics.format_metrics(values) == " ".join(
+        f"{k}={values[k]:.4f}" for k in metrics.METRIC_KEYS)
+    assert metrics.format_metrics(values).startswith("acc=1.0000 bacc=0.8750 ")

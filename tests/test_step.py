@@ -37,10 +37,11 @@ def build(kind, seed=0, preset="paper"):
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32)
     optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
     config = small_step_config(preset=preset)
-    state = create_train_state(jax.random.key(seed), Networks(model, DIM), optimizer,
-                               make_memory(kind), (SIZE, SIZE, 3))
+    networks = Networks(model, DIM)
+    state = create_train_state(jax.random.key(seed), networks, optimizer, make_memory(kind),
+                               (SIZE, SIZE, 3))
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
-    step = jax.jit(make_train_step(Networks(model, DIM), optimizer, class_weight, config))
+    step = jax.jit(make_train_step(networks, optimizer, class_weight, config))
     return model, state, step
 
 
