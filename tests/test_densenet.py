@@ -202,8 +202,13 @@ def tiny():
     cfg = densenet_config("densenet_tiny")
     model = CRCKDNet(cfg, num_classes=3, hidden_dim=16)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = jax.jit(lambda key: model.init(key, x, train=False))(jax.random.key(0))
     return cfg, model, x, variables
+
+
+def train_forward(model):
+    """model.apply in train mode, compiled: (outputs, updated batch_stats)."""
+    return jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
 
 
 def test_variable_tree_mirrors_torchvision_names(tiny):
@@ -283,8 +288,8 @@ def test_model_init_like_torchvision(tiny):
 def test_bfloat16_backbone_returns_float32(tiny):
     cfg, model, x, variables = tiny
     model16 = CRCKDNet(cfg, num_classes=3, hidden_dim=16, dtype=jnp.bfloat16)
-    out16, upd = model16.apply(variables, x, train=True, mutable=["batch_stats"])
-    out32 = model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    out16, upd = train_forward(model16)(variables, x)
+    out32 = train_forward(model)(variables, x)[0]
     for key in ("pooled", "feature", "logits"):
         assert out16[key].dtype == jnp.float32
         scale = np.abs(out32[key]).max()
@@ -295,7 +300,7 @@ def test_bfloat16_backbone_returns_float32(tiny):
 
 def test_train_forward_updates_every_running_stat(tiny):
     _, model, x, variables = tiny
-    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, upd = train_forward(model)(variables, x)
     old = jax.tree.leaves(variables["batch_stats"])
     new = jax.tree.leaves(upd["batch_stats"])
     assert len(old) == len(new)
@@ -306,11 +311,11 @@ def test_train_forward_updates_every_running_stat(tiny):
 def test_synchronised_batch_norm_network_equals_global_batch(tiny):
     cfg, model, x, variables = tiny
     synced = CRCKDNet(cfg, num_classes=3, hidden_dim=16, bn=BatchNormSettings(axis_name="d"))
-    out, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    out_d, upd_d = jax.vmap(
+    out, upd = train_forward(model)(variables, x)
+    out_d, upd_d = jax.jit(jax.vmap(
         lambda xs: synced.apply(variables, xs, train=True, mutable=["batch_stats"]),
         axis_name="d",
-    )(x.reshape((2, 2) + x.shape[1:]))
+    ))(x.reshape((2, 2) + x.shape[1:]))
     np.testing.assert_allclose(
         out_d["logits"].reshape(out["logits"].shape), out["logits"], rtol=1e-5, atol=1e-5
     )

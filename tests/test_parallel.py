@@ -100,6 +100,12 @@ def test_state_layouts_round_trip(backend):
     np.testing.assert_array_equal(np.asarray(dp.get_state(again)["step"]), 4)
     abstract = dp.abstract_state(host)
     assert abstract["w"].shape == (2, 3) and abstract["w"].sharding == dp.replicated
+    # A compiled step donates the state it is given; the arrays it was put from live on.
+    on_device = jax.tree.map(jax.numpy.asarray, host)
+    donating = dp.compile(lambda state, batch: (state, {}), donate_state=True)
+    donating(dp.put_state(on_device), dp.put_batch({"x": np.zeros((1, 1), np.float32)}))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(on_device))
+    np.testing.assert_array_equal(np.asarray(on_device["w"]), host["w"])
 
 
 def _primitive_dtypes(jaxpr, found):

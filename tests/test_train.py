@@ -19,18 +19,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "demo.py") + ":tiny"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-def launch_command(workdir, cache, *flags):
+def launch_command(workdir, *flags):
+    """`launch.py` on the tiny demo (compilation cache: the session's, see conftest)."""
     return [sys.executable, str(ROOT / "launch.py"), "--config", TINY, "--workdir", str(workdir),
-            f"--config.train.compilation_cache_dir={cache}", *flags]
+            *flags]
 
 
-def launch(workdir, cache, *flags, check=True):
-    done = subprocess.run(launch_command(workdir, cache, *flags), capture_output=True,
+def launch(workdir, *flags, check=True):
+    done = subprocess.run(launch_command(workdir, *flags), capture_output=True,
                           text=True, cwd=ROOT, timeout=600)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
@@ -57,9 +53,9 @@ TRAINED_FLAGS = ("--config.train.epochs=3", "--config.train.checkpoint_every_ste
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
+def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("train")
-    done = launch(workdir, cache, *TRAINED_FLAGS)
+    done = launch(workdir, *TRAINED_FLAGS)
     return workdir, done
 
 
@@ -82,10 +78,10 @@ def test_train_writes_every_artefact(trained):
     assert "test (final epoch)" in done.stdout
 
 
-def test_eval_and_predict_use_the_checkpoint(trained, cache):
+def test_eval_and_predict_use_the_checkpoint(trained):
     workdir, _ = trained
     # No --config: eval reads the run's W/config.json; overrides apply on top.
-    command = [a for a in launch_command(workdir, cache, "--mode", "eval")
+    command = [a for a in launch_command(workdir, "--mode", "eval")
                if a not in ("--config", TINY)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -98,7 +94,7 @@ def test_eval_and_predict_use_the_checkpoint(trained, cache):
     listing = workdir / "to_predict.csv"
     with open(listing, "w", newline="") as f:
         csv.writer(f).writerows([["image"]] + [[os.path.relpath(p, workdir)] for p in images])
-    launch(workdir, cache, "--mode", "predict", f"--config.predict.input={listing}")
+    launch(workdir, "--mode", "predict", f"--config.predict.input={listing}")
     with open(workdir / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 11
@@ -109,10 +105,10 @@ def test_eval_and_predict_use_the_checkpoint(trained, cache):
         assert abs(probs.sum() - 1) < 1e-4 and row["predicted"] == classes[np.argmax(probs)]
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path, cache):
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path):
     straight, _ = trained
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_command(killed, cache, *TRAINED_FLAGS), cwd=ROOT,
+    proc = subprocess.Popen(launch_command(killed, *TRAINED_FLAGS), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "1"
     deadline = time.time() + 300
@@ -124,7 +120,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path, ca
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 6, f"killed too late: checkpoints {steps}"
 
-    resumed = launch(killed, cache, *TRAINED_FLAGS)
+    resumed = launch(killed, *TRAINED_FLAGS)
     assert "resumed from step" in resumed.stdout
     step_a, state_a, data_a = final_state(straight)
     step_b, state_b, data_b = final_state(killed)
@@ -147,13 +143,13 @@ def wait_for_train_record(workdir, proc, timeout=400):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_exits_75_and_resume_matches_uninterrupted(tmp_path, cache):
+def test_sigterm_mid_epoch_saves_exits_75_and_resume_matches_uninterrupted(tmp_path):
     flags = ("--config.train.epochs=2", "--config.train.steps_per_epoch=40",
              "--config.train.checkpoint_every_steps=0", "--config.train.log_every_steps=1")
-    straight = subprocess.Popen(launch_command(tmp_path / "straight", cache, *flags), cwd=ROOT,
+    straight = subprocess.Popen(launch_command(tmp_path / "straight", *flags), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(launch_command(stopped, cache, *flags), cwd=ROOT,
+    proc = subprocess.Popen(launch_command(stopped, *flags), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_train_record(stopped, proc)
     proc.send_signal(signal.SIGTERM)
@@ -167,7 +163,7 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resume_matches_uninterrupted(tmp_p
     assert steps == [step]  # only the signal's save: mid-epoch, no periodic checkpoint
     assert "Traceback" not in err and "can't create new thread" not in err
 
-    resumed = launch(stopped, cache, *flags)
+    resumed = launch(stopped, *flags)
     assert f"resumed from step {step}" in resumed.stdout
     assert "can't create new thread" not in resumed.stderr
     assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
@@ -185,19 +181,19 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resume_matches_uninterrupted(tmp_p
 
 
 @pytest.mark.slow
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     flags = ("--config.train.checkpoint_every_steps=1",)
-    launch(tmp_path / "straight", cache, *flags)
+    launch(tmp_path / "straight", *flags)
     victim = max((p for p in (tmp_path / "straight" / "checkpoints" / "2").rglob("*")
                   if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
     # eval: reports the damaged one, uses step 1, moves nothing.
-    evaluated = launch(tmp_path / "straight", cache, "--mode", "eval")
+    evaluated = launch(tmp_path / "straight", "--mode", "eval")
     assert "warning: checkpoint step 2 (" in evaluated.stdout
     assert (tmp_path / "straight" / "checkpoints" / "2").is_dir()
     # train: moves it aside, resumes from step 1 and ends at step 2 again.
     (tmp_path / "straight" / "summary.json").unlink()
-    resumed = launch(tmp_path / "straight", cache, *flags)
+    resumed = launch(tmp_path / "straight", *flags)
     assert "warning: checkpoint step 2 cannot be restored" in resumed.stdout
     assert "resumed from step 1" in resumed.stdout
     moved = list((tmp_path / "straight" / "damaged_checkpoints").iterdir())
@@ -206,13 +202,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
     assert step == 2
 
 
-def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, cache, trained):
+def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, trained):
     """Fold 0 is done (a summary.json of its own: the trained run's), fold 1 is trained on
     its own fold; the cross-validation summary is the mean and std over both."""
     done_summary = json.loads((trained[0] / "summary.json").read_text())
     (tmp_path / "fold_0").mkdir()
     (tmp_path / "fold_0" / "summary.json").write_text(json.dumps(done_summary))
-    done = launch(tmp_path, cache, "--mode", "cv", "--config.data.num_folds=2")
+    done = launch(tmp_path, "--mode", "cv", "--config.data.num_folds=2")
     assert "fold 0: done earlier" in done.stdout and "fold 1: training" in done.stdout
     fold_1 = json.loads((tmp_path / "fold_1" / "config.json").read_text())
     assert fold_1["data"]["fold"] == 1 and fold_1["data"]["num_folds"] == 2
@@ -225,8 +221,8 @@ def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, cache, traine
     assert "| bacc |" in (tmp_path / "cv_summary.md").read_text()
 
 
-def test_non_finite_loss_stops_with_step_and_terms(tmp_path, cache):
-    done = launch(tmp_path, cache, "--config.optim.max_lr=1e30",
+def test_non_finite_loss_stops_with_step_and_terms(tmp_path):
+    done = launch(tmp_path, "--config.optim.max_lr=1e30",
                   "--config.train.checkpoint_every_steps=1", check=False)
     assert done.returncode != 0
     assert "non-finite loss at step 2" in done.stderr and "ce=" in done.stderr
@@ -237,10 +233,10 @@ def test_non_finite_loss_stops_with_step_and_terms(tmp_path, cache):
     ("--config.train.epoch=3", "train.epoch"),
     ("--config.train.epochs=two", "train.epochs"),
 ])
-def test_bad_config_flags_are_named(tmp_path, cache, flag, message):
+def test_bad_config_flags_are_named(tmp_path, flag, message):
     """Overrides the command line's parser rejects (an unknown key, a value of the wrong
     type): one error line from `launch.py`, nothing written."""
-    done = launch(tmp_path, cache, flag, check=False)
+    done = launch(tmp_path, flag, check=False)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -339,11 +335,11 @@ def test_pretrained_backbone_for_student_and_teacher(tmp_path):
                               loaded.params["student"]["classifier"]["kernel"])
 
 
-def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tmp_path, cache):
+def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tmp_path):
     """The reference settings on the tiny demo (112 training items, batch 12 in BatchNorm
     groups of 4): 10 steps per epoch, the last of each with 4 items; the first step of the
     second epoch at optim.learning_rate; finite losses throughout."""
-    done = launch(tmp_path, cache, "--config.train.epochs=2", "--config.train.steps_per_epoch=0",
+    done = launch(tmp_path, "--config.train.epochs=2", "--config.train.steps_per_epoch=0",
                   "--config.train.batch_size=12", "--config.train.keep_partial_batch=true",
                   "--config.model.bn_group_size=4", "--config.model.reference_double_bn_update=true",
                   "--config.optim.reset_lr_each_epoch=true", "--config.memory.kind=bank",
@@ -358,7 +354,7 @@ def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tm
     assert json.loads((tmp_path / "summary.json").read_text())["mean_last_11"] is not None
 
 
-def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_path):
+def test_export_predict_and_eval_without_the_training_data(trained, tmp_path):
     """Export from a copy of the run whose data folder is gone; the exported model gives the
     trainer's evaluation probabilities; predict and eval on labelled images read nothing but
     the model."""
@@ -381,7 +377,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
                      and p.relative_to(copy).parts[0] not in
                      ("export", "predictions.csv", "eval_input.json")}
     before = files()
-    command = [a for a in launch_command(copy, cache, "--mode", "export")
+    command = [a for a in launch_command(copy, "--mode", "export")
                if a not in ("--config", TINY)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -407,7 +403,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
     listing = tmp_path / "inputs.csv"
     with open(listing, "w", newline="") as f:
         csv.writer(f).writerows([["image"]] + [[str(p)] for p in images])
-    command = [a for a in launch_command(copy, cache, "--mode", "predict",
+    command = [a for a in launch_command(copy, "--mode", "predict",
                                          f"--config.predict.input={listing}")
                if a not in ("--config", TINY)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -430,7 +426,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
     assert len(labelled) == 21
     with open(tmp_path / "labelled.csv", "w", newline="") as f:
         csv.writer(f).writerows([["file", "dx"]] + [[str(p), n] for p, n in zip(labelled, names)])
-    command = [a for a in launch_command(copy, cache, "--mode", "eval",
+    command = [a for a in launch_command(copy, "--mode", "eval",
                                          f"--config.eval.input={tmp_path / 'labelled.csv'}",
                                          "--config.eval.image_column=file",
                                          "--config.eval.label_column=dx")
@@ -466,7 +462,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, cache, tmp_p
         predict.evaluate_input(config, str(copy), log=lambda _: None)
 
     # Evaluating the run's own test split needs its data set: an error, nothing prepared.
-    command = [a for a in launch_command(copy, cache, "--mode", "eval")
+    command = [a for a in launch_command(copy, "--mode", "eval")
                if a not in ("--config", TINY)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 3

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crckd_jax import config as config_lib
-from crckd_jax import losses
+from crckd_jax import losses, xla_options
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
@@ -32,28 +32,42 @@ NUM_CLASSES, BATCH, SIZE, N_TRAIN, DIM, STEPS = 3, 8, 32, 32, 16, 3
 TRAIN_LABELS = np.arange(N_TRAIN) % NUM_CLASSES
 
 
-def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
+def networks_and_optimizer(kind, axis_name, num_devices, dtype=jnp.float32):
     group = BATCH // num_devices if kind == "queue-groups" else 0
     bn = BatchNormSettings(axis_name=None if group else axis_name, group_size=group)
     model = CRCKDNet(densenet_config("densenet_tiny"), NUM_CLASSES, hidden_dim=32, bn=bn,
                      dtype=dtype)
-    optimizer = make_optimizer(total_steps=10, max_lr=1e-3)
+    return Networks(model, DIM), make_optimizer(total_steps=10, max_lr=1e-3), group
+
+
+def initial_state(kind):
+    """The state every run starts from (created once: the BatchNorm settings of the runs
+    change their steps, not the parameters)."""
+    networks, optimizer, _ = networks_and_optimizer(kind, None, 1)
+    if kind.startswith("queue"):
+        make_memory = lambda k: QueueMemory.create(k, NUM_CLASSES, 8, DIM)
+    else:
+        make_memory = lambda k: BankMemory.create(k, TRAIN_LABELS, NUM_CLASSES, DIM)
+    return create_train_state(jax.random.key(0), networks, optimizer, make_memory,
+                              (SIZE, SIZE, 3))
+
+
+def train_step(kind, axis_name, num_devices=1, dtype=jnp.float32):
+    """The per-device step of `kind` with BatchNorm settings for `num_devices`."""
+    networks, optimizer, group = networks_and_optimizer(kind, axis_name, num_devices, dtype)
     settings = config_lib.default_config()
     settings.loss.preset = "paper"
     settings.memory.update(num_positives=3, num_negatives=10, embed_dim=DIM)
     settings.train.batch_size = BATCH
     settings.model.bn_group_size = group
     config = StepConfig.from_config(settings, steps_per_epoch=5, axis_name=axis_name)
-    if kind.startswith("queue"):
-        make_memory = lambda k: QueueMemory.create(k, NUM_CLASSES, 8, DIM)
-    else:
-        make_memory = lambda k: BankMemory.create(k, TRAIN_LABELS, NUM_CLASSES, DIM)
-    networks = Networks(model, DIM)
-    state = create_train_state(jax.random.key(0), networks, optimizer, make_memory,
-                               (SIZE, SIZE, 3))
-    step = make_train_step(networks, optimizer, losses.class_weights(np.bincount(TRAIN_LABELS)),
+    return make_train_step(networks, optimizer, losses.class_weights(np.bincount(TRAIN_LABELS)),
                            config)
-    return state, step
+
+
+def setup(kind, axis_name, dtype=jnp.float32, num_devices=1):
+    """(initial state, per-device train step) of `kind`, the step computing in `dtype`."""
+    return initial_state(kind), train_step(kind, axis_name, num_devices, dtype)
 
 
 def batches(forms="both"):
@@ -79,8 +93,8 @@ def max_rel(a, b):
 
 
 def main(num_devices, kind, backends, forms):
-    state, step = setup(kind, None, num_devices=num_devices)
-    step = jax.jit(step)
+    initial = initial_state(kind)
+    state, step = initial, jax.jit(train_step(kind, None, num_devices))
     ref_losses = []
     for b in batches(forms):
         state, m = step(state, b)
@@ -89,9 +103,8 @@ def main(num_devices, kind, backends, forms):
     report = {}
     for backend in backends:
         dp = DataParallel(backend, jax.devices()[:num_devices])
-        state, per_device = setup(kind, AXIS, num_devices=num_devices)
-        compiled = dp.compile(per_device)
-        state = dp.put_state(state)
+        compiled = dp.compile(train_step(kind, AXIS, num_devices))
+        state = dp.put_state(initial)  # copies: the compiled step donates them
         got_losses = []
         for b in batches(forms):
             state, m = compiled(state, dp.put_batch(b))
@@ -137,5 +150,6 @@ def main(num_devices, kind, backends, forms):
 
 
 if __name__ == "__main__":
+    xla_options.enable_compilation_cache()  # $JAX_COMPILATION_CACHE_DIR or the default
     main(int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","),
          sys.argv[4] if len(sys.argv) > 4 else "both")
