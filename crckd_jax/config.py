@@ -157,6 +157,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train.teacher_rotate", True, _BOOL,
         "random 90-degree turn + flip of the teacher's view"),
     Setting("train.eval_teacher", False, _BOOL, "also evaluate the mean teacher after every epoch"),
+    Setting("train.write_report", True, _BOOL,
+            "write the figures of W/report/ when training ends (matplotlib, t-SNE)"),
     Setting("train.log_every_steps", 10, _int(1),
         "period of train-metric records (JSONL, TensorBoard)"),
     Setting("train.keep_checkpoints", 3, _int(1), "number of most recent checkpoints kept"),
@@ -243,7 +245,7 @@ def default_config() -> ml_collections.ConfigDict:
 # the command line says `--allow_config_change`.
 RESUME_FREE_KEYS = frozenset({
     "train.log_every_steps", "train.keep_checkpoints", "train.checkpoint_every_steps",
-    "train.compilation_cache_dir", "train.eval_teacher",
+    "train.compilation_cache_dir", "train.eval_teacher", "train.write_report",
     "data.read_threads", "data.prefetch_batches", "data.device_prefetch", "data.worker_count",
     "data.build_threads", "data.folds",
     "predict.input", "predict.image_column", "eval.input", "eval.image_column",

@@ -50,6 +50,8 @@ def leaves(tree):
 # Three epochs of two steps, a checkpoint after every step: the run the artefact, eval,
 # predict and export tests read, and the uninterrupted run the SIGKILL test compares with.
 TRAINED_FLAGS = ("--config.train.epochs=3", "--config.train.checkpoint_every_steps=1")
+# The runs whose figures no test reads leave them out (matplotlib's import and drawing).
+NO_REPORT = "--config.train.write_report=false"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_eval_and_predict_use_the_checkpoint(trained):
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path):
     straight, _ = trained
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_command(killed, *TRAINED_FLAGS), cwd=ROOT,
+    proc = subprocess.Popen(launch_command(killed, *TRAINED_FLAGS, NO_REPORT), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "1"
     deadline = time.time() + 300
@@ -120,8 +122,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path):
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 6, f"killed too late: checkpoints {steps}"
 
-    resumed = launch(killed, *TRAINED_FLAGS)
+    resumed = launch(killed, *TRAINED_FLAGS, NO_REPORT)
     assert "resumed from step" in resumed.stdout
+    assert (killed / "summary.json").is_file() and not (killed / "report").exists()
     step_a, state_a, data_a = final_state(straight)
     step_b, state_b, data_b = final_state(killed)
     assert step_a == step_b == 6 and data_a == data_b
@@ -208,7 +211,7 @@ def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, trained):
     done_summary = json.loads((trained[0] / "summary.json").read_text())
     (tmp_path / "fold_0").mkdir()
     (tmp_path / "fold_0" / "summary.json").write_text(json.dumps(done_summary))
-    done = launch(tmp_path, "--mode", "cv", "--config.data.num_folds=2")
+    done = launch(tmp_path, "--mode", "cv", "--config.data.num_folds=2", NO_REPORT)
     assert "fold 0: done earlier" in done.stdout and "fold 1: training" in done.stdout
     fold_1 = json.loads((tmp_path / "fold_1" / "config.json").read_text())
     assert fold_1["data"]["fold"] == 1 and fold_1["data"]["num_folds"] == 2
@@ -343,7 +346,7 @@ def test_reference_protocol_runs_partial_batches_and_resets_the_learning_rate(tm
                   "--config.train.batch_size=12", "--config.train.keep_partial_batch=true",
                   "--config.model.bn_group_size=4", "--config.model.reference_double_bn_update=true",
                   "--config.optim.reset_lr_each_epoch=true", "--config.memory.kind=bank",
-                  "--config.train.log_every_steps=1")
+                  "--config.train.log_every_steps=1", NO_REPORT)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 21)), done.stdout[-2000:]
