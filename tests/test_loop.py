@@ -219,9 +219,8 @@ def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
     with config.unlocked():
         config.data.val_fraction = 0.3
         config.train.keep_checkpoints = 1
-        config.train.write_report = False
     summary = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
-    assert not (tmp_path / "report").exists()  # train.write_report=False
+    assert (tmp_path / "report" / "training_curves.png").is_file()
     records = read_records(str(tmp_path / "metrics.jsonl"))
     val = [r for r in records if r["split"] == "val" and r["model"] == "student"]
     best = max(val, key=lambda r: (r["bacc"], -r["epoch"]))
