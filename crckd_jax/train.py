@@ -270,11 +270,11 @@ def _finish(trainer, state, evaluation, workdir, logger, log):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    if jax.process_index() == 0 and trainer.config.train.write_report:
-        from crckd_jax import report  # matplotlib and t-SNE: only when a report is written
+        if trainer.config.train.write_report:
+            from crckd_jax import report  # matplotlib and t-SNE: only when a report is written
 
-        report.write_report(os.path.join(workdir, "report"), records, evaluation,
-                            list(trainer.data.class_names))
+            report.write_report(os.path.join(workdir, "report"), records, evaluation,
+                                list(trainer.data.class_names))
     logger.close()
     final = summary["final"]
     if final:
