@@ -651,8 +651,14 @@ def summary_text(summary: dict) -> str:
     if "cold_s" in start:
         out.append("")
         out.append(f"startup: first step {start['cold_s']:.1f} s cold, {start['warm_s']:.1f} s "
-                   f"warm cache ({start.get('written_cold')} executables cached, "
+                   f"warm cache, {_f(start.get('resumed_s'), 0, 1)} s resumed "
+                   f"({start.get('written_cold')} executables cached, "
                    f"{start.get('written_warm')} written by the warm start)")
+        for label in ("cold", "warm", "resumed"):
+            parts_of = start.get(f"{label}_breakdown", {})
+            for name, phases in parts_of.get("functions", {}).items():
+                out.append(f"  {label}: {name}: " + ", ".join(
+                    f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in phases.items()))
     demo = parts.get("demo", {}).get("figures", {})
     if demo.get("summary"):
         final = demo["summary"].get("final") or {}

@@ -65,8 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
         restored = None
         if checkpoints.latest_step() is not None:
-            restored = checkpoints.restore_newest_good(
-                trainer.parallel.abstract_state(trainer.initial_state), log=log)
+            restored = checkpoints.restore_newest_good(trainer.abstract_state(), log=log)
             if restored is None:
                 raise CheckpointUnavailable(
                     f"no checkpoint in {checkpoints.directory} can be restored with this config "

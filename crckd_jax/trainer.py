@@ -70,9 +70,26 @@ class Trainer:
     parallel: DataParallel
     steps_per_epoch: int
     total_steps: int
-    initial_state: TrainState
+    create_state: Callable[[], TrainState]  # a fresh random state, in one compiled call
     train_step: Callable
     eval_step: dict[bool, Callable]  # use_teacher -> the compiled eval step
+
+    @functools.cached_property
+    def initial_state(self) -> TrainState:
+        """The state a new run starts from (with the pretrained backbone, if configured).
+        Created on first use: a resumed run or an evaluation restores a checkpoint into
+        `abstract_state()` instead and never compiles or runs the initialisation."""
+        state = self.create_state()
+        if self.config.model.pretrained not in ("", "none"):
+            state = _with_pretrained(state, self.networks.network, self.config.model.pretrained)
+        return state
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and replicated shardings, the target of a checkpoint
+        restore; traced from the initialisation (`jax.eval_shape`), not computed."""
+        if "initial_state" in self.__dict__:
+            return self.parallel.abstract_state(self.initial_state)
+        return self.parallel.abstract_state(jax.eval_shape(self.create_state))
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, data: prepare.FoldData) -> "Trainer":
@@ -113,10 +130,8 @@ class Trainer:
             make_memory = functools.partial(BankMemory.create, train_labels=data.train_labels,
                                             num_classes=num_classes, dim=mem.embed_dim)
         size = config.data.image_size
-        state = create_train_state(jax.random.key(config.seed), networks, optimizer,
-                                   make_memory, (size, size, 3))
-        if config.model.pretrained not in ("", "none"):
-            state = _with_pretrained(state, networks.network, config.model.pretrained)
+        create_state = functools.partial(create_train_state, jax.random.key(config.seed),
+                                         networks, optimizer, make_memory, (size, size, 3))
         step_config = StepConfig.from_config(config, steps_per_epoch=steps_per_epoch,
                                              axis_name=AXIS)
         class_weight = losses.class_weights(data.class_counts)
@@ -137,8 +152,8 @@ class Trainer:
             teacher: parallel.compile(functools.partial(eval_fn, use_teacher=teacher),
                                       donate_state=False, sharded_outputs=True)
             for teacher in (False, True)}
-        return cls(config, data, networks, parallel, steps_per_epoch, total_steps, state,
-                   parallel.compile(train_with_lr), compiled_eval)
+        return cls(config, data, networks, parallel, steps_per_epoch, total_steps,
+                   create_state, parallel.compile(train_with_lr), compiled_eval)
 
     def train_dataset(self) -> grain.IterDataset:
         """The training batches of this process, on the host (`pipeline.train_dataset`)."""
@@ -223,6 +238,5 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
                                     f"first (--mode train with --workdir {workdir})")
     trainer = build_trainer(config, data_workdir or workdir, log, prepare_missing=False)
     restored = restore_read_only(
-        directory, lambda _: trainer.parallel.abstract_state(trainer.initial_state), workdir,
-        log)
+        directory, lambda _: trainer.abstract_state(), workdir, log)
     return trainer, trainer.parallel.put_state(restored.state)

@@ -1,7 +1,6 @@
 """The benchmark tools: step_time.py's variants and profile parser, the GPU check driver."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,7 +12,35 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import startup  # noqa: E402
 import step_time  # noqa: E402
+
+# ----------------------------------------------------------------------------- startup
+
+
+def test_startup_breakdown_splits_a_start_by_function_and_phase():
+    def event(t, name, s, fun=""):
+        return {"t": t, "event": name, "s": s, "fun": fun}
+
+    events = [
+        event(4.0, startup.TRACE, 0.01, "stage"),  # the first trace starts at 3.99 s
+        event(7.0, startup.TRACE, 3.0, "init"),
+        event(8.0, startup.LOWER, 1.0, "jit(init)"),
+        event(12.0, startup.COMPILE, 4.0, "jit(init)"),  # no cache read: compiled
+        event(20.0, startup.TRACE, 8.0, "train_with_lr"),
+        event(22.0, startup.LOWER, 2.0, "jit(train_with_lr)"),
+        event(40.0, startup.CACHE_READ, 17.9),
+        event(40.01, startup.COMPILE, 18.0, "jit(train_with_lr)"),  # loaded
+        event(50.0, startup.TRACE, 1.0, "eval_fn"),  # after the first step: left out
+    ]
+    parts = startup.breakdown(events, total=43.0)
+    assert parts["before_first_trace_s"] == pytest.approx(3.99)
+    assert parts["functions"] == {
+        "init": {"trace_s": 3.0, "lower_s": 1.0, "compile_s": 4.0},
+        "train_with_lr": {"trace_s": 8.0, "lower_s": 2.0, "cache_load_s": 18.0}}
+    # 'stage' (0.01 s) is under the 0.1 s threshold: part of the rest with the first step
+    assert parts["rest_s"] == pytest.approx(43.0 - 3.99 - 8.0 - 28.0)
+
 
 # ----------------------------------------------------------------------------- step_time
 

@@ -234,3 +234,43 @@ def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
         jax.device_get(model.variables["params"]["classifier"]["kernel"]),
         np.asarray(restored.state["params"]["student"]["classifier"]["kernel"]))
     best_dir.close()
+
+
+def test_a_resumed_run_restores_without_creating_the_initial_state(data_dir, tmp_path,
+                                                                   monkeypatch):
+    """The fresh state (the whole initialisation, compiled and run) is created by a new run
+    only: resuming traces its shapes for the restore target and ends with the saved state."""
+    from crckd_jax import trainer as trainer_lib
+
+    created = []  # per call of create_train_state: made arrays (True) or traced shapes
+    create = trainer_lib.create_train_state
+
+    def recording(*args):
+        state = create(*args)
+        created.append(not isinstance(state.step, jax.core.Tracer))
+        return state
+
+    monkeypatch.setattr(trainer_lib, "create_train_state", recording)
+    config = tiny_config(epochs=1, steps_per_epoch=2, write_report=False)
+    train.train_and_evaluate(config, str(tmp_path), data_dir, log=lambda _: None)
+    assert created == [True]
+    saved = Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    expected = saved.restore(saved.single_device_target()).state
+    saved.close()
+    created.clear()
+    logs = []
+    train.train_and_evaluate(config, str(tmp_path), data_dir, log=logs.append)
+    assert created == [False] and "resumed from step 2" in "\n".join(logs)
+    trainer, state = trainer_lib.load_trained(config, str(tmp_path), data_dir,
+                                              log=lambda _: None)
+    assert created == [False, False]  # evaluation restores the same way
+    got, want = by_path(jax.device_get(state)), by_path(expected)
+    assert got.keys() == want.keys() and len(got) > 100
+    for key in got:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def by_path(tree) -> dict[str, np.ndarray]:
+    """A state's leaves by their path ('params/student/...'), whatever its container types."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
