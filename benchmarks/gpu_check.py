@@ -53,6 +53,8 @@ import subprocess
 import sys
 import time
 
+import startup  # benchmarks/startup.py, next to this file: its breakdown's wording
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_TAIL_BYTES = 200_000
 
@@ -655,10 +657,9 @@ def summary_text(summary: dict) -> str:
                    f"({start.get('written_cold')} executables cached, "
                    f"{start.get('written_warm')} written by the warm start)")
         for label in ("cold", "warm", "resumed"):
-            parts_of = start.get(f"{label}_breakdown", {})
-            for name, phases in parts_of.get("functions", {}).items():
-                out.append(f"  {label}: {name}: " + ", ".join(
-                    f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in phases.items()))
+            functions = start.get(f"{label}_breakdown", {}).get("functions", {})
+            for name, phases in functions.items():
+                out.append(f"  {label}: {name}: {startup.phase_text(phases)}")
     demo = parts.get("demo", {}).get("figures", {})
     if demo.get("summary"):
         final = demo["summary"].get("final") or {}

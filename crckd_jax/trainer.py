@@ -87,8 +87,6 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and replicated shardings, the target of a checkpoint
         restore; traced from the initialisation (`jax.eval_shape`), not computed."""
-        if "initial_state" in self.__dict__:
-            return self.parallel.abstract_state(self.initial_state)
         return self.parallel.abstract_state(jax.eval_shape(self.create_state))
 
     @classmethod
