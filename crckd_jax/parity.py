@@ -45,12 +45,14 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """A fixture kind: keys that identify it, how to recompute, tolerances (rtol, atol)."""
+    """A fixture kind: keys that identify it, how to recompute, tolerances (rtol, atol) per
+    key (a function of the key, or of the key and the file when it takes two arguments)."""
 
     name: str
     marker_keys: tuple[str, ...]
     recompute: Callable[[Arrays], dict[str, np.ndarray]]
     tolerance: Callable[[str], tuple[float, float]]
+    relative_to_max: bool = False  # rtol scales each key's largest |ref|, not each entry
 
 
 # --------------------------------------------------------------------------- CCD + CRP
@@ -246,6 +248,59 @@ def _float64_tolerance(key: str) -> tuple[float, float]:
     return 1e-12, 0.0
 
 
+# ------------------------------------------------------------- optimizer, epoch reset
+def _optimizer_reset(d: Arrays) -> dict[str, np.ndarray]:
+    """`make_optimizer` with the reference's epoch-end lr reset on the file's gradients."""
+    import optax
+
+    from crckd_jax.optim import current_learning_rate, make_optimizer
+
+    steps = int(d["steps_per_epoch"])
+    opt = make_optimizer(int(d["epochs"]) * steps, max_lr=float(d["max_lr"]),
+                         weight_decay=float(d["weight_decay"]), reset_lr_every=steps,
+                         reset_lr=float(d["base_lr"]))
+
+    def step(carry, grad):
+        params, state = carry
+        updates, state = opt.update(grad, state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, state), (params, current_learning_rate(state),
+                                 state.hyperparams["b1"])
+
+    @jax.jit
+    def run(p0, grads):
+        return jax.lax.scan(step, (p0, opt.init(p0)), grads)[1]
+
+    params, lrs, beta1s = run(jnp.asarray(d["p0"]), jnp.asarray(d["grads"]))
+    return {"params": np.asarray(params), "lr": np.asarray(lrs, np.float64),
+            "beta1": np.asarray(beta1s, np.float64)}
+
+
+# ------------------------------------------------------------------------ augmentation
+def _augment(d: Arrays) -> dict[str, np.ndarray]:
+    """torchvision's affine + flip of every case (uint8, exact) and its normalisation."""
+    from crckd_jax import augment
+
+    cases = jax.jit(jax.vmap(augment.affine_flip, in_axes=(None, 0, 0, 0, 0)))
+    out = {}
+    for size in sorted(int(k.removeprefix("images_")) for k in d if k.startswith("images_")):
+        out[f"out_{size}"] = np.stack([
+            np.asarray(cases(image, *(d[f"{n}_{size}"][i] for n in ("angle", "tx", "ty",
+                                                                     "flip"))))
+            for i, image in enumerate(d[f"images_{size}"])])
+    normalize = jax.jit(augment.normalize)
+    out["normalize_output"] = np.asarray(normalize(d["normalize_input"]))
+    out["normalized_64"] = np.asarray(normalize(d["out_64"][0, d["normalized_cases_64"]]))
+    return out
+
+
+def _augment_tolerance(key: str) -> tuple[float, float]:
+    """Pixels are compared exactly (integers). Normalisation: torchvision computes
+    (x / 255 - mean) / std, this project x * (1 / (255 std)) - mean / std: a few ulp of
+    values up to ~2.6."""
+    return 1e-6, 1e-6
+
+
 # --------------------------------------------------------------------------- DenseNet
 def _densenet(d: Arrays) -> dict[str, np.ndarray]:
     """Eval and train forwards of a torchvision DenseNet imported from the file's `sd/`."""
@@ -436,25 +491,60 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
     return out
 
 
-def _train_steps_tolerance(key: str) -> tuple[float, float]:
-    """rtol 1e-4 on every key (nine chained float32 steps against the reference's computation
-    in float64: measured max_rel up to 1e-4 on the first Adam moment of norm0.weight, a few
-    1e-6 elsewhere). Absolute floors for entries near zero: 1e-6 on the first Adam moments
-    (signed averages of gradients, entries passing zero keep the absolute rounding of the
-    early layers' gradients, which reach 0.2; measured 7e-7), 1e-12 on the second moments
-    (squared gradients, down to 1e-8 in the largest entry of a key; measured 4e-13), 1e-7
-    elsewhere. The learning rate and beta1 are the float32 schedules against torch's float64
-    ones (~1e-7). Integer keys must be equal."""
-    if key.startswith("adam_m/"):
-        return 1e-4, 1e-6
-    if key.startswith("adam_v/"):
-        return 1e-4, 1e-12
-    return 1e-4, 1e-7
+def train_steps_key_kind(key: str) -> str:
+    """The family of a train_steps output key: its tolerance is derived per family."""
+    if key in ("step_lr", "step_beta1"):
+        return "schedule"
+    if key.startswith("step_"):
+        return "loss"
+    if key.startswith(("adam_m/", "adam_v/")):
+        return key.split("/")[0]
+    if key.endswith(("running_mean", "running_var")):
+        return "running"
+    if key.startswith(("memory_", "z_")):
+        return "memory"
+    return "parameter"
+
+
+TRAIN_STEPS_MAX_TOLERANCE = 1e-4
+
+
+def family_spreads(ref: Arrays) -> dict[str, float]:
+    """{family: the largest spread of its keys} from the spreads a train_steps fixture
+    stores per output key (`float32_spread_keys`, `float32_spread`): max |float32 -
+    float64| / max |float64| of the reference's own two runs."""
+    out: dict[str, float] = {}
+    for key, spread in zip(ref.get("float32_spread_keys", ()), ref.get("float32_spread", ())):
+        family = train_steps_key_kind(str(key))
+        out[family] = max(out.get(family, 0.0), float(spread))
+    return out
+
+
+def _train_steps_tolerance(key: str, ref: Arrays) -> tuple[float, float]:
+    """Relative to the key's largest entry (`Kind.relative_to_max`): ten times the spread the
+    fixture measured between the reference's own float32 and float64 runs over the key's
+    family (`family_spreads`), rounded up to 1, 2 or 5 x 10^k, at least 1e-5 (the float32
+    standard) and at most 1e-4. A fixture without the spreads is held to 1e-4."""
+    stored = family_spreads(ref).get(train_steps_key_kind(key))
+    if stored is None:
+        return TRAIN_STEPS_MAX_TOLERANCE, 0.0
+    return min(TRAIN_STEPS_MAX_TOLERANCE, max(1e-5, _round_up_125(10 * stored))), 0.0
+
+
+def _round_up_125(x: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is >= x (0 for x <= 0)."""
+    if x <= 0:
+        return 0.0
+    exponent = np.floor(np.log10(x))
+    for mantissa in (1, 2, 5, 10):
+        if mantissa * 10 ** exponent >= x * (1 - 1e-9):
+            return float(mantissa * 10 ** exponent)
+    raise AssertionError(x)
 
 
 KINDS: tuple[Kind, ...] = (
     Kind("train_steps", ("step_loss", "memory_v1_0", "adam_step"), _train_steps,
-         _train_steps_tolerance),
+         _train_steps_tolerance, relative_to_max=True),
     Kind("ccd_crp_two_steps", ("f_s_1", "contrast_idx_in_2"), _ccd_crp_two_steps,
          _ccd_tolerance),
     Kind("ccd_crp_step", ("f_s", "contrast_idx_in", "memory_v1_in"), _ccd_crp_step,
@@ -465,6 +555,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("optimizer", ("p0", "grad_a", "grad_c", "params"), _optimizer, _optimizer_tolerance),
     Kind("metrics", ("probs", "gt", "auc_macro"), _metrics, _float64_tolerance),
     Kind("densenet", ("x", "logits_eval", "block_config"), _densenet, _densenet_tolerance),
+    Kind("optimizer_reset", ("p0", "grads", "base_lr", "params"), _optimizer_reset,
+         _optimizer_tolerance),
+    Kind("augment", ("images_64", "out_64", "normalize_input"), _augment, _augment_tolerance),
 )
 
 
@@ -477,7 +570,9 @@ def kind_of(ref: Arrays) -> Kind:
 
 
 def compare(file: str, key: str, ours: np.ndarray, ref: np.ndarray,
-            rtol: float, atol: float) -> Row:
+            rtol: float, atol: float, relative_to_max: bool = False) -> Row:
+    """Elementwise `|ours - ref| <= atol + rtol * |ref|`, or with `relative_to_max`
+    `|ours - ref| <= atol + rtol * max |ref|`; integers must be equal."""
     ours, ref = np.asarray(ours), np.asarray(ref)
     if ours.shape != ref.shape:
         return Row(file, key, float("inf"), float("inf"), False)
@@ -486,8 +581,8 @@ def compare(file: str, key: str, ours: np.ndarray, ref: np.ndarray,
         err = float(diff.max(initial=0))
         return Row(file, key, err, err, err == 0)
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-    ok = bool(np.all(diff <= atol + rtol * np.abs(ref)))
     scale = float(np.abs(ref).max(initial=0.0))
+    ok = bool(np.all(diff <= atol + rtol * (scale if relative_to_max else np.abs(ref))))
     max_abs = float(diff.max(initial=0.0))
     return Row(file, key, max_abs, max_abs / scale if scale else max_abs, ok)
 
@@ -502,8 +597,16 @@ def compare_all(file: str, ref: Arrays, ours: Mapping[str, np.ndarray]) -> list[
     """`ours` (from `recompute`) against every output the file holds, at the kind's
     tolerances."""
     kind = kind_of(ref)
-    return [compare(file, key, value, ref[key], *kind.tolerance(key))
+    return [compare(file, key, value, ref[key], *tolerance(kind, key, ref),
+                    relative_to_max=kind.relative_to_max)
             for key, value in ours.items() if key in ref]
+
+
+def tolerance(kind: Kind, key: str, ref: Arrays) -> tuple[float, float]:
+    """(rtol, atol) of one key of a file of `kind`."""
+    if kind.tolerance.__code__.co_argcount == 2:
+        return kind.tolerance(key, ref)
+    return kind.tolerance(key)
 
 
 def check(file: str, ref: Arrays) -> list[Row]:
