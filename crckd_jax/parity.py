@@ -45,13 +45,13 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """A fixture kind: keys that identify it, how to recompute, tolerances (rtol, atol) per
-    key (a function of the key, or of the key and the file when it takes two arguments)."""
+    """A fixture kind: keys that identify it, how to recompute, tolerances (rtol, atol) of a
+    key of a file (`tolerance(key, file)`)."""
 
     name: str
     marker_keys: tuple[str, ...]
     recompute: Callable[[Arrays], dict[str, np.ndarray]]
-    tolerance: Callable[[str], tuple[float, float]]
+    tolerance: Callable[[str, Arrays], tuple[float, float]]
     relative_to_max: bool = False  # rtol scales each key's largest |ref|, not each entry
 
 
@@ -117,7 +117,7 @@ def _ccd_crp_two_steps(d: Arrays) -> dict[str, np.ndarray]:
     return {**first, **second, **carried}
 
 
-def _ccd_tolerance(key: str) -> tuple[float, float]:
+def _ccd_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     """rtol 1e-5 everywhere. The absolute floors: 1e-6 on per-element arrays, whose small
     entries (scores far below 1, gradients near 0) carry rounding of float32 dot products
     taken over d terms; 1e-7 on the losses, which are differences of logarithms of float32
@@ -149,7 +149,7 @@ def _mean_teacher(d: Arrays) -> dict[str, np.ndarray]:
     }
 
 
-def _mean_teacher_tolerance(key: str) -> tuple[float, float]:
+def _mean_teacher_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     # float32 recomputation of float64 reference schedules: a few float32 ulps.
     return 1e-6, 1e-7
 
@@ -164,20 +164,44 @@ def _weighted_ce(d: Arrays) -> dict[str, np.ndarray]:
     return {"class_weight": np.asarray(weight), "loss": np.asarray(loss)}
 
 
-def _tight_tolerance(key: str) -> tuple[float, float]:
+def _tight_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     return 1e-5, 0.0
 
 
 # -------------------------------------------------------------------------- optimizer
+def _scan_optimizer(opt, p0: jax.Array, xs, gradient: Callable) -> tuple:
+    """`opt` from `p0` over the steps of `xs`, fed `gradient(params, x)` at each step.
+
+    Returns the final step count and, per step, the params after the update [T, n], the
+    gradient fed [T, n], the learning rate and beta1 of the state after the update [T].
+    """
+    import optax
+
+    from crckd_jax.optim import current_learning_rate
+
+    def step(carry, x):
+        params, state = carry
+        grads = gradient(params, x)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, state), (params, grads, current_learning_rate(state),
+                                 state.hyperparams["b1"])
+
+    @jax.jit
+    def run(p0, xs):
+        (_, state), outs = jax.lax.scan(step, (p0, opt.init(p0)), xs)
+        return state.count, outs
+
+    return run(p0, xs)
+
+
 def optimizer_trajectory(d: Arrays) -> dict[str, np.ndarray]:
     """T steps of `optim.make_optimizer` with gradients `grad_a[t] * p_t + grad_c[t]`.
 
     Returns params [T, n] after each step, the grads [T, n] fed, the learning rate each
     update used ("lr_applied" [T]) and the final step count.
     """
-    import optax
-
-    from crckd_jax.optim import current_learning_rate, make_optimizer
+    from crckd_jax.optim import make_optimizer
 
     total = int(d["epochs"]) * int(d["steps_per_epoch"])
     opt = make_optimizer(
@@ -185,21 +209,9 @@ def optimizer_trajectory(d: Arrays) -> dict[str, np.ndarray]:
         b2=float(d["beta2"]), eps=float(d["adam_eps"]), pct_start=float(d["pct_start"]),
         div_factor=float(d["div_factor"]), final_div_factor=float(d["final_div_factor"]),
         base_momentum=float(d["base_momentum"]), max_momentum=float(d["max_momentum"]))
-
-    def step(carry, ac):
-        params, state = carry
-        grads = ac[0] * params + ac[1]
-        updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, state), (params, grads, current_learning_rate(state))
-
-    @jax.jit
-    def run(p0, grad_a, grad_c):
-        (_, state), outs = jax.lax.scan(step, (p0, opt.init(p0)), (grad_a, grad_c))
-        return state.count, outs
-
-    count, (params, grads, lrs) = run(
-        jnp.asarray(d["p0"]), jnp.asarray(d["grad_a"]), jnp.asarray(d["grad_c"]))
+    count, (params, grads, lrs, _) = _scan_optimizer(
+        opt, jnp.asarray(d["p0"]), (jnp.asarray(d["grad_a"]), jnp.asarray(d["grad_c"])),
+        lambda p, ac: ac[0] * p + ac[1])
     return {"params": np.asarray(params), "grads": np.asarray(grads),
             "lr_applied": np.asarray(lrs, np.float64), "count": np.asarray(count)}
 
@@ -218,7 +230,7 @@ def _optimizer(d: Arrays) -> dict[str, np.ndarray]:
             "grads": out["grads"], "params": out["params"]}
 
 
-def _optimizer_tolerance(key: str) -> tuple[float, float]:
+def _optimizer_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     """Schedules in float32 vs float64 references: a few ulps (rtol 1e-6). Gradients
     `a * p + c`: XLA may fuse into one FMA (one rounding instead of two) -> atol 1e-6 on
     values up to ~5. Params: float32 Adam vs torch's, rtol 1e-5 with a 1e-7 floor for
@@ -244,34 +256,21 @@ def _metrics(d: Arrays) -> dict[str, np.ndarray]:
     return {ref: np.float64(ours[name]) for ref, name in _METRIC_NAMES.items()}
 
 
-def _float64_tolerance(key: str) -> tuple[float, float]:
+def _float64_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     return 1e-12, 0.0
 
 
 # ------------------------------------------------------------- optimizer, epoch reset
 def _optimizer_reset(d: Arrays) -> dict[str, np.ndarray]:
     """`make_optimizer` with the reference's epoch-end lr reset on the file's gradients."""
-    import optax
-
-    from crckd_jax.optim import current_learning_rate, make_optimizer
+    from crckd_jax.optim import make_optimizer
 
     steps = int(d["steps_per_epoch"])
     opt = make_optimizer(int(d["epochs"]) * steps, max_lr=float(d["max_lr"]),
                          weight_decay=float(d["weight_decay"]), reset_lr_every=steps,
                          reset_lr=float(d["base_lr"]))
-
-    def step(carry, grad):
-        params, state = carry
-        updates, state = opt.update(grad, state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, state), (params, current_learning_rate(state),
-                                 state.hyperparams["b1"])
-
-    @jax.jit
-    def run(p0, grads):
-        return jax.lax.scan(step, (p0, opt.init(p0)), grads)[1]
-
-    params, lrs, beta1s = run(jnp.asarray(d["p0"]), jnp.asarray(d["grads"]))
+    _, (params, _, lrs, beta1s) = _scan_optimizer(
+        opt, jnp.asarray(d["p0"]), jnp.asarray(d["grads"]), lambda p, g: g)
     return {"params": np.asarray(params), "lr": np.asarray(lrs, np.float64),
             "beta1": np.asarray(beta1s, np.float64)}
 
@@ -294,7 +293,7 @@ def _augment(d: Arrays) -> dict[str, np.ndarray]:
     return out
 
 
-def _augment_tolerance(key: str) -> tuple[float, float]:
+def _augment_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     """Pixels are compared exactly (integers). Normalisation: torchvision computes
     (x / 255 - mean) / std, this project x * (1 / (255 std)) - mean / std: a few ulp of
     values up to ~2.6."""
@@ -330,7 +329,7 @@ def _densenet(d: Arrays) -> dict[str, np.ndarray]:
             "norm5_running_var_after_train": np.asarray(norm5["var"])}
 
 
-def _densenet_tolerance(key: str) -> tuple[float, float]:
+def _densenet_tolerance(key: str, _file: Arrays) -> tuple[float, float]:
     """Convolutions accumulate in another order than torch's (oneDNN vs XLA), over up to
     ~1000 terms per output through the whole network: rtol 1e-5 with an absolute floor of
     1e-5 for entries near zero."""
@@ -597,16 +596,9 @@ def compare_all(file: str, ref: Arrays, ours: Mapping[str, np.ndarray]) -> list[
     """`ours` (from `recompute`) against every output the file holds, at the kind's
     tolerances."""
     kind = kind_of(ref)
-    return [compare(file, key, value, ref[key], *tolerance(kind, key, ref),
+    return [compare(file, key, value, ref[key], *kind.tolerance(key, ref),
                     relative_to_max=kind.relative_to_max)
             for key, value in ours.items() if key in ref]
-
-
-def tolerance(kind: Kind, key: str, ref: Arrays) -> tuple[float, float]:
-    """(rtol, atol) of one key of a file of `kind`."""
-    if kind.tolerance.__code__.co_argcount == 2:
-        return kind.tolerance(key, ref)
-    return kind.tolerance(key)
 
 
 def check(file: str, ref: Arrays) -> list[Row]:

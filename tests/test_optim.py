@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from crckd_jax.optim import current_learning_rate, make_optimizer, onecycle_schedules
-from crckd_jax.parity import optimizer_trajectory
+from crckd_jax.parity import optimizer_trajectory, recompute
 
 FIXTURE = Path(__file__).parent / "fixtures" / "optimizer_onecycle.npz"
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -185,23 +185,12 @@ def test_epoch_end_lr_reset_matches_torch():
         d = {k: f[k] for k in f.files}
     steps = int(d["steps_per_epoch"])
     total = int(d["epochs"]) * steps
-    optimizer = make_optimizer(total, max_lr=float(d["max_lr"]),
-                               weight_decay=float(d["weight_decay"]), reset_lr_every=steps,
-                               reset_lr=float(d["base_lr"]))
-    params = jnp.asarray(d["p0"])
-    state = optimizer.init(params)
-    lrs, beta1s, trajectory = [], [], []
-    for grad in d["grads"]:
-        updates, state = optimizer.update(jnp.asarray(grad), state, params)
-        params = optax.apply_updates(params, updates)
-        lrs.append(float(current_learning_rate(state)))
-        beta1s.append(float(state.hyperparams["b1"]))
-        trajectory.append(np.asarray(params))
+    ours = recompute(d)  # the parity kind `optimizer_reset`: make_optimizer on d["grads"]
     resets = [t for t in range(total) if t and t % steps == 0]
-    np.testing.assert_allclose(np.asarray(lrs)[resets], d["base_lr"], rtol=1e-6)
-    np.testing.assert_allclose(lrs, d["lr"], rtol=1e-6, atol=0)
-    np.testing.assert_allclose(beta1s, d["beta1"], rtol=1e-6, atol=0)
-    np.testing.assert_allclose(np.stack(trajectory), d["params"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours["lr"][resets], d["base_lr"], rtol=1e-6)
+    np.testing.assert_allclose(ours["lr"], d["lr"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ours["beta1"], d["beta1"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ours["params"], d["params"], rtol=1e-5, atol=1e-7)
     # Without the reset the same updates differ exactly there.
     plain, _ = onecycle_schedules(total, float(d["max_lr"]))
     assert all(abs(float(plain(t)) - d["lr"][t]) > 1e-6 for t in resets)

@@ -58,7 +58,8 @@ INPUTS = {
 }
 # Prefixes of input keys: a state dict (densenet), the initial state and the conditioning
 # record (train_steps), the augmentation cases and torchvision's draws (augment).
-INPUT_PREFIXES = ("sd/", "student0/", "teacher0/", "embed0_s/", "embed0_t/", "images_", "angle_", "tx_", "ty_", "flip_", "draw_")
+INPUT_PREFIXES = ("sd/", "student0/", "teacher0/", "embed0_s/", "embed0_t/", "images_",
+                  "angle_", "tx_", "ty_", "flip_", "draw_")
 
 
 @functools.cache
@@ -149,12 +150,12 @@ def test_train_steps_tolerances_come_from_the_fixtures_float32_spread():
     assert set(ref["float32_spread_keys"]) == {k for k in ours if k != "adam_step"}
     spreads = parity.family_spreads(ref)
     for key in ours:
-        rtol, atol = parity.tolerance(kind, key, ref)
+        rtol, atol = kind.tolerance(key, ref)
         spread = spreads[parity.train_steps_key_kind(key)]
         assert 1e-5 <= rtol <= 1e-4 and atol == 0.0, key
         assert spread <= rtol / (2 if key.startswith("adam_") else 10), key
     assert float(ref["decision_margin"]) > 4
-    assert parity.tolerance(kind, "step_loss", {}) == (1e-4, 0.0)  # without the record
+    assert kind.tolerance("step_loss", {}) == (1e-4, 0.0)  # without the record
 
 
 @pytest.mark.parametrize("isa", ["AVX2", "SSE4_2"])
