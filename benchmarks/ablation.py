@@ -30,6 +30,8 @@ from crckd_jax import xla_options  # noqa: E402
 xla_options.configure()  # before JAX starts, as launch.py does
 
 from crckd_jax import config as config_lib  # noqa: E402
+from crckd_jax import protocols  # noqa: E402
+from crckd_jax.run_folder import RunFolder  # noqa: E402
 from crckd_jax.train import train_and_evaluate  # noqa: E402
 
 RUNGS = ("baseline", "mt", "mt_ccd", "crckd")
@@ -42,12 +44,11 @@ def demo_config(rung: str, seed: int, epochs: int | None):
     spec.loader.exec_module(module)
     config = module.get_config("")
     with config.unlocked():
-        config_lib.apply_ablation(config, rung)
+        protocols.apply_ablation(config, rung)
         config.seed = seed
         if epochs:
             config.train.epochs = epochs
-    config_lib.validate(config)
-    return config
+    return config_lib.to_settings(config)
 
 
 def table(results: dict, view: str) -> list[str]:
@@ -76,8 +77,8 @@ def main() -> None:
             config = demo_config(rung, seed, args.epochs)
             run_dir = os.path.join(args.workdir, f"{rung}_seed{seed}")
             print(f"== {rung}, seed {seed} -> {run_dir}", flush=True)
-            results[rung].append(train_and_evaluate(config, run_dir,
-                                                    data_workdir=args.workdir))
+            results[rung].append(train_and_evaluate(
+                config, RunFolder(run_dir, data_dir=args.workdir)))
     config = demo_config("crckd", seeds[0], args.epochs)
     lines = [
         f"Ablation on the synthetic demo data (fold {config.data.fold}, "

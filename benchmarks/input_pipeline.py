@@ -91,8 +91,7 @@ def _prepare(workdir, num_images, image_size):
     config.data.synthetic_image_size = image_size
     config.data.image_size = image_size
     config.memory.num_positives = 1
-    config_lib.validate(config)
-    prepare.prepare(config, workdir, log=lambda _: None)
+    prepare.prepare(config_lib.to_settings(config), workdir, log=lambda _: None)
     return prepare.load(workdir, 0)
 
 

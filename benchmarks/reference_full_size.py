@@ -1,7 +1,10 @@
 """The `reference` setting against the torch transcription of the authors' loop, at full size.
 
-    python benchmarks/reference_full_size.py [--steps 3] [--dtype float32|float64]
-        [--torch-python PATH] [--workdir /tmp/crckd_reference_full_size] [--keep]
+    python benchmarks/reference_full_size.py --torch-python PATH [--steps 3]
+        [--dtype float32|float64] [--workdir /tmp/crckd_reference_full_size] [--keep] [--reuse]
+
+The torch interpreter (a Python that imports torch and numpy) is required: --torch-python,
+or the CRCKD_TORCH_PYTHON environment variable when the flag is not given.
 
 Runs `tests/fixtures/make_train_steps_fixture.py` (the torch transcription of the reference's
 training iteration that writes `tests/fixtures/train_steps.npz`) in the torch side
@@ -10,7 +13,7 @@ class proportions over N = 2929 training items (3662 x 4/5: 1444, 296, 799, 154,
 global batch of 64 in two BatchNorm groups of 32, the bank memory (128-wide rows), P = 20,
 K = 4096 (negatives with replacement, as the reference's data set draws them when K exceeds
 the other classes' items), head width 128. Then it replays the file through this project's
-`train_step` (`crckd_jax.parity`, kind `train_steps`, built from the config's reference
+`train_step` (`tools.parity`, kind `train_steps`, built from the config's reference
 settings) and compares every key.
 
 What the few steps cover: the first `--steps` iterations of an 80-epoch run at the real 46
@@ -97,15 +100,30 @@ def normwise(ref, ours, keys) -> float:
     return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
 
 
-def default_torch_python() -> str:
-    return os.environ.get("CRCKD_TORCH_PYTHON", "/work/torch311/bin/python")
+def torch_interpreter(args) -> str:
+    """--torch-python, else $CRCKD_TORCH_PYTHON, once it is checked to import torch and
+    numpy; otherwise one `error: ...` line on stderr and exit status 2."""
+    python = args.torch_python or os.environ.get("CRCKD_TORCH_PYTHON")
+    if not python:
+        sys.stderr.write("error: no torch interpreter: pass --torch-python PATH or set "
+                         "CRCKD_TORCH_PYTHON to a Python that imports torch and numpy\n")
+        raise SystemExit(2)
+    try:
+        probe = subprocess.run([python, "-c", "import torch, numpy"], capture_output=True)
+        ok = probe.returncode == 0
+    except OSError:  # no such file, not executable
+        ok = False
+    if not ok:
+        sys.stderr.write(f"error: {python} cannot import torch and numpy: pass --torch-python "
+                         "PATH or set CRCKD_TORCH_PYTHON to a Python that does\n")
+        raise SystemExit(2)
+    return python
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--torch-python", default=default_torch_python(),
-                   help="interpreter with torch and numpy (default: $CRCKD_TORCH_PYTHON, "
-                        "else /work/torch311/bin/python)")
+    p.add_argument("--torch-python", default=None,
+                   help="interpreter with torch and numpy (required, or $CRCKD_TORCH_PYTHON)")
     p.add_argument("--workdir", default="/tmp/crckd_reference_full_size",
                    help="where the (large) reference file is written")
     p.add_argument("--keep", action="store_true", help="keep the reference file")
@@ -169,7 +187,7 @@ def generate(args, path: pathlib.Path) -> tuple[float, list[float]]:
 
 
 def replay(path: pathlib.Path):
-    from crckd_jax import parity
+    from tools import parity
 
     start = time.perf_counter()
     with np.load(path) as data:
@@ -184,10 +202,13 @@ def replay(path: pathlib.Path):
 def main(argv=None) -> int:
     args = parse_args(argv)
     workdir = pathlib.Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"reference_{args.model}_{args.image_size}px_b{args.batch_size}_" \
                      f"{args.steps}steps_{args.dtype}_seed{args.seed}.npz"
-    if args.reuse and path.exists():
+    reuse = args.reuse and path.exists()
+    if not reuse:  # a kept reference file needs no torch
+        args.torch_python = torch_interpreter(args)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if reuse:
         print(f"torch: reusing {path}")
         torch_wall, step_times = float("nan"), []
     else:

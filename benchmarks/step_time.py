@@ -323,50 +323,40 @@ def summarise_xspace(data, steps: int, top: int = 25):
 
 def setup_jax(args, variant: Variant, train_labels, np_batches):
     """Builds, compiles and warms up the JAX step: (info, run(n) -> step times, finish())."""
+    import dataclasses
+
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from crckd_jax import config as config_lib
-    from crckd_jax import losses, xla_options
-    from crckd_jax.memory import BankMemory, QueueMemory
-    from crckd_jax.models.densenet import CRCKDNet, densenet_config
+    from crckd_jax import builder, xla_options
+    from crckd_jax.builder import DataDescription
     from crckd_jax.models.kernels import resolve_kernels
-    from crckd_jax.models.networks import Networks
-    from crckd_jax.optim import make_optimizer
-    from crckd_jax.state import create_train_state
-    from crckd_jax.step import StepConfig, make_train_step
+    from crckd_jax.settings import Settings
 
     num_classes = len(APTOS_FOLD_COUNTS)
-    dtype = jnp.bfloat16 if variant.dtype == "bfloat16" else jnp.float32
-    model = CRCKDNet(densenet_config(args.model), num_classes, hidden_dim=128, dtype=dtype,
-                     kernels=variant.kernels)
-    optimizer = make_optimizer(total_steps=10_000)
-    if variant.memory == "bank":
-        make_memory = lambda key: BankMemory.create(key, train_labels, num_classes,
-                                                    args.embed_dim)
-    else:
-        capacity = args.queue_capacity or max(1, args.num_items // num_classes)
-        make_memory = lambda key: QueueMemory.create(key, num_classes, capacity,
-                                                     args.embed_dim)
-    settings = config_lib.default_config()
-    settings.loss.preset = "paper"
-    settings.memory.update(num_positives=args.num_positives, num_negatives=args.num_negatives,
-                           embed_dim=args.embed_dim)
-    settings.train.batch_size = variant.batch_size
-    config = StepConfig.from_config(settings, steps_per_epoch=1000, axis_name=None)
-    class_weight = losses.class_weights(np.bincount(train_labels, minlength=num_classes))
-    networks = Networks(model, args.embed_dim)
-    step = jax.jit(make_train_step(networks, optimizer, class_weight, config),
-                   donate_argnums=(0,))
+    s, r = Settings(), dataclasses.replace
+    settings = r(
+        s, seed=args.seed,
+        data=r(s.data, image_size=args.image_size),
+        model=r(s.model, name=args.model, hidden_dim=128),
+        train=r(s.train, batch_size=variant.batch_size, dtype=variant.dtype, epochs=10,
+                steps_per_epoch=1000),
+        memory=r(s.memory, kind=variant.memory, num_positives=args.num_positives,
+                 num_negatives=args.num_negatives, embed_dim=args.embed_dim,
+                 queue_size=args.queue_capacity or max(1, args.num_items // num_classes)),
+        loss=r(s.loss, preset="paper"))
+    # The trainer's own build: `Trainer.build` makes the same call.
+    built = builder.build_run(
+        settings, DataDescription(tuple(map(str, range(num_classes))), train_labels),
+        kernels=variant.kernels)
+    step = built.train_step
 
     t0 = time.perf_counter()
-    state = create_train_state(jax.random.key(args.seed), networks, optimizer, make_memory,
-                               (args.image_size, args.image_size, 3))
+    state = built.parallel.put_state(built.create_state())
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     dropped = ("image_student", "image_teacher") if variant.augment == "device" else ("image",)
-    batches = [jax.device_put({k: v for k, v in b.items() if k not in dropped})
+    batches = [built.parallel.put_batch({k: v for k, v in b.items() if k not in dropped})
                for b in np_batches]
     jax.block_until_ready(batches)
 

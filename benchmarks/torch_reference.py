@@ -4,18 +4,20 @@
         [--model densenet121] [--steps 5] [--warmup 2] [--amp] [--channels-last]
         [--device cpu|cuda] [--threads 2]
 
-Written for the benchmark, after the authors' code (see /work/shared/parity/README.md for
-every formula): a torchvision DenseNet student and its EMA teacher (train-mode BatchNorm,
-no-grad forward) with the CRCKD head (ReLU -> global average pool -> fc_layer to 128 ->
-classifier), the CCD projections embed_s / embed_t (Linear 128 -> 128, l2-normalised), the
-bank memory (one student and one teacher row per training item): P positives of the item's
-class and K negatives of the other classes per item, column 0 overwritten with the item's
-own row, rows gathered and scored with a batched matmul, Z set on first use and frozen, NCE
-loss, momentum update, CRP against the class centres of the updated memory; class-weighted
-CE, softmax-KL mean-teacher consistency; Adam(weight_decay=5e-4) + OneCycleLR; the EMA
-update with alpha = min(1 - 1/(step + 1), 0.99). Weights as the paper: CE + lambda MT +
-0.1 CCD + 1.0 CRP. The teacher view is turned by a random multiple of 90 degrees and flipped,
-and the contrast indices are drawn, inside the timed step (the JAX step does both on device).
+Written for the benchmark, after the authors' code (github.com/hathawayxxh/CRCKD; the torch
+transcription of their training iteration used by the tests is described in
+tests/fixtures/README.md, section `train_steps.npz`): a torchvision DenseNet student and its
+EMA teacher (train-mode BatchNorm, no-grad forward) with the CRCKD head (ReLU -> global
+average pool -> fc_layer to 128 -> classifier), the CCD projections embed_s / embed_t
+(Linear 128 -> 128, l2-normalised), the bank memory (one student and one teacher row per
+training item): P positives of the item's class and K negatives of the other classes per
+item, column 0 overwritten with the item's own row, rows gathered and scored with a batched
+matmul, Z set on first use and frozen, NCE loss, momentum update, CRP against the class
+centres of the updated memory; class-weighted CE, softmax-KL mean-teacher consistency;
+Adam(weight_decay=5e-4) + OneCycleLR; the EMA update with alpha = min(1 - 1/(step + 1),
+0.99). Weights as the paper: CE + lambda MT + 0.1 CCD + 1.0 CRP. The teacher view is turned
+by a random multiple of 90 degrees and flipped, and the contrast indices are drawn, inside
+the timed step (the JAX step does both on device).
 
 Inputs: an .npz with `train_labels` [N] and, per batch i, `image_student_i`,
 `image_teacher_i` [B, H, W, 3] float32, `label_i`, `index_i` [B] int32.

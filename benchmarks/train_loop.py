@@ -50,7 +50,7 @@ from crckd_jax.objective import LOSS_KEYS  # noqa: E402
 from crckd_jax.parallel import AXIS  # noqa: E402
 
 
-def make_config(args, augment_on: str):
+def make_settings(args, augment_on: str):
     c = config_lib.default_config()
     c.seed = 0
     c.data.source = "synthetic"
@@ -68,8 +68,7 @@ def make_config(args, augment_on: str):
     c.memory.num_positives = args.num_positives
     c.memory.num_negatives = args.num_negatives
     c.memory.queue_size = args.queue_size
-    config_lib.validate(c)
-    return c
+    return config_lib.to_settings(c)
 
 
 def trivial_step(state, batch):
@@ -122,14 +121,15 @@ def in_memory(dataset, steps):
 def new_loop(trainer, dataset, workdir):
     """The trainer's loop, its epoch-end evaluation left out; returns (wall s, cpu s) of the
     timed steps."""
-    timed = Timed(trainer.train_step)
-    trainer = dataclasses.replace(trainer, train_step=timed)
+    timed = Timed(trainer.run.train_step)
+    trainer = dataclasses.replace(
+        trainer, run=dataclasses.replace(trainer.run, train_step=timed))
     clock = StopClock()
     logger = MetricLogger(workdir)
     evaluate, train._evaluate_epoch = train._evaluate_epoch, lambda *a: (None, None)
-    batches = trainer.parallel.prefetch(dataset, trainer.config.data.device_prefetch)
+    batches = trainer.run.parallel.prefetch(dataset, trainer.run.settings.data.device_prefetch)
     try:
-        state = trainer.parallel.put_state(trainer.initial_state)
+        state = trainer.run.parallel.put_state(trainer.run.initial_state)
         train._train_loop(trainer, state, batches, 0, clock, logger)
     finally:
         batches.close()
@@ -142,14 +142,14 @@ def old_loop(trainer, dataset, log_every):
     """The first version's loop: every metric read after every step, then the next batch
     read and put on the device; returns (wall s, cpu s) of the timed steps."""
     iterator = iter(dataset)
-    state = trainer.parallel.put_state(trainer.initial_state)
-    total = trainer.total_steps
+    state = trainer.run.parallel.put_state(trainer.run.initial_state)
+    total = trainer.run.total_steps
     for step in range(1, total + 1):
         if step == 2:
             wall0, cpu0 = time.perf_counter(), time.process_time()
         batch = next(iterator)
-        state, terms = trainer.train_step(state, trainer.parallel.put_batch(batch))
-        terms = {k: v.item() for k, v in trainer.parallel.get_outputs(terms).items()}
+        state, terms = trainer.run.train_step(state, trainer.run.parallel.put_batch(batch))
+        terms = {k: v.item() for k, v in trainer.run.parallel.get_outputs(terms).items()}
         if not all(math.isfinite(terms[k]) for k in LOSS_KEYS):
             raise RuntimeError(f"non-finite loss at step {step}")
         if step % log_every == 0:
@@ -160,13 +160,13 @@ def old_loop(trainer, dataset, log_every):
 def step_alone(trainer, dataset, steps):
     """The compiled step alone on one batch already on the device, `steps` times after one
     untimed call; returns (wall s, cpu s)."""
-    batch = trainer.parallel.put_batch(next(iter(dataset)))
-    state = trainer.parallel.put_state(trainer.initial_state)
-    state, metrics = trainer.train_step(state, batch)
+    batch = trainer.run.parallel.put_batch(next(iter(dataset)))
+    state = trainer.run.parallel.put_state(trainer.run.initial_state)
+    state, metrics = trainer.run.train_step(state, batch)
     jax.block_until_ready(state)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.run.train_step(state, batch)
     jax.block_until_ready((state, metrics))
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
@@ -182,10 +182,10 @@ def trivial_rows(args, data_dir, tmp):
           f'{"host CPU ms/step":>18}')
     results = {}
     for augment_on, loop in (("device", "new"), ("host", "old")):
-        config = make_config(args, augment_on)
+        config = make_settings(args, augment_on)
         trainer = build_trainer(config, data_dir, log=lambda _: None)
-        trainer = dataclasses.replace(
-            trainer, train_step=trainer.parallel.compile(trivial_step))
+        trainer = dataclasses.replace(trainer, run=dataclasses.replace(
+            trainer.run, train_step=trainer.run.parallel.compile(trivial_step)))
         if loop == "new":  # the trivial step's own cost, to subtract from the loop rows
             wall, cpu = step_alone(trainer, trainer.train_dataset(), args.steps)
             results["trivial step alone"] = report("trivial step alone", args.steps,
@@ -206,7 +206,7 @@ def trivial_rows(args, data_dir, tmp):
 
 
 def real_rows(args, data_dir, tmp):
-    config = make_config(args, "device")
+    config = make_settings(args, "device")
     trainer = build_trainer(config, data_dir, log=lambda _: None)
     wall, cpu = new_loop(trainer, trainer.train_dataset(), os.path.join(tmp, "real"))
     print(f'{"CRCKD step":<38}{"images/s":>10}{"wall ms/step":>16}{"host CPU ms/step":>18}')
@@ -240,7 +240,7 @@ def main():
           f"{os.cpu_count()} CPUs; {args.image_size} px, batch {args.batch_size}, "
           f"{args.steps} timed steps")
     data_dir = os.path.join(args.workdir, f"data{args.image_size}")
-    load_data(make_config(args, "device"), data_dir, log=lambda _: None)
+    load_data(make_settings(args, "device"), data_dir, log=lambda _: None)
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_step:
             real_rows(args, data_dir, tmp)

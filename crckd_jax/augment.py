@@ -1,53 +1,14 @@
 """The reference's training augmentation as pure JAX functions (jit- and vmap-safe).
 
-Per view, the reference (torchvision on PIL images) applies RandomAffine(degrees=10,
-translate=(0.02, 0.02)) with nearest resampling and zero fill, RandomHorizontalFlip(0.5),
-ToTensor and ImageNet Normalize. Resizing to the model's size happens before, on the host.
-Here the same view is made from a uint8 [H, W, 3] image and a PRNG key:
-
-* `affine_params` / `flip_param` draw the parameters with torchvision's distributions:
-  angle ~ U(-10, 10) degrees (float32, as torch samples it), tx = round(U(-0.02 W, 0.02 W))
-  and ty = round(U(-0.02 H, 0.02 H)) pixels (round half to even on a float32 draw, like
-  ``int(round(t.item()))``), flip with probability 0.5. The streams are JAX's, not torch's:
-  the distributions match, the individual draws do not.
-* `affine_nearest` is ``F.affine(pil_image, angle, [tx, ty], 1.0, [0.0, 0.0], NEAREST,
-  fill=0)`` pixel for pixel. torchvision hands PIL the inverse matrix (output -> input)
-  ``[cos r, sin r, a2, -sin r, cos r, a5]`` (r = radians(angle), rotation about the centre
-  (W/2, H/2), then translation). For NEAREST, Pillow (libImaging/Geometry.c,
-  ``affine_fixed``) rounds the matrix once to 16.16 fixed point,
-  ``A = floor(65536 v + 0.5)``, folding the output pixel centre (x + 0.5, y + 0.5) into the
-  offsets (``A2 = FIX(a2 + a0/2 + a1/2)``, likewise A5), and then reads input pixel
-  ``((A2 + x A0 + y A1) >> 16, (A5 + x A3 + y A4) >> 16)`` in exact integer arithmetic, or 0
-  when that falls outside. (At angle 0 Pillow takes its scaling path instead, which gives
-  the same integer shift.) So exact parity needs exactly those six integers; the gather is
-  then integer arithmetic, identical on every backend.
-
-  The six integers depend on cos r and sin r in double precision, and float32 is far too
-  coarse for them (an error of 2^-24 in cos r moves 65536 cos r by 0.004, across a rounding
-  boundary in ~1% of draws; A2 and A5 are ~2^23 and need ~45 bits). They are computed here
-  in double-float arithmetic (pairs of float32, ~2^-45 relative): error-free sums
-  (TwoSum) and products split into 12-bit halves by bit masking, so every partial product
-  is exact. That makes the result independent of FMA contraction, and XLA does not
-  reassociate floating point, so it holds on CPU and GPU alike (only CPU was measured).
-  The largest error of the scaled values ``65536 v`` against Pillow's doubles, over
-  100,000 random draws at 224 px, was 1.2e-10 for A0, A1, A3, A4 and 4.8e-8 for A2, A5
-  (which are ~2^23); a result can only differ from Pillow's when ``65536 v + 0.5`` lies
-  that close to an integer (probability below ~2e-7 per view), and then one coefficient is off
-  by one unit of 2^-16. Measured on CPU: 0 differing coefficients against Pillow's
-  double-precision formula over 1,000,000 random draws at 224 px and 1,000,000 at 64 px;
-  0 differing pixels against PIL (the host `crckd_jax.data.augment.affine`, with and
-  without the flip) over 2,000 random parameter sets on a random 224 px image and 5,000
-  on a 64 px one; 0 differing pixels against torchvision in all 50 committed fixture
-  cases (tests/fixtures/augment_affine.npz: 64, 96 and 224 px, angles 0, +-10 and
-  fractional, translations 0 and +-round(0.02 W), flip on and off).
-* `normalize` is the host's ``x * (1 / (255 std)) - mean / std`` in float32, bit for bit.
-  It looks the result up in a [256, 3] table computed by numpy with exactly the host's
-  arithmetic, so no compiler contraction (``x * s - o`` -> fma) can change a bit.
-  torchvision's ToTensor + Normalize (``(x / 255 - mean) / std``) rounds differently and
-  agrees to within ~1e-6.
-
-Images are channels-last; output views are float32 [H, W, 3]. Everything takes keys in and
-is deterministic; the caller derives per-item keys.
+`two_views(keys, images)`: images uint8 [B, H, W, 3] (channels-last, already resized on
+the host), keys [B, 2] PRNG keys -> student and teacher views, float32 [B, H, W, 3].
+Each view (`train_view`) follows the reference's torchvision transforms on PIL images:
+RandomAffine(degrees=10, translate=(0.02, 0.02)) with nearest resampling and zero fill
+(angle in degrees, shift in whole pixels), RandomHorizontalFlip(0.5), ToTensor and
+ImageNet Normalize. The affine matches Pillow's NEAREST ``affine`` pixel for pixel and
+`normalize` matches the host's float32 arithmetic (`crckd_jax.data.augment`) bit for
+bit; the draws follow torchvision's distributions from JAX's PRNG streams (not torch's).
+How the match is reached and measured: docs/augment-notes.md.
 """
 
 from __future__ import annotations
@@ -230,7 +191,7 @@ def _gather(image, index):
 
 def affine_nearest(image: jax.Array, angle, tx, ty) -> jax.Array:
     """[H, W, ...] (any dtype) -> same: torchvision ``F.affine(pil, angle, [tx, ty], 1.0,
-    [0.0, 0.0], InterpolationMode.NEAREST, fill=0)`` exactly (see the module docstring).
+    [0.0, 0.0], InterpolationMode.NEAREST, fill=0)`` exactly (docs/augment-notes.md).
 
     angle: float32 degrees (clockwise on screen, about (W/2, H/2)); tx, ty: int pixels
     (right, down), applied after the rotation. Pixels from outside the image are 0.

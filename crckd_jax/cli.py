@@ -44,7 +44,8 @@ from ml_collections import config_flags
 
 from crckd_jax import config as config_lib
 from crckd_jax import configs as packaged_configs
-from crckd_jax import errors, xla_options
+from crckd_jax import distributed, errors, modes, xla_options
+from crckd_jax.run_folder import CONFIG_FILE, RunFolder
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -53,7 +54,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "workdir holds the run's config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for data, checkpoints and results.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["prepare", "train", "eval", "cv", "predict", "export"], "What to do."
+    "mode", "train", list(modes.MODES), "What to do."
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -71,103 +72,12 @@ flags.mark_flags_as_required(["workdir"])
 _FLAGS = (_CONFIG, _WORKDIR, _MODE, _ALLOW_CONFIG_CHANGE, _COORDINATOR, _NUM_PROCESSES,
           _PROCESS_ID)
 _RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_config.py")
-_LOCKING_MODES = ("prepare", "train", "cv")  # the modes that write a run's files
 
 
 def fail(message: str, code: int) -> None:
     """Ends the program with one `error: ...` line on stderr and exit status `code`."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-               "SLURM_LOCALID")
-
-
-def _on_cloud_tpu_vm() -> bool:
-    try:
-        from jax._src import cloud_tpu_init
-    except ImportError:
-        return False
-    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
-
-
-def cluster_environment(environ=None) -> str | None:
-    """The multi-process launcher found in the environment, from which a bare
-    `jax.distributed.initialize()` takes its settings; None for a single process."""
-    env = os.environ if environ is None else environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return "JAX_COORDINATOR_ADDRESS"
-    if all(k in env for k in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
-        return "SLURM"
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return "Open MPI"
-    if env.get("MEGASCALE_COORDINATOR_ADDRESS") or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return "Cloud TPU"
-    if environ is None and _on_cloud_tpu_vm():
-        return "Cloud TPU"
-    return None
-
-
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, environ=None) -> str | None:
-    """Starts `jax.distributed` when the flags or the environment ask for several processes.
-
-    Must run before any JAX computation. Returns how the processes were found (None: a
-    single process, nothing started).
-    """
-    given = (coordinator_address, num_processes, process_id)
-    if num_processes == 1 and coordinator_address is None:
-        return None  # explicitly one process
-    if all(v is None for v in given):
-        source = cluster_environment(environ)
-        if source is None:
-            return None
-    else:
-        source = "flags"
-    import jax
-
-    # All three flags: no launcher's environment overrides them (under SLURM it would also
-    # restrict each process to one local device); each process uses the devices it sees.
-    detection = "deactivate" if None not in given else None
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   cluster_detection_method=detection)
-    except (ValueError, TypeError) as e:
-        fail(f"jax.distributed.initialize ({source}): {e}; give --coordinator_address, "
-             "--num_processes and --process_id to every process", errors.EXIT_CONFIG)
-    print(f"process {jax.process_index()} of {jax.process_count()} ({source}): "
-          f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
-    return source
-
-
-def run(mode: str, config, workdir: str, allow_config_change: bool = False) -> None:
-    """Runs `mode`; prepare, train and cv hold the workdir's lock (process 0)."""
-    # Imported here so that a bad flag or config fails before JAX starts.
-    import jax
-
-    from crckd_jax import cv, evaluate, inference, predict, train
-    from crckd_jax.data import prepare
-    from crckd_jax.runlock import WorkdirLock
-
-    if mode in ("eval", "predict", "export"):  # read the run; write only their own results
-        if mode == "eval" and config.eval.input:
-            predict.evaluate_input(config, workdir)
-        elif mode == "eval":
-            evaluate.evaluate_checkpoint(config, workdir)
-        elif mode == "predict":
-            predict.predict(config, workdir)
-        else:
-            inference.export(workdir, teacher=config.export.teacher,
-                             checkpoint=config.export.checkpoint)
-        return
-    with WorkdirLock(workdir, mode, enabled=jax.process_index() == 0):
-        if mode == "prepare":
-            prepare.prepare(config, workdir)
-        elif mode == "train":
-            train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
-        else:
-            cv.run_cv(config, workdir, allow_config_change=allow_config_change)
-
 
 def resolve_config_argument(argv: list[str]) -> list[str]:
     """`argv` with the value of `--config` (`--config V`, `--config=V`, one or two dashes)
@@ -226,7 +136,7 @@ def add_run_config(argv: list[str]) -> list[str]:
     if given or asked_help or workdir is None:
         return argv
     mode = _flag_value(argv, "mode") or "train"
-    saved = os.path.join(workdir, "config.json")
+    saved = os.path.join(workdir, CONFIG_FILE)
     if mode in ("eval", "predict", "export"):
         if os.path.isfile(saved):
             return [argv[0], f"--config={_RUN_CONFIG}:{os.path.abspath(saved)}", *argv[1:]]
@@ -317,14 +227,11 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
     a config error)."""
     tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
-        config_lib.validate(config)
+        settings = config_lib.to_settings(config)
         if mode in ("train", "cv"):
-            config_lib.require_initialisation(config)
-        initialize_distributed(coordinator_address, num_processes, process_id)
-        if allow_config_change:
-            run(mode, config, workdir, allow_config_change=True)
-        else:
-            run(mode, config, workdir)
+            config_lib.require_initialisation(settings)
+        distributed.initialize_distributed(coordinator_address, num_processes, process_id)
+        modes.run(mode, settings, RunFolder(workdir), allow_config_change)
     except SystemExit:
         raise
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the command's last word

@@ -13,19 +13,13 @@ import os
 from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 
 from crckd_jax.metrics import METRIC_KEYS
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.settings import Settings
 from crckd_jax.summary import SUMMARY_VIEWS
 from crckd_jax.train import train_and_evaluate
-
-
-def folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
-    """`data.folds` as a list ("" = every fold)."""
-    if not config.data.folds:
-        return list(range(config.data.num_folds))
-    return [int(p) for p in config.data.folds.split(",") if p.strip()]
 
 
 def aggregate(summaries: dict[int, dict]) -> dict:
@@ -53,29 +47,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_cv(config: ml_collections.ConfigDict, workdir: str,
-           log: Callable[[str], None] = print, allow_config_change: bool = False) -> dict:
-    """Trains the folds of `folds_to_run` in `<workdir>/fold_<k>/` and writes the summary
-    across them; `config` has passed `config.validate` and `config.require_initialisation`."""
+def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = print,
+           allow_config_change: bool = False) -> dict:
+    """Trains the folds of `data.folds` in `folder.fold(k)` and writes the summary across
+    them; `settings` pass `config.require_initialisation`."""
     summaries = {}
-    for fold in folds_to_run(config):
-        fold_dir = os.path.join(workdir, f"fold_{fold}")
-        done = os.path.join(fold_dir, "summary.json")
+    for fold in settings.data.folds_to_run():
+        fold_folder = folder.fold(fold)
+        done = fold_folder.path("summary.json")
         if os.path.exists(done):
             log(f"fold {fold}: done earlier ({done})")
             with open(done) as f:
                 summaries[fold] = json.load(f)
             continue
-        fold_config = ml_collections.ConfigDict(config.to_dict())
-        fold_config.data.fold = fold
-        log(f"fold {fold}: training in {fold_dir}")
-        summaries[fold] = train_and_evaluate(fold_config, fold_dir, data_workdir=workdir, log=log,
+        log(f"fold {fold}: training in {fold_folder.root}")
+        summaries[fold] = train_and_evaluate(settings.with_fold(fold), fold_folder, log=log,
                                              allow_config_change=allow_config_change)
     result = aggregate(summaries)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "cv_summary.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(workdir, "cv_summary.md"), "w") as f:
+        folder.write_json("cv_summary.json", result)
+        with open(folder.path("cv_summary.md"), "w") as f:
             f.write(markdown(result))
         log(markdown(result))
     return result

@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from crckd_jax import losses
 from crckd_jax.memory import Memory
+from crckd_jax.settings import MemorySettings
 
 
 class ContrastConfig(NamedTuple):
@@ -36,8 +36,8 @@ class ContrastConfig(NamedTuple):
     z_momentum: float
 
     @classmethod
-    def from_config(cls, memory: ml_collections.ConfigDict) -> "ContrastConfig":
-        """The settings of `memory`, the config's `memory` section."""
+    def from_settings(cls, memory: MemorySettings) -> "ContrastConfig":
+        """The contrast part of the `memory` settings."""
         return cls(num_positives=memory.num_positives, num_negatives=memory.num_negatives,
                    temperature=memory.temperature, momentum=memory.momentum,
                    z_momentum=memory.z_momentum)

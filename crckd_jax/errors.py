@@ -1,4 +1,4 @@
-"""The failures a user can meet, each with its exit status (see README, "Failures and recovery").
+"""The failures a user can meet, each with its exit status (docs/failures.md).
 
 The command line (`crckd_jax.cli.execute`) ends every one of them with a single
 `error: ...` line on stderr and the exit status of its class; a traceback is shown only

@@ -27,19 +27,18 @@ import shutil
 from typing import Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from crckd_jax import config as config_lib
-from crckd_jax.checkpoint import BEST_DIR, Checkpointer, restore_read_only
+from crckd_jax.checkpoint import Checkpointer, restore_read_only
 from crckd_jax.data import augment as host_augment
 from crckd_jax.data import sources
 from crckd_jax.errors import CheckpointUnavailable
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.settings import Settings
 from crckd_jax.step import classify
 
-EXPORT_DIR = "export"
 MODEL_FILE = "model.json"
 FORMAT = "crckd-jax-export-1"
 CHECKPOINTS = ("latest", "best_val")
@@ -89,7 +88,7 @@ def export(workdir: str, teacher: bool = False, checkpoint: str = "latest",
     """Writes `W/export/` (replacing an earlier export) from the newest checkpoint that
     restores ("latest") or the best validation epoch's ("best_val"); returns its path."""
     run = _restore_run(workdir, checkpoint, log)
-    out = os.path.join(workdir, EXPORT_DIR)
+    out = RunFolder(workdir).export
     tmp = out + ".incomplete"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -100,14 +99,14 @@ def export(workdir: str, teacher: bool = False, checkpoint: str = "latest",
         flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
         save_file({k: np.asarray(v, np.float32) for k, v in flat.items()},
                   os.path.join(tmp, f"{name}.safetensors"))
-    c = run.config
+    c = run.settings
     description = {
         "format": FORMAT,
         "model": {"name": c.model.name, "hidden_dim": c.model.hidden_dim,
                   "num_classes": len(run.class_names), "dtype": c.train.dtype},
         "class_names": list(run.class_names),
         "image_size": c.data.image_size,
-        "store_size": config_lib.store_size(c),
+        "store_size": c.data.stored_side,
         "normalisation": {"mean": host_augment.IMAGENET_MEAN.tolist(),
                           "std": host_augment.IMAGENET_STD.tolist()},
         "models": sorted(models),
@@ -129,24 +128,23 @@ def load_model(path: str, teacher: bool = False, checkpoint: str | None = None,
     holding `export/`, or of a workdir's checkpoints: its newest that restores ("latest",
     the default without an export) or its best validation epoch's ("best_val")."""
     folder = path if os.path.isfile(os.path.join(path, MODEL_FILE)) else \
-        os.path.join(path, EXPORT_DIR)
+        RunFolder(path).export
     if checkpoint is None and os.path.isfile(os.path.join(folder, MODEL_FILE)):
         return _from_export(folder, teacher)
     run = _restore_run(path, checkpoint or "latest", log)
-    return _model(run.config, run.class_names, run.teacher if teacher else run.student)
+    return _model(run.settings, run.class_names, run.teacher if teacher else run.student)
 
 
-def _network(config: ml_collections.ConfigDict, num_classes: int) -> CRCKDNet:
-    dtype = jax.numpy.bfloat16 if config.train.dtype == "bfloat16" else jax.numpy.float32
-    return CRCKDNet(densenet_config(config.model.name), num_classes,
-                    hidden_dim=config.model.hidden_dim, dtype=dtype)
+def _network(settings: Settings, num_classes: int) -> CRCKDNet:
+    return CRCKDNet(densenet_config(settings.model.name), num_classes,
+                    hidden_dim=settings.model.hidden_dim, dtype=settings.train.compute_dtype)
 
 
-def _model(config: ml_collections.ConfigDict, class_names: Sequence[str],
+def _model(settings: Settings, class_names: Sequence[str],
            variables: dict) -> Model:
-    network = _network(config, len(class_names))
+    network = _network(settings, len(class_names))
     probabilities = jax.jit(lambda v, images: classify(network, v, images)["probs"])
-    return Model(tuple(class_names), config.data.image_size, config_lib.store_size(config),
+    return Model(tuple(class_names), settings.data.image_size, settings.data.stored_side,
                  variables, probabilities)
 
 
@@ -160,7 +158,7 @@ def _from_export(folder: str, teacher: bool) -> Model:
             description = json.load(f)
         if description.get("format") != FORMAT:
             raise ValueError(f"format {description.get('format')!r}, expected {FORMAT!r}")
-        config = ml_collections.ConfigDict(description["config"])
+        settings = Settings.from_dict(description["config"])
         class_names = tuple(description["class_names"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointUnavailable(f"{description_path} is not a crckd-jax export "
@@ -175,8 +173,8 @@ def _from_export(folder: str, teacher: bool) -> Model:
         flat = load_file(weights)
     except (OSError, SafetensorError) as e:
         raise CheckpointUnavailable(f"cannot read {weights}: {e}") from None
-    network = _network(config, len(class_names))
-    size = config.data.image_size
+    network = _network(settings, len(class_names))
+    size = settings.data.image_size
     expected = jax.eval_shape(lambda: network.init(
         jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=False))
     expected = traverse_util.flatten_dict(expected, sep="/")
@@ -186,16 +184,16 @@ def _from_export(folder: str, teacher: bool) -> Model:
                  for k in expected if k in flat and flat[k].shape != expected[k].shape]
     if problems:
         raise CheckpointUnavailable(
-            f"{weights} does not fit model {config.model.name!r} with {len(class_names)} "
+            f"{weights} does not fit model {settings.model.name!r} with {len(class_names)} "
             f"classes ({description_path}): {len(problems)} mismatch(es), e.g. "
             + "; ".join(problems[:3]))
-    return _model(config, class_names,
+    return _model(settings, class_names,
                   jax.device_put(traverse_util.unflatten_dict(flat, sep="/")))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
-    config: ml_collections.ConfigDict
+    settings: Settings
     class_names: list[str]
     step: int
     student: dict
@@ -207,19 +205,20 @@ def _restore_run(workdir: str, checkpoint: str, log: Callable[[str], None]) -> _
     folder, on the first local device."""
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    folder = RunFolder(workdir)
+    if not os.path.isdir(folder.checkpoints):
         raise CheckpointUnavailable(f"no trained run in {os.path.abspath(workdir)}: it has "
                                     f"no checkpoints folder (train first, or give the "
                                     f"workdir of a run)")
-    directory = os.path.join(workdir, "checkpoints" if checkpoint == "latest" else BEST_DIR)
+    directory = folder.checkpoints if checkpoint == "latest" else folder.best_checkpoint
     if not os.path.isdir(directory):
         raise CheckpointUnavailable(f"no best validation checkpoint in "
                                     f"{os.path.abspath(directory)}: the run has no "
                                     f"validation split (data.val_fraction)")
     restored = restore_read_only(directory, Checkpointer.single_device_target, workdir, log)
-    config = ml_collections.ConfigDict(restored.meta["config"])
+    settings = Settings.from_dict(restored.meta["config"])
     state = restored.state
-    return _Run(config, _class_names(restored.meta, workdir), restored.step,
+    return _Run(settings, _class_names(restored.meta, workdir), restored.step,
                 {"params": state["params"]["student"], "batch_stats": state["batch_stats"]},
                 {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]})
 

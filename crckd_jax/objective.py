@@ -20,17 +20,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-
-from crckd_jax.config import LOSS_PRESETS
 from crckd_jax.losses import sigmoid_rampup
+from crckd_jax.settings import LOSS_PRESETS, LossSettings
 
 TERMS = ("ce", "mt", "ccd", "crp")  # the loss terms, in the order they are reported
 LOSS_KEYS = ("loss", *TERMS)  # the total and its terms, as the step reports them
 
 
 class LossConfig(NamedTuple):
-    """Weights of the objective (static), from the config's `loss` section (`from_config`).
+    """Weights of the objective (static), from the `loss` settings (`from_settings`).
     CE always has weight 1; see `loss_weights` for how the others combine."""
 
     consistency: float  # MT weight after ramp-up
@@ -41,9 +39,9 @@ class LossConfig(NamedTuple):
     begin_epoch: int  # epoch at which MT and CRP start
 
     @classmethod
-    def from_config(cls, loss: ml_collections.ConfigDict) -> "LossConfig":
-        """The weights of `loss` (the config's `loss` section): its preset (LOSS_PRESETS)
-        schedules its weights; an ablation is weights set to 0 (`config.apply_ablation`)."""
+    def from_settings(cls, loss: LossSettings) -> "LossConfig":
+        """The weights of `loss`: its preset (LOSS_PRESETS) schedules its weights; an
+        ablation is weights set to 0 (`protocols.apply_ablation`)."""
         if loss.preset not in LOSS_PRESETS:
             raise ValueError(f"loss.preset must be one of {LOSS_PRESETS}, got {loss.preset!r}")
         reference = loss.preset == "reference"

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from crckd_jax.config import PARALLEL_BACKENDS
+from crckd_jax.settings import PARALLEL_BACKENDS
 
 AXIS = "data"
 

@@ -17,18 +17,18 @@ naming it, or, with `data.skip_bad_images`, is left out of the output and listed
 from __future__ import annotations
 
 import csv
-import json
 import os
 from typing import Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from crckd_jax import metrics
 from crckd_jax.data import sources
 from crckd_jax.errors import DataError
 from crckd_jax.inference import Model, load_model
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.settings import Settings
 
 
 def list_inputs(spec: str, image_column: str) -> list[str]:
@@ -101,13 +101,13 @@ def _good_images(paths: list[str], store: int, skip_bad: bool, bad: list[str]):
             bad.append(path)
 
 
-def _probabilities(model: Model, paths: list[str], config: ml_collections.ConfigDict,
+def _probabilities(model: Model, paths: list[str], settings: Settings,
                    log: Callable[[str], None]) -> tuple[np.ndarray, list[int]]:
     """(class probabilities [M, C], positions in `paths` of those M images): every image
     that can be read (`data.skip_bad_images`: the others are left out and listed)."""
-    batch_size = config.train.batch_size
+    batch_size = settings.train.batch_size
     bad = []
-    images_in = _good_images(paths, model.store_size, config.data.skip_bad_images, bad)
+    images_in = _good_images(paths, model.store_size, settings.data.skip_bad_images, bad)
     probs, kept = [], []
     while True:
         chunk = [item for _, item in zip(range(batch_size), images_in)]
@@ -125,14 +125,14 @@ def _probabilities(model: Model, paths: list[str], config: ml_collections.Config
     return np.concatenate(probs), kept
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str,
+def predict(settings: Settings, folder: RunFolder,
             log: Callable[[str], None] = print) -> str:
     """Writes predictions.csv for `predict.input` with the run's model."""
-    paths = list_inputs(config.predict.input, config.predict.image_column)
-    model = load_model(workdir, log=log)
-    probs, kept = _probabilities(model, paths, config, log)
+    paths = list_inputs(settings.predict.input, settings.predict.image_column)
+    model = load_model(folder.root, log=log)
+    probs, kept = _probabilities(model, paths, settings, log)
     names = list(model.class_names)
-    out_path = os.path.join(workdir, "predictions.csv")
+    out_path = folder.path("predictions.csv")
     if jax.process_index() == 0:
         with open(out_path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -144,21 +144,20 @@ def predict(config: ml_collections.ConfigDict, workdir: str,
     return out_path
 
 
-def evaluate_input(config: ml_collections.ConfigDict, workdir: str,
+def evaluate_input(settings: Settings, folder: RunFolder,
                    log: Callable[[str], None] = print) -> dict:
     """Test metrics of the run's model on the labelled images of `eval.input` ->
     eval_input.json (the metrics, the input, how many images were used and skipped)."""
-    model = load_model(workdir, log=log)
-    paths, labels = list_labelled(config.eval.input, config.eval.image_column,
-                                  config.eval.label_column, model.class_names)
-    probs, kept = _probabilities(model, paths, config, log)
+    model = load_model(folder.root, log=log)
+    paths, labels = list_labelled(settings.eval.input, settings.eval.image_column,
+                                  settings.eval.label_column, model.class_names)
+    probs, kept = _probabilities(model, paths, settings, log)
     labels = labels[kept]
     scores = metrics.classification_metrics(probs, labels, len(model.class_names))
-    log(f"{config.eval.input} ({len(kept)} images): {metrics.format_metrics(scores)}")
+    log(f"{settings.eval.input} ({len(kept)} images): {metrics.format_metrics(scores)}")
     log(metrics.per_class_report(probs, labels, model.class_names))
-    results = {"input": os.path.abspath(config.eval.input), "num_images": len(kept),
+    results = {"input": os.path.abspath(settings.eval.input), "num_images": len(kept),
                "num_skipped": len(paths) - len(kept), **scores}
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval_input.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        folder.write_json("eval_input.json", results)
     return results

@@ -27,20 +27,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from crckd_jax import augment, losses, teacher
-from crckd_jax.config import TEACHER_BN
 from crckd_jax.distillation import ContrastConfig, ccd_crp
 from crckd_jax.models.densenet import CRCKDNet
 from crckd_jax.models.networks import Networks
 from crckd_jax.objective import LossConfig, epoch_of_step, loss_weights
+from crckd_jax.settings import TEACHER_BN, Settings
 from crckd_jax.state import TrainState
 
 
 class StepConfig(NamedTuple):
-    """Static settings of the train step, from the run's config (`from_config`).
+    """Static settings of the train step, from the run's settings (`from_settings`).
 
     steps_per_epoch: optimizer steps per epoch (the loss schedule is indexed by epoch).
     consistency_divisor: the MT loss divisor, the configured global batch size (reference).
@@ -62,19 +61,19 @@ class StepConfig(NamedTuple):
     axis_name: str | None
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, *, steps_per_epoch: int,
-                    axis_name: str | None) -> "StepConfig":
-        """The step's settings in the validated run `config`; `steps_per_epoch` and
-        `axis_name` are facts of the run (the data set's size, the device layout)."""
+    def from_settings(cls, settings: Settings, *, steps_per_epoch: int,
+                      axis_name: str | None) -> "StepConfig":
+        """The step's part of the run's `settings`; `steps_per_epoch` and `axis_name` are
+        facts of the run (the data set's size, the device layout)."""
         return cls(
-            loss=LossConfig.from_config(config.loss),
-            contrast=ContrastConfig.from_config(config.memory),
-            ema_decay=config.train.ema_decay,
+            loss=LossConfig.from_settings(settings.loss),
+            contrast=ContrastConfig.from_settings(settings.memory),
+            ema_decay=settings.train.ema_decay,
             steps_per_epoch=steps_per_epoch,
-            consistency_divisor=config.train.batch_size,
-            teacher_bn=config.train.teacher_bn,
-            teacher_rotate=config.train.teacher_rotate,
-            running_stats_of_first_device=bool(config.model.bn_group_size),
+            consistency_divisor=settings.train.batch_size,
+            teacher_bn=settings.train.teacher_bn,
+            teacher_rotate=settings.train.teacher_rotate,
+            running_stats_of_first_device=bool(settings.model.bn_group_size),
             axis_name=axis_name,
         )
 

@@ -1,34 +1,32 @@
 """The training loop of one fold: epochs, evaluation, checkpoints, logs, progress, NaN guard.
 
-`train_and_evaluate(config, workdir)` prepares the data if needed, builds the model, the
+`train_and_evaluate(settings, folder)` prepares the data if needed, builds the model, the
 optimizer, the memory and one `TrainState`, resumes from the latest checkpoint in
-`<workdir>/checkpoints` if there is one, trains with the compiled data-parallel step,
+`<W>/checkpoints` if there is one, trains with the compiled data-parallel step,
 evaluates the student (and optionally the teacher) on the held-out fold after every epoch,
-and writes `summary.json` and the report figures. Running it again on the same workdir
+and writes `summary.json` and the report figures. Running it again on the same run folder
 continues where it stopped and ends with the same parameters as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 from tqdm import tqdm
 
-from crckd_jax import config as config_lib
-from crckd_jax.checkpoint import BEST_DIR, Checkpointer
+from crckd_jax.checkpoint import Checkpointer
 from crckd_jax.data import pipeline
-from crckd_jax.errors import (CheckpointUnavailable, ConfigChanged, Preempted, StorageError,
-                              TrainingDiverged)
+from crckd_jax.errors import CheckpointUnavailable, Preempted, StorageError, TrainingDiverged
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.metrics import format_metrics
 from crckd_jax.objective import LOSS_KEYS, epoch_of_step
 from crckd_jax.preemption import StopRequest
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.settings import Settings
 from crckd_jax.summary import summarise
 from crckd_jax.trainer import build_trainer
 
@@ -37,55 +35,50 @@ def _format_losses(terms: dict) -> str:
     return " ".join(f"{k}={terms[k]:.4g}" for k in LOSS_KEYS if k in terms)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data_workdir: str | None = None,
+def train_and_evaluate(settings: Settings, folder: RunFolder,
                        log: Callable[[str], None] = print,
                        allow_config_change: bool = False) -> dict:
-    """Trains one fold in `workdir` (resuming if possible); returns the summary dict.
+    """Trains one fold in `folder` (resuming if possible); returns the summary dict.
 
-    `data_workdir` holds the prepared data set and folds (default: `workdir`). The run's
-    config is written to `<workdir>/config.json`; resuming with a config that differs in a
-    computation-changing key raises ConfigChanged before anything is restored, unless
+    The run's settings are written to its config.json; resuming with settings that differ
+    in a computation-changing key raises ConfigChanged before anything is restored, unless
     `allow_config_change`. On SIGTERM/SIGINT the run saves a checkpoint at the step it
-    reached and raises Preempted. `config` has passed `config.validate` and
-    `config.require_initialisation`.
+    reached and raises Preempted. `settings` pass `config.require_initialisation`.
     """
-    os.makedirs(workdir, exist_ok=True)
-    checkpoints_dir = os.path.join(workdir, "checkpoints")
-    _check_config_change(config, workdir, checkpoints_dir, allow_config_change, log)
-    trainer = build_trainer(config, data_workdir or workdir, log)
-    checkpoints = Checkpointer(checkpoints_dir, keep=config.train.keep_checkpoints)
-    best = (Checkpointer(os.path.join(workdir, BEST_DIR), keep=1, best=True)
+    os.makedirs(folder.root, exist_ok=True)
+    folder.check_resumable(settings, allow_config_change, log)
+    trainer = build_trainer(settings, folder.data_dir, log)
+    checkpoints = Checkpointer(folder.checkpoints, keep=settings.train.keep_checkpoints)
+    best = (Checkpointer(folder.best_checkpoint, keep=1, best=True)
             if "val" in trainer.eval_splits else None)
     for opened in filter(None, (checkpoints, best)):
         if opened.removed_leftovers:
             log(f"removed the unfinished save(s) of an interrupted run: "
                 f"{', '.join(opened.removed_leftovers)} ({opened.directory})")
     logger, batches, failed = None, None, True
+    parallel = trainer.run.parallel
     try:
         restored = None
         if checkpoints.latest_step() is not None:
-            restored = checkpoints.restore_newest_good(trainer.abstract_state(), log=log)
+            restored = checkpoints.restore_newest_good(trainer.run.abstract_state(), log=log)
             if restored is None:
                 raise CheckpointUnavailable(
                     f"no checkpoint in {checkpoints.directory} can be restored with this config "
                     f"({checkpoints.failure}); check that the config fits the run, or move the "
                     "checkpoints folder away to start from scratch")
         if jax.process_index() == 0:
-            _write(lambda: config_lib.write_config_file(config, workdir),
-                   os.path.join(workdir, config_lib.CONFIG_FILE))
+            folder.write_config(settings)
         start = restored.step if restored else 0
-        logger = MetricLogger(workdir, purge_after=start)
-        batches = trainer.parallel.prefetch(trainer.train_dataset(),
-                                            config.data.device_prefetch)
+        logger = MetricLogger(folder.root, purge_after=start)
         if restored:
-            state = trainer.parallel.put_state(restored.state)
-            batches.set_state(pipeline.rescale_iterator_state(
-                restored.data, config.train.batch_size,
+            state = parallel.put_state(restored.state)
+            batches = trainer.train_batches(pipeline.rescale_iterator_state(
+                restored.data, settings.train.batch_size,
                 restored.meta.get("process_count", jax.process_count())))
             log(f"resumed from step {start} ({checkpoints.directory})")
         else:
-            state = trainer.parallel.put_state(trainer.initial_state)
+            state = parallel.put_state(trainer.run.initial_state)
+            batches = trainer.train_batches()
         logger.truncate_after(start)
         with StopRequest() as stop:
             state, last_test = _train_loop(trainer, state, batches, start, checkpoints,
@@ -93,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpoints.wait()
         if best is not None:
             best.wait()
-        summary = _finish(trainer, state, last_test, workdir, logger, log)
+        summary = _finish(trainer, state, last_test, folder, logger, log)
         failed = False
         return summary
     finally:
@@ -115,38 +108,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 best.close()
 
 
-def _write(write: Callable[[], Any], path: str) -> Any:
-    """`write()`, an OSError of which becomes StorageError naming `path`."""
-    try:
-        return write()
-    except OSError as e:
-        raise StorageError(f"cannot write {getattr(e, 'filename', None) or path}: "
-                           f"{e.strerror or e}") from None
-
-
-def _check_config_change(config, workdir, checkpoints_dir, allow, log) -> None:
-    """ConfigChanged when `workdir` has checkpoints and a config.json whose computation-
-    changing keys differ from `config` (nothing is restored or written before)."""
-    if not os.path.isdir(checkpoints_dir) or not any(
-            p.isdigit() for p in os.listdir(checkpoints_dir)):
-        return
-    old = config_lib.read_config_file(workdir)
-    if old is None:
-        return
-    changes = config_lib.config_changes(old, config)
-    if not changes:
-        return
-    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
-    if allow:
-        log(f"warning: resuming with a changed config (--allow_config_change): {listing}")
-        return
-    raise ConfigChanged(
-        f"the config differs from the one this run was started with "
-        f"({os.path.join(workdir, config_lib.CONFIG_FILE)}) in {len(changes)} key(s) that "
-        f"change the computation: {listing}. Resume with the same config, use a new "
-        f"--workdir, or pass --allow_config_change to resume with the new values")
-
-
 def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, best=None):
     """Steps `start + 1 .. total` on `batches` (`DataParallel.prefetch`'s iterator); returns
     the state and the last epoch's student test evaluation (None when no step was left).
@@ -161,9 +122,9 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
     `stop` (a StopRequest) is asked once per step; when it says so, the step's checkpoint
     is saved and committed and Preempted is raised.
     """
-    config = trainer.config
-    per_epoch, total = trainer.steps_per_epoch, trainer.total_steps
-    every = config.train.checkpoint_every_steps
+    settings, run = trainer.run.settings, trainer.run
+    per_epoch, total = run.steps_per_epoch, run.total_steps
+    every = settings.train.checkpoint_every_steps
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
     pending = []  # (step, metrics still on the devices) since the last read
@@ -171,25 +132,25 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
     last_test = None
     for step in range(start + 1, total + 1):
         batch = next(batches)
-        state, terms = trainer.train_step(state, batch)
+        state, terms = run.train_step(state, batch)
         pending.append((step, terms))
         bar.update(1)
         epoch = epoch_of_step(step, per_epoch)
         epoch_end = step % per_epoch == 0
         stopping = stop is not None and step < total and stop.reached(step)
-        log_now = step % config.train.log_every_steps == 0 or epoch_end
+        log_now = step % settings.train.log_every_steps == 0 or epoch_end
         save_now = epoch_end or (every and step % every == 0) or stopping
         if log_now or save_now:
             terms = _check_finite(trainer, pending, checkpoints)
             pending = []
         if log_now:
             now = time.perf_counter()
-            img_s = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
+            img_s = (step - tick_step) * settings.train.batch_size / max(now - tick, 1e-9)
             tick, tick_step = now, step
             logger.write({"split": "train", "step": step, "epoch": epoch,
                           "images_per_s": img_s, "process_cpu_s": time.process_time(),
                           **{k: v for k, v in terms.items() if k != "epoch"}})
-            bar.set_postfix_str(f"epoch {epoch + 1}/{config.train.epochs} "
+            bar.set_postfix_str(f"epoch {epoch + 1}/{settings.train.epochs} "
                                 f"{_format_losses(terms)} {img_s:.1f} img/s")
         val_bacc = None
         if epoch_end:
@@ -197,8 +158,8 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
         if save_now:
             # One replicated copy of the state (also under pmap), the same iterator
             # state on every process (each counts its own rows of the global batches).
-            saved = (step, trainer.parallel.get_state(state), batches.get_state(),
-                     {"epoch": step / per_epoch, "config": config.to_dict(),
+            saved = (step, run.parallel.get_state(state), batches.get_state(),
+                     {"epoch": step / per_epoch, "config": settings.to_dict(),
                       "class_names": list(trainer.data.class_names),
                       "process_count": jax.process_count()})
             checkpoints.save(*saved)
@@ -223,7 +184,7 @@ def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
     """Reads the metrics of the `pending` steps from the devices (all were queued before the
     first is read) and returns the last step's; raises TrainingDiverged at the first step
     with a non-finite loss."""
-    values = jax.device_get([trainer.parallel.get_outputs(t) for _, t in pending])
+    values = jax.device_get([trainer.run.parallel.get_outputs(t) for _, t in pending])
     for (step, _), terms in zip(pending, values):
         terms = {k: float(v) for k, v in terms.items()}
         if not all(math.isfinite(terms[k]) for k in LOSS_KEYS):
@@ -232,7 +193,7 @@ def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
                     if latest is not None else "no checkpoint was written before it")
             raise TrainingDiverged(
                 f"non-finite loss at step {step} "
-                f"(epoch {epoch_of_step(step, trainer.steps_per_epoch)}): "
+                f"(epoch {epoch_of_step(step, trainer.run.steps_per_epoch)}): "
                 f"{_format_losses(terms)}; {kept}")
     return terms
 
@@ -240,8 +201,8 @@ def _check_finite(trainer, pending, checkpoints) -> dict[str, float]:
 def _evaluate_epoch(trainer, state, step, logger, bar):
     """Evaluates and logs every split and model; returns the student's test evaluation and
     validation balanced accuracy (None without a validation split)."""
-    epoch = epoch_of_step(step, trainer.steps_per_epoch)
-    models = ["student"] + (["teacher"] if trainer.config.train.eval_teacher else [])
+    epoch = epoch_of_step(step, trainer.run.steps_per_epoch)
+    models = ["student"] + (["teacher"] if trainer.run.settings.train.eval_teacher else [])
     student_test, student_val_bacc = None, None
     for split in trainer.eval_splits:
         for model in models:
@@ -259,20 +220,19 @@ def _evaluate_epoch(trainer, state, step, logger, bar):
     return student_test, student_val_bacc
 
 
-def _finish(trainer, state, evaluation, workdir, logger, log):
+def _finish(trainer, state, evaluation, folder, logger, log):
     records = read_records(logger.path)
     summary = summarise(records)
-    if trainer.config.train.eval_teacher:
+    if trainer.run.settings.train.eval_teacher:
         summary["teacher"] = summarise(records, "teacher")
     if evaluation is None:  # the run was complete before this call
         evaluation = trainer.evaluate(state, "test")
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        if trainer.config.train.write_report:
+        folder.write_json("summary.json", summary)
+        if trainer.run.settings.train.write_report:
             from crckd_jax import report  # matplotlib and t-SNE: only when a report is written
 
-            report.write_report(os.path.join(workdir, "report"), records, evaluation,
+            report.write_report(folder.path("report"), records, evaluation,
                                 list(trainer.data.class_names))
     logger.close()
     final = summary["final"]

@@ -33,3 +33,11 @@ def run_config(**sections):
     for section, values in sections.items():
         config[section].update(values)
     return config
+
+
+def run_settings(**sections):
+    """The typed `Settings` of `run_config(**sections)` (not validated: a test may hold a
+    value the command line would refuse)."""
+    from crckd_jax.settings import Settings
+
+    return Settings.from_dict(run_config(**sections).to_dict())

@@ -252,3 +252,38 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert 0 <= parts["demo"]["figures"]["summary"]["final"]["bacc"] <= 1
     text = (out / "summary.txt").read_text()
     assert "step_b64: step benchmark" in text and "loop (one process" in text
+
+
+def test_the_step_benchmark_times_the_program_the_trainer_runs(monkeypatch):
+    """step_time.py builds its JAX step with `builder.build_run`, the call `Trainer.build`
+    makes: given the benchmark's settings and data, the trainer's train step lowers to the
+    very program the benchmark compiles and times."""
+    from types import SimpleNamespace
+
+    from crckd_jax import builder, trainer
+
+    built = []
+    build_run = builder.build_run
+
+    def recording(*args, **kwargs):
+        built.append((args, kwargs, build_run(*args, **kwargs)))
+        return built[-1][2]
+
+    monkeypatch.setattr(builder, "build_run", recording)
+    args = step_time.parse_args([
+        "--model", "densenet_tiny", "--image-size", "32", "--batch-size", "4",
+        "--num-items", "40", "--num-positives", "2", "--num-negatives", "8",
+        "--embed-dim", "16", "--warmup", "0", "--distinct-batches", "1",
+        "--augment", "device", "--kernels", "auto"])
+    (variant,) = step_time.parse_variants(args)
+    labels, batches = step_time.make_inputs(args, variant.batch_size)
+    step_time.setup_jax(args, variant, labels, batches)
+    (settings, data), kwargs, benchmark = built[0]
+    assert kwargs == {"kernels": "auto"}
+    fold = SimpleNamespace(class_names=data.class_names, train_labels=data.train_labels)
+    trained = trainer.Trainer.build(settings, fold)
+    assert len(built) == 2 and built[1][2] is trained.run
+    batch = benchmark.parallel.put_batch(
+        {k: v for k, v in batches[0].items() if k not in ("image_student", "image_teacher")})
+    program = lambda run: run.train_step.lower(run.abstract_state(), batch).as_text()  # noqa: E731
+    assert program(trained.run) == program(benchmark)

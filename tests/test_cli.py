@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from crckd_jax import cli
+from crckd_jax import cli, modes
 from crckd_jax import config as config_lib
 from crckd_jax import configs as packaged_configs
 
@@ -169,7 +169,7 @@ def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch, capsys):
     config = importlib.import_module("crckd_jax.configs.demo").get_config("tiny")
     with config.unlocked():
         config.model.pretrained = str(weights)
-    monkeypatch.setattr(cli, "run", lambda mode, config, workdir: load_state_dict(
+    monkeypatch.setattr(modes, "run", lambda mode, settings, folder, allow: load_state_dict(
         config.model.pretrained))
     with pytest.raises(SystemExit) as info:
         cli.execute("train", config, str(tmp_path / "w"), tracebacks=False)
@@ -211,10 +211,12 @@ def test_a_run_config_that_fails_validation_is_named(tmp_path):
     """eval/predict/export read W/config.json: a bad value or a damaged file is one error
     line naming the file."""
     from crckd_jax import config as config_lib
+    from crckd_jax.run_folder import RunFolder
+    from crckd_jax.settings import Settings
 
     config = config_lib.default_config()
     config.train.batch_size = -3
-    config_lib.write_config_file(config, str(tmp_path))
+    RunFolder(str(tmp_path)).write_config(Settings.from_dict(config.to_dict()))  # unchecked
     done = _python(str(ROOT / "launch.py"), "--workdir", str(tmp_path), "--mode", "export")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (

@@ -1,4 +1,4 @@
-"""The settings table: defaults, validation, the README's settings reference, the packaged
+"""The settings table: defaults, validation, the manual's settings reference, the packaged
 configs' arguments (ablations, `reference`), the core's configs built from it, and one
 validation per command."""
 
@@ -11,17 +11,20 @@ import pytest
 
 from crckd_jax import cli, trainer, xla_options
 from crckd_jax import config as config_lib
+from crckd_jax import protocols
 from crckd_jax.configs import path as packaged_config_path
 from crckd_jax.distillation import ContrastConfig
 from crckd_jax.objective import LossConfig
 from crckd_jax.step import StepConfig
+from crckd_jax.settings import Settings
+from tools import settings_reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULTS = {s.key: s.default for s in config_lib.SETTINGS}
 
 
 def flat(config) -> dict:
-    return config_lib._flatten(config)
+    return config_lib.flatten(config)
 
 
 def load_config(file: pathlib.Path, arg: str = ""):
@@ -96,15 +99,15 @@ def test_unknown_and_missing_keys_are_named():
     assert str(info.value) == "missing config key 'memory.queue_size': expected an integer >= 1"
 
 
-def test_readme_lists_the_settings_table():
-    readme = (ROOT / "README.md").read_text()
-    assert config_lib.with_reference(readme) == readme, (
-        "README.md's settings table is not the table in crckd_jax/config.py; regenerate it "
-        "with: python -m crckd_jax.config --readme README.md")
+def test_the_manual_lists_the_settings_table():
+    manual = (ROOT / "docs" / "usage.md").read_text()
+    assert settings_reference.with_table(manual) == manual, (
+        "docs/usage.md's settings table is not the table of crckd_jax/settings.py; "
+        "regenerate it with: python -m tools.settings_reference docs/usage.md")
 
 
 def test_the_settings_reference_has_a_row_per_key():
-    rows = config_lib.reference_markdown().splitlines()[2:]
+    rows = settings_reference.markdown().splitlines()[2:]
     assert [re.match(r"\| `([^`]+)` \|", row).group(1) for row in rows] == list(config_lib.KEYS)
     assert all(len(re.findall(r"(?<!\\)\|", row)) == 5 for row in rows)  # four cells each
 
@@ -129,7 +132,7 @@ def test_config_arguments_set_the_loss_weights_and_the_reference_protocol(
     assert config.is_locked
     loss = config.loss
     assert (loss.consistency, loss.ccd_weight, loss.crp_weight) == ABLATION_WEIGHTS[ablation]
-    protocol = {f"{s}.{k}": v for (s, k), v in config_lib.REFERENCE_PROTOCOL.items()}
+    protocol = {f"{s}.{k}": v for (s, k), v in protocols.REFERENCE_PROTOCOL.items()}
     weights = {"loss.consistency", "loss.ccd_weight", "loss.crp_weight"}
     dataset = {"data.source", "data.split_seed"}
     for key, value in flat(config).items():
@@ -156,22 +159,23 @@ def test_config_arguments_are_checked():
 
 def test_factories_read_the_table_defaults():
     config = config_lib.default_config()
-    assert ContrastConfig.from_config(config.memory) == ContrastConfig(
+    settings = lambda: Settings.from_dict(config.to_dict())  # noqa: E731
+    assert ContrastConfig.from_settings(settings().memory) == ContrastConfig(
         num_positives=20, num_negatives=4096, temperature=0.07, momentum=0.5, z_momentum=0.0)
-    assert LossConfig.from_config(config.loss) == LossConfig(
+    assert LossConfig.from_settings(settings().loss) == LossConfig(
         consistency=1.0, rampup_epochs=30, ccd_weight=0.1, ccd_weight_late=0.1 * 0.1,
         crp_weight=1.0, begin_epoch=20)  # the reference preset: ccd weight squared late
     config.loss.preset = "paper"
-    paper = LossConfig.from_config(config.loss)
+    paper = LossConfig.from_settings(settings().loss)
     assert (paper.ccd_weight_late, paper.begin_epoch) == (0.1, 0)
-    step = StepConfig.from_config(config, steps_per_epoch=7, axis_name="data")
+    step = StepConfig.from_settings(settings(), steps_per_epoch=7, axis_name="data")
     assert step._replace(loss=None, contrast=None) == StepConfig(
         loss=None, contrast=None, ema_decay=0.99, steps_per_epoch=7,
         consistency_divisor=32, teacher_bn="train", teacher_rotate=True,
         running_stats_of_first_device=False, axis_name="data")
     config.model.bn_group_size = 16
-    assert StepConfig.from_config(config, steps_per_epoch=7,
-                                  axis_name=None).running_stats_of_first_device
+    assert StepConfig.from_settings(settings(), steps_per_epoch=7,
+                                    axis_name=None).running_stats_of_first_device
 
 
 # --- one validation per command -------------------------------------------------------------

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crckd_jax.config import to_settings
 from crckd_jax.data import augment, pipeline, prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def _demo_config(arg="tiny"):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("work")
-    prepare.prepare(_demo_config(), str(workdir), log=lambda _: None)
+    prepare.prepare(to_settings(_demo_config()), str(workdir), log=lambda _: None)
     return prepare.load(str(workdir), 0)
 
 

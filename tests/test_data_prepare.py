@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from crckd_jax import config as config_lib
+from crckd_jax.config import to_settings
 from crckd_jax.data import builders, prepare, sources
 from crckd_jax.errors import DataError
 
@@ -86,7 +87,7 @@ def _ham_folder(root, counts, images_per_lesion=None):
 def test_demo_prepare_writes_summary_and_folds(tmp_path):
     config = _config("demo", "tiny")
     config.data.num_folds = 5
-    summary = prepare.prepare(config, str(tmp_path), log=lambda _: None)
+    summary = prepare.prepare(to_settings(config), str(tmp_path), log=lambda _: None)
     with open(tmp_path / "data_summary.json") as f:
         assert json.load(f) == summary
     assert set(summary) == SUMMARY_KEYS
@@ -104,7 +105,8 @@ def test_demo_prepare_writes_summary_and_folds(tmp_path):
     assert not train_groups & {r["group_id"] for r in rows if r["split"] == "test"}
     assert len(fold.fold.train) == summary["folds"][2]["train"]
     assert fold.source[int(fold.fold.test[0])]["image"].shape == (16, 16, 3)
-    assert prepare.prepare(config, str(tmp_path), log=lambda _: None) == summary  # reused
+    reused = prepare.prepare(to_settings(config), str(tmp_path), log=lambda _: None)
+    assert reused == summary
     # Records are stored uncompressed, one per chunk (no decompression at every read).
     from array_record.python import array_record_module
 
@@ -119,7 +121,7 @@ def test_demo_prepare_writes_summary_and_folds(tmp_path):
 def test_ham10000_folder_with_odd_images(tmp_path):
     rows = _ham_folder(str(tmp_path / "ham"), [6, 8, 6, 6, 6, 6, 6])
     config = _config("ham10000", dir=str(tmp_path / "ham"), val_fraction=0.5)
-    summary = prepare.prepare(config, str(tmp_path / "w"), log=lambda _: None)
+    summary = prepare.prepare(to_settings(config), str(tmp_path / "w"), log=lambda _: None)
     assert summary["class_counts"] == [6, 8, 6, 6, 6, 6, 6] and summary["num_groups"] == 44
     data = prepare.load(str(tmp_path / "w"), 1)
     assert len(data.fold.val) > 0
@@ -138,8 +140,8 @@ def test_aptos_and_csv_folders(tmp_path, monkeypatch, capsys):
     for i in range(10):
         _odd_image(str(aptos / "train_images" / f"im{i}.png"), i)
     monkeypatch.setattr(builders, "PROGRESS_FROM", 10)  # the bar of large folders
-    summary = prepare.prepare(
-        _config("aptos", dir=str(aptos)), str(tmp_path / "wa"), log=lambda _: None
+    summary = prepare.prepare(to_settings(_config("aptos", dir=str(aptos))), str(tmp_path / "wa"),
+                              log=lambda _: None
     )
     progress = capsys.readouterr().err
     assert "preparing images: 100%" in progress and "10/10" in progress
@@ -160,10 +162,10 @@ def test_aptos_and_csv_folders(tmp_path, monkeypatch, capsys):
         label_column="diagnosis",
     )
     config.data.source = "csv"
-    summary = prepare.prepare(config, str(tmp_path / "wc"), log=lambda _: None)
+    summary = prepare.prepare(to_settings(config), str(tmp_path / "wc"), log=lambda _: None)
     assert summary["class_names"] == ["benign", "malignant"] and summary["num_groups"] == 8
     config.data.group_column = "patient"
-    summary = prepare.prepare(config, str(tmp_path / "wg"), log=lambda _: None)
+    summary = prepare.prepare(to_settings(config), str(tmp_path / "wg"), log=lambda _: None)
     assert summary["num_groups"] == 4 and summary["class_counts"] == [4, 4]
 
 
@@ -173,10 +175,10 @@ def test_undecodable_image_is_named_or_skipped_on_request(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     config = _config("ham10000", dir=str(tmp_path / "ham"))
     with pytest.raises(DataError, match="ISIC_0000001.jpg.*cannot be decoded"):
-        prepare.prepare(config, str(tmp_path / "w"), log=lambda _: None)
+        prepare.prepare(to_settings(config), str(tmp_path / "w"), log=lambda _: None)
     config.data.skip_bad_images = True
     lines = []
-    summary = prepare.prepare(config, str(tmp_path / "w"), log=lines.append)
+    summary = prepare.prepare(to_settings(config), str(tmp_path / "w"), log=lines.append)
     assert summary["num_images"] == 15 and summary["class_counts"][0] == 2
     assert "ISIC_0000001" in (tmp_path / "w" / "data" / "skipped.csv").read_text()
     assert any("Skipped 1 item" in line for line in lines)
@@ -185,10 +187,12 @@ def test_undecodable_image_is_named_or_skipped_on_request(tmp_path):
 def test_classes_too_small_are_named(tmp_path):
     _ham_folder(str(tmp_path / "empty"), [3, 3, 2, 2, 2, 2, 0])
     with pytest.raises(DataError, match=r"class 'vasc' \(label 6\) has no images"):
-        prepare.prepare(_config("ham10000", dir=str(tmp_path / "empty")), str(tmp_path / "w1"))
+        prepare.prepare(to_settings(_config("ham10000", dir=str(tmp_path / "empty"))),
+                        str(tmp_path / "w1"))
     _ham_folder(str(tmp_path / "lesions"), [3, 3, 2, 2, 2, 4, 2], images_per_lesion={5: 4})
     with pytest.raises(DataError, match=r"class 'df' has 4 image\(s\) in 1 group\(s\)"):
-        prepare.prepare(_config("ham10000", dir=str(tmp_path / "lesions")), str(tmp_path / "w2"))
+        prepare.prepare(to_settings(_config("ham10000", dir=str(tmp_path / "lesions"))),
+                        str(tmp_path / "w2"))
     _ham_folder(str(tmp_path / "few"), [3, 3, 2, 2, 2, 2, 2])
     config = _config("ham10000", dir=str(tmp_path / "few"))
     config.memory.kind = "bank"
@@ -196,7 +200,7 @@ def test_classes_too_small_are_named(tmp_path):
     with pytest.raises(
         DataError, match=r"class '\w+' has 1 training image\(s\) in fold \d.*num_positives=3"
     ):
-        prepare.prepare(config, str(tmp_path / "w3"), log=lambda _: None)
+        prepare.prepare(to_settings(config), str(tmp_path / "w3"), log=lambda _: None)
 
 
 def test_config_errors_name_the_key():

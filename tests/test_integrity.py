@@ -18,8 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from crckd_jax import cli, errors
+from crckd_jax import cli, errors, modes
 from crckd_jax import config as config_lib
+from crckd_jax import run_folder
+from crckd_jax.config import to_settings
+from crckd_jax.run_folder import RunFolder
 from crckd_jax.checkpoint import Checkpointer
 from crckd_jax.runlock import WorkdirLock
 
@@ -83,26 +86,32 @@ def test_non_finite_config_values_are_rejected(key, value):
         config_lib.validate(config)
 
 
-def test_config_changes_ignore_the_free_keys():
-    old = tiny().to_dict()
+def test_config_changes_ignore_the_free_keys(tmp_path):
+    started_run(tmp_path)
+    folder, logs = RunFolder(str(tmp_path)), []
     config = tiny()
     with config.unlocked():
         config.train.log_every_steps = 1
         config.train.checkpoint_every_steps = 7
         config.data.read_threads = 1
         config.predict.input = "x"
-    assert config_lib.config_changes(old, config) == []
+    folder.check_resumable(to_settings(config), allow=False, log=logs.append)
     with config.unlocked():
         config.optim.max_lr = 1e-3
         config.train.epochs = 5
-    assert config_lib.config_changes(old, config) == [
-        ("optim.max_lr", 3e-4, 1e-3), ("train.epochs", 1, 5)]
-    assert config_lib.RESUME_FREE_KEYS <= set(config_lib.KEYS)
+    with pytest.raises(errors.ConfigChanged, match=r"in 2 key\(s\) that change the computation: "
+                       r"optim.max_lr: 0.0003 -> 0.001; train.epochs: 1 -> 5\. "):
+        folder.check_resumable(to_settings(config), allow=False, log=logs.append)
+    assert logs == []
+    folder.check_resumable(to_settings(config), allow=True, log=logs.append)
+    assert logs == ["warning: resuming with a changed config (--allow_config_change): "
+                    "optim.max_lr: 0.0003 -> 0.001; train.epochs: 1 -> 5"]
+    assert run_folder.RESUME_FREE_KEYS <= set(config_lib.KEYS)
 
 
 def started_run(workdir):
     """A workdir as `train` leaves it: config.json and a checkpoint folder."""
-    config_lib.write_config_file(tiny(), str(workdir))
+    RunFolder(str(workdir)).write_config(to_settings(tiny()))
     (workdir / "checkpoints" / "2").mkdir(parents=True)
 
 
@@ -126,7 +135,7 @@ def test_eval_and_predict_take_the_config_from_the_workdir(tmp_path):
     argv = ["crckd", "--workdir", str(tmp_path), "--mode=eval", "--config.train.batch_size=4"]
     with pytest.raises(SystemExit):
         cli.add_run_config(argv)  # no config.json yet
-    config_lib.write_config_file(tiny(), str(tmp_path))
+    RunFolder(str(tmp_path)).write_config(to_settings(tiny()))
     got = cli.add_run_config(argv)
     assert got[1] == f"--config={ROOT / 'crckd_jax' / 'run_config.py'}:{tmp_path}/config.json"
     assert got[2:] == argv[1:]
@@ -237,9 +246,9 @@ def test_failures_end_with_one_line_and_their_exit_code(tmp_path, monkeypatch, c
         (RuntimeError("boom"), errors.EXIT_UNEXPECTED),
     ]
     for error, code in cases:
-        def raising(mode, config, workdir, error=error):
+        def raising(mode, settings, folder, allow, error=error):
             raise error
-        monkeypatch.setattr(cli, "run", raising)
+        monkeypatch.setattr(modes, "run", raising)
         with pytest.raises(SystemExit) as info:
             cli.execute("train", tiny(), str(tmp_path), tracebacks=False)
         err = capsys.readouterr().err

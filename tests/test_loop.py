@@ -19,6 +19,8 @@ from crckd_jax.errors import Preempted
 from crckd_jax.preemption import StopRequest
 from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.parallel import DataParallel
+from crckd_jax.config import to_settings
+from crckd_jax.run_folder import RunFolder
 from crckd_jax.trainer import build_trainer, load_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ def tiny_config(**train_keys):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data")
-    load_data(tiny_config(), str(path), log=lambda _: None)
+    load_data(to_settings(tiny_config()), str(path), log=lambda _: None)
     return str(path)
 
 
@@ -65,9 +67,9 @@ def count_traces(monkeypatch) -> list[str]:
 def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None, stop=None):
     """Runs `_train_loop` from step 0; returns the trainer, the sizes of the metric reads,
     and the checkpointer."""
-    trainer = build_trainer(config, data_dir, log=lambda _: None)
+    trainer = build_trainer(to_settings(config), data_dir, log=lambda _: None)
     if wrap_step is not None:
-        trainer.train_step = wrap_step(trainer.train_step)
+        trainer.run.train_step = wrap_step(trainer.run.train_step)
     reads = []
     check = train._check_finite
     monkeypatch.setattr(train, "_check_finite",
@@ -75,8 +77,8 @@ def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None, stop=None):
                         or check(t, pending, c))
     checkpoints = Checkpointer(str(workdir / "checkpoints"), asynchronous=False)
     logger = MetricLogger(str(workdir))
-    state = trainer.parallel.put_state(trainer.initial_state)
-    batches = trainer.parallel.prefetch(trainer.train_dataset(), 2)
+    state = trainer.run.parallel.put_state(trainer.run.initial_state)
+    batches = trainer.train_batches()
     try:
         train._train_loop(trainer, state, batches, 0, checkpoints, logger, stop)
     finally:
@@ -129,13 +131,13 @@ def test_non_finite_loss_between_reads_stops_before_the_next_checkpoint(
 
 
 def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
-    trainer = build_trainer(tiny_config(), data_dir, log=lambda _: None)
+    trainer = build_trainer(to_settings(tiny_config()), data_dir, log=lambda _: None)
     plain = iter(trainer.train_dataset())
     expected = []
     for _ in range(5):
         batch = next(plain)
         expected.append((batch["index"], plain.get_state()))
-    ahead = trainer.parallel.prefetch(trainer.train_dataset(), 2)
+    ahead = trainer.run.parallel.prefetch(trainer.train_dataset(), 2)
     for index, state in expected:
         device_batch = next(ahead)
         time.sleep(0.05)  # the thread reads ahead meanwhile
@@ -143,7 +145,7 @@ def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
         assert (jax.device_get(device_batch["index"]) == index).all()
         assert ahead.get_state() == state
     # Restored to a state, it continues from the batch after it.
-    resumed = trainer.parallel.prefetch(trainer.train_dataset(), 2)
+    resumed = trainer.run.parallel.prefetch(trainer.train_dataset(), 2)
     resumed.set_state(expected[2][1])
     np.testing.assert_array_equal(jax.device_get(next(resumed)["index"]), expected[3][0])
     ahead.close(), resumed.close()
@@ -178,7 +180,8 @@ def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_
     checkpoints = Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpoints.manager.all_steps() == [2]
     saved = checkpoints.manager.restore(2, args=ocp_args())["data"]
-    plain = iter(build_trainer(tiny_config(), data_dir, log=lambda _: None).train_dataset())
+    plain = iter(build_trainer(to_settings(tiny_config()), data_dir,
+                               log=lambda _: None).train_dataset())
     next(plain), next(plain)
     assert saved == plain.get_state()
 
@@ -193,13 +196,13 @@ def ocp_args():
 def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision, expected):
     """`train.matmul_precision=highest` marks every convolution and dot of the compiled
     train and eval steps HIGHEST; 'default' marks none (XLA chooses, TF32 on GPUs)."""
-    trainer = build_trainer(tiny_config(matmul_precision=precision), data_dir,
+    trainer = build_trainer(to_settings(tiny_config(matmul_precision=precision)), data_dir,
                             log=lambda _: None)
-    state = trainer.parallel.put_state(trainer.initial_state)
-    batch = trainer.parallel.put_batch(next(iter(trainer.train_dataset())))
+    state = trainer.run.parallel.put_state(trainer.run.initial_state)
+    batch = trainer.run.parallel.put_batch(next(iter(trainer.train_dataset())))
     eval_batch = {"image": batch["image"]}
-    for step, args in ((trainer.train_step, (state, batch)),
-                       (trainer.eval_step[False], (state, eval_batch))):
+    for step, args in ((trainer.run.train_step, (state, batch)),
+                       (trainer.run.eval_step[False], (state, eval_batch))):
         text = step.lower(*args).as_text()
         ops = text.count("stablehlo.convolution") + text.count("stablehlo.dot_general")
         marked = text.count("HIGHEST")
@@ -219,7 +222,8 @@ def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
     with config.unlocked():
         config.data.val_fraction = 0.3
         config.train.keep_checkpoints = 1
-    summary = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
+    summary = train.train_and_evaluate(to_settings(config), RunFolder(str(tmp_path)),
+                                     log=lambda _: None)
     assert (tmp_path / "report" / "training_curves.png").is_file()
     records = read_records(str(tmp_path / "metrics.jsonl"))
     val = [r for r in records if r["split"] == "val" and r["model"] == "student"]
@@ -240,28 +244,32 @@ def test_a_resumed_run_restores_without_creating_the_initial_state(data_dir, tmp
                                                                    monkeypatch):
     """The fresh state (the whole initialisation, compiled and run) is created by a new run
     only: resuming traces its shapes for the restore target and ends with the saved state."""
+    from crckd_jax import builder
     from crckd_jax import trainer as trainer_lib
 
     created = []  # per call of create_train_state: made arrays (True) or traced shapes
-    create = trainer_lib.create_train_state
+    create = builder.create_train_state
 
     def recording(*args):
         state = create(*args)
         created.append(not isinstance(state.step, jax.core.Tracer))
         return state
 
-    monkeypatch.setattr(trainer_lib, "create_train_state", recording)
+    monkeypatch.setattr(builder, "create_train_state", recording)
     config = tiny_config(epochs=1, steps_per_epoch=2, write_report=False)
-    train.train_and_evaluate(config, str(tmp_path), data_dir, log=lambda _: None)
+    train.train_and_evaluate(to_settings(config), RunFolder(str(tmp_path), data_dir),
+                             log=lambda _: None)
     assert created == [True]
     saved = Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     expected = saved.restore(saved.single_device_target()).state
     saved.close()
     created.clear()
     logs = []
-    train.train_and_evaluate(config, str(tmp_path), data_dir, log=logs.append)
+    train.train_and_evaluate(to_settings(config), RunFolder(str(tmp_path), data_dir),
+                             log=logs.append)
     assert created == [False] and "resumed from step 2" in "\n".join(logs)
-    trainer, state = trainer_lib.load_trained(config, str(tmp_path), data_dir,
+    trainer, state = trainer_lib.load_trained(to_settings(config),
+                                              RunFolder(str(tmp_path), data_dir),
                                               log=lambda _: None)
     assert created == [False, False]  # evaluation restores the same way
     got, want = by_path(jax.device_get(state)), by_path(expected)

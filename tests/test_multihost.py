@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from crckd_jax import cli  # the command line (defines its flags; runs nothing on import)
+from crckd_jax import cli, distributed  # cli defines its flags; runs nothing on import
 from crckd_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
 
 
 def test_cluster_environment_from_launcher_variables():
-    detect = cli.cluster_environment
+    detect = distributed.cluster_environment
     assert detect({}) is None
     assert detect({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "JAX_COORDINATOR_ADDRESS"
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0",
@@ -251,5 +251,5 @@ def test_cluster_environment_from_launcher_variables():
     assert detect({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == "Cloud TPU"
     assert detect({"TPU_WORKER_HOSTNAMES": "t0"}) is None
     # No flags and no launcher: nothing is started.
-    assert cli.initialize_distributed(None, None, None, environ={}) is None
-    assert cli.initialize_distributed(None, 1, None, environ={}) is None
+    assert distributed.initialize_distributed(None, None, None, environ={}) is None
+    assert distributed.initialize_distributed(None, 1, None, environ={}) is None

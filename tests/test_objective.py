@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_config
-from crckd_jax import config as config_lib
+from conftest import run_config, run_settings
+from crckd_jax import protocols
 from crckd_jax.losses import sigmoid_rampup
 from crckd_jax.objective import LossConfig, loss_weights
+from crckd_jax.settings import LOSS_PRESETS, Settings
 
 
 def weights(config, epoch):
@@ -15,7 +16,7 @@ def weights(config, epoch):
 
 
 def test_reference_preset_applies_ccd_weight_twice_after_begin_epoch():
-    cfg = LossConfig.from_config(run_config(loss={"preset": "reference"}).loss)
+    cfg = LossConfig.from_settings(run_settings(loss={"preset": "reference"}).loss)
     early = weights(cfg, 19)
     assert early == {"ce": 1.0, "mt": 0.0, "ccd": pytest.approx(0.1), "crp": 0.0}
     late = weights(cfg, 20)
@@ -25,7 +26,7 @@ def test_reference_preset_applies_ccd_weight_twice_after_begin_epoch():
 
 
 def test_paper_preset_applies_each_weight_once_from_the_start():
-    cfg = LossConfig.from_config(run_config(loss={"preset": "paper"}).loss)
+    cfg = LossConfig.from_settings(run_settings(loss={"preset": "paper"}).loss)
     w0 = weights(cfg, 0)
     assert w0["ccd"] == pytest.approx(0.1) and w0["crp"] == 1.0
     assert w0["mt"] == pytest.approx(np.exp(-5.0))
@@ -35,18 +36,18 @@ def test_paper_preset_applies_each_weight_once_from_the_start():
 @pytest.mark.parametrize("ablation, active", [
     ("baseline", {"ce"}), ("mt", {"ce", "mt"}), ("mt_ccd", {"ce", "mt", "ccd"}),
     ("crckd", {"ce", "mt", "ccd", "crp"})])
-@pytest.mark.parametrize("preset", config_lib.LOSS_PRESETS)
+@pytest.mark.parametrize("preset", LOSS_PRESETS)
 def test_ablation_ladder(ablation, active, preset):
-    """The configs' ablations (`config.apply_ablation`) switch terms off in both presets."""
+    """The configs' ablations (`protocols.apply_ablation`) switch terms off in both presets."""
     config = run_config(loss={"preset": preset})
-    config_lib.apply_ablation(config, ablation)
-    w = weights(LossConfig.from_config(config.loss), 40)
+    protocols.apply_ablation(config, ablation)
+    w = weights(LossConfig.from_settings(Settings.from_dict(config.to_dict()).loss), 40)
     assert {k for k, v in w.items() if v > 0} == active
 
 
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="loss.preset must be one of"):
-        LossConfig.from_config(run_config(loss={"preset": "papers"}).loss)
+        LossConfig.from_settings(run_settings(loss={"preset": "papers"}).loss)
 
 
 def test_epoch_of_step_is_the_epoch_the_step_runs_in():

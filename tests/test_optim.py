@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from crckd_jax.optim import current_learning_rate, make_optimizer, onecycle_schedules
-from crckd_jax.parity import optimizer_trajectory, recompute
+from tools.parity import optimizer_trajectory, recompute
 
 FIXTURE = Path(__file__).parent / "fixtures" / "optimizer_onecycle.npz"
 F32_EPS = float(np.finfo(np.float32).eps)

@@ -1,6 +1,6 @@
-"""Every output of every reference fixture, recomputed by `crckd_jax.parity`.
+"""Every output of every reference fixture, recomputed by `tools.parity`.
 
-Tolerances are stated per kind in `crckd_jax/parity.py` (float32: rtol 1e-5; for the nine
+Tolerances are stated per kind in `tools/parity.py` (float32: rtol 1e-5; for the nine
 chained steps of train_steps.npz 1e-5 to 1e-4 of each key's largest entry, derived from the
 reference's own float32 rounding stored in the file; the absolute floors there say why they
 are needed).
@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from crckd_jax import parity
+from tools import parity
 
-FIXTURES = sorted((pathlib.Path(__file__).parent / "fixtures").glob("*.npz"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = sorted((ROOT / "tests" / "fixtures").glob("*.npz"))
 EXPECTED_KIND = {
     "ccd_crp_step.npz": "ccd_crp_step", "ccd_crp_step_paper.npz": "ccd_crp_step",
     "ccd_crp_two_steps.npz": "ccd_crp_two_steps", "mean_teacher.npz": "mean_teacher",
@@ -71,7 +72,7 @@ def recomputed(name: str) -> tuple[dict, dict]:
 
 
 def test_every_kind_of_the_parity_module_is_checked_against_a_fixture():
-    """Each recomputation path of `crckd_jax.parity` has a reference fixture here, and each
+    """Each recomputation path of `tools.parity` has a reference fixture here, and each
     fixture is recognised as the kind it was written as."""
     kinds = {path.name: parity.kind_of(dict(np.load(path))).name for path in FIXTURES}
     assert kinds == EXPECTED_KIND
@@ -126,8 +127,8 @@ def test_command_line_reports_every_key_and_fails_on_a_wrong_value(tmp_path):
     bad = tmp_path / "weighted_ce_bad.npz"
     np.savez(bad, **ref)
     good = FIXTURES[0].parent / "mean_teacher.npz"
-    out = subprocess.run([sys.executable, "-m", "crckd_jax.parity", str(good), str(bad)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.parity", str(good), str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 1
     assert lines[-1] == "parity: 6 ok, 1 failed"
@@ -166,7 +167,7 @@ def test_every_fixture_holds_under_a_narrower_instruction_set(isa):
     compiled for the default instruction set."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa={isa}".strip()
-    out = subprocess.run([sys.executable, "-m", "crckd_jax.parity", *map(str, FIXTURES)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "tools.parity", *map(str, FIXTURES)],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].endswith(" 0 failed")

@@ -1,8 +1,8 @@
 """benchmarks/reference_full_size.py at a reduced DenseNet-121 size (slow; needs torch).
 
-The torch side runs in another interpreter: set CRCKD_TORCH_PYTHON to one that imports
-torch and numpy (e.g. /work/torch311/bin/python), then `pytest -m slow
-tests/test_reference_full_size.py`.
+The torch side runs in another interpreter, one that imports torch and numpy:
+
+    CRCKD_TORCH_PYTHON=<python with torch> pytest -m slow tests/test_reference_full_size.py
 """
 
 import os

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from crckd_jax import report
+from crckd_jax.report import curves
 
 CLASS_NAMES = ["mel", "nv", "bcc", "akiec", "bkl", "df", "Proliferative DR"]
 C = len(CLASS_NAMES)
@@ -134,7 +135,7 @@ def loss_panel(history):
     from matplotlib.figure import Figure
 
     ax = Figure().subplots()
-    report._plot_losses(ax, [r for r in history if r["split"] == "train"])
+    curves._plot_losses(ax, [r for r in history if r["split"] == "train"])
     return ax.get_yscale(), [line.get_label() for line in ax.get_lines()]
 
 

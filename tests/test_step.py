@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_config
+from conftest import run_config, run_settings
 from crckd_jax import losses, teacher
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
@@ -28,9 +28,9 @@ def make_memory(kind):
 
 def small_step_config(preset="paper", batch_size=BATCH):
     """The step's settings for the tiny model: P = 3, K = 10, d = DIM, 5 steps per epoch."""
-    config = run_config(loss={"preset": preset}, train={"batch_size": batch_size},
-                        memory={"num_positives": 3, "num_negatives": 10, "embed_dim": DIM})
-    return StepConfig.from_config(config, steps_per_epoch=5, axis_name=None)
+    settings = run_settings(loss={"preset": preset}, train={"batch_size": batch_size},
+                            memory={"num_positives": 3, "num_negatives": 10, "embed_dim": DIM})
+    return StepConfig.from_settings(settings, steps_per_epoch=5, axis_name=None)
 
 
 def build(kind, seed=0, preset="paper"):
@@ -163,8 +163,8 @@ def test_eval_step_probabilities():
 def test_densenet121_224_batch8_one_step():
     model = CRCKDNet(densenet_config("densenet121"), 7)
     optimizer = make_optimizer(total_steps=10)
-    config = StepConfig.from_config(
-        run_config(loss={"preset": "paper"}, train={"batch_size": 8}), steps_per_epoch=5,
+    config = StepConfig.from_settings(
+        run_settings(loss={"preset": "paper"}, train={"batch_size": 8}), steps_per_epoch=5,
         axis_name=None)
     labels = np.arange(2929) % 7
     networks = Networks(model, 128)

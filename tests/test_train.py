@@ -15,6 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from crckd_jax.config import to_settings
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.settings import Settings
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "demo.py") + ":tiny"
 
@@ -301,9 +305,9 @@ def test_real_data_needs_pretrained_weights_or_an_explicit_none(tmp_path, capsys
     config = config_lib.default_config()
     config.data.source, config.data.dir = "aptos", "/data/aptos"
     with pytest.raises(config_lib.ConfigError, match=r"densenet121-a639ec97\.pth"):
-        config_lib.require_initialisation(config)
+        config_lib.require_initialisation(Settings.from_dict(config.to_dict()))
     config.model.pretrained = "none"
-    config_lib.require_initialisation(config)
+    config_lib.require_initialisation(Settings.from_dict(config.to_dict()))
 
 
 def test_pretrained_backbone_for_student_and_teacher(tmp_path):
@@ -312,7 +316,7 @@ def test_pretrained_backbone_for_student_and_teacher(tmp_path):
     from crckd_jax.models.networks import Networks
     from crckd_jax.optim import make_optimizer
     from crckd_jax.state import create_train_state
-    from crckd_jax.trainer import _with_pretrained
+    from crckd_jax.builder import _with_pretrained
 
     with np.load(ROOT / "tests" / "fixtures" / "densenet_small.npz") as f:
         state_dict = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
@@ -391,13 +395,15 @@ def test_export_predict_and_eval_without_the_training_data(trained, tmp_path):
 
     # The trainer's eval step on the original run, on the same images.
     config = run_config.get_config(str(workdir / "config.json"))
-    trainer, state = trainer_lib.load_trained(config, str(workdir), log=lambda _: None)
+    trainer, state = trainer_lib.load_trained(to_settings(config), RunFolder(str(workdir)),
+                                              log=lambda _: None)
     model = load_model(str(copy))
     decoded = [np.asarray(sources.load_rgb(str(p), model.store_size)) for p in images]
     batch = np.zeros((config.train.batch_size, 32, 32, 3), np.uint8)
     batch[:5] = [np.asarray(augment.resize(d, 32)) for d in decoded]
-    expected = trainer.parallel.gather_examples(
-        trainer.eval_step[False](state, trainer.parallel.put_batch({"image": batch})))["probs"]
+    expected = trainer.run.parallel.gather_examples(
+        trainer.run.eval_step[False](
+            state, trainer.run.parallel.put_batch({"image": batch})))["probs"]
     np.testing.assert_allclose(model(decoded), expected[:5], rtol=1e-5, atol=1e-7)
     # Any size: resized to the stored size, then to the model's.
     big = [np.asarray(Image.fromarray(d).resize((48, 40))) for d in decoded]
@@ -449,20 +455,23 @@ def test_export_predict_and_eval_without_the_training_data(trained, tmp_path):
         (by_class / n).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, by_class / n)
     config.eval.input = str(by_class)
-    from_folder = predict.evaluate_input(config, str(copy), log=lambda _: None)
+    from_folder = predict.evaluate_input(to_settings(config), RunFolder(str(copy)),
+                                         log=lambda _: None)
     assert from_folder["input"] == str(by_class) and from_folder["num_images"] == 21
     for key, value in expected_scores.items():
         assert from_folder[key] == pytest.approx(value, abs=1e-6), key
     (by_class / "melanoma").mkdir()
     with pytest.raises(DataError, match=r"by_class/melanoma' is not named after a class .*"
                                         r"expected one of \['mel', 'nv'"):
-        predict.evaluate_input(config, str(copy), log=lambda _: None)
+        predict.evaluate_input(to_settings(config), RunFolder(str(copy)),
+                                         log=lambda _: None)
     with open(tmp_path / "labelled.csv", "a", newline="") as f:
         csv.writer(f).writerow([str(labelled[0]), "melanoma"])
     config.eval.input = str(tmp_path / "labelled.csv")
     config.eval.image_column, config.eval.label_column = "file", "dx"
     with pytest.raises(DataError, match=r"labelled.csv, row 23: dx 'melanoma' is not a class"):
-        predict.evaluate_input(config, str(copy), log=lambda _: None)
+        predict.evaluate_input(to_settings(config), RunFolder(str(copy)),
+                                         log=lambda _: None)
 
     # Evaluating the run's own test split needs its data set: an error, nothing prepared.
     command = [a for a in launch_command(copy, "--mode", "eval")

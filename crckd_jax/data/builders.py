@@ -105,7 +105,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {"1.0.0": "Images stored as PNG.",
                      "2.0.0": "Images stored as raw uint8 pixels (no decoding when read)."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the downloaded folder as data.dir (see docs/data.md)."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Pass the downloaded folder as data.dir (--config.data.dir=FOLDER); the folder "
+        "layouts each source expects are in docs/data.md, section 'Preparing data'.")
 
     @tfds.core.utils.classproperty
     @classmethod

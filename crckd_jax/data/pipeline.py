@@ -24,12 +24,15 @@ empty), each group padded to `group_size` with masked items. An epoch is `steps_
 consecutive global batches of the stream (default: one pass). With augment='host', global
 position p of the stream is augmented with an RNG seeded by (seed, p), so batches do not
 depend on the number of processes or threads (with 'device', the step keys each item's views
-by the run seed, the step and the item's index). Process i of n takes the contiguous positions [i * B/n, (i + 1) * B/n) of every global batch of B: every example is
-read once per pass across all processes, and the processes' slices laid one after the other
-(which is how `jax.make_array_from_process_local_data` assembles the global batch) give the
-global batch in the same order as one process reads it. The iterator's get_state()/set_state()
-resume the exact stream; its state counts this process's items, so a checkpoint written with
-n processes is resumed with m through `rescale_iterator_state`.
+by the run seed, the step and the item's index).
+
+Processes: process i of n takes the contiguous positions [i * B/n, (i + 1) * B/n) of every
+global batch of B: every example is read once per pass across all processes, and the
+processes' slices laid one after the other (which is how
+`jax.make_array_from_process_local_data` assembles the global batch) give the global batch
+in the same order as one process reads it. The iterator's get_state()/set_state() resume
+the exact stream; its state counts this process's items, so a checkpoint written with n
+processes is resumed with m through `rescale_iterator_state`.
 """
 
 from __future__ import annotations

@@ -17,13 +17,12 @@ import json
 import os
 from typing import Callable, Sequence
 
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from crckd_jax import config as config_lib
 from crckd_jax.data import builders, sources, splits, synthetic
 from crckd_jax.errors import DataError
+from crckd_jax.settings import Settings
 
 
 def _paths(workdir: str) -> dict[str, str]:
@@ -39,9 +38,9 @@ def _paths(workdir: str) -> dict[str, str]:
     )
 
 
-def _source_folder(config: ml_collections.ConfigDict, paths: dict[str, str]) -> tuple[str, str]:
-    """(layout, folder) of the configured source; generates the synthetic set if needed."""
-    data = config.data
+def _source_folder(data, paths: dict[str, str]) -> tuple[str, str]:
+    """(layout, folder) of the `data` settings' source; generates the synthetic set if
+    needed."""
     if data.source == "synthetic":
         root = data.dir or paths["synthetic"]
         synthetic.generate(
@@ -81,16 +80,16 @@ def _skipped(listing: sources.Listing, kept: set[str], store: int) -> list[tuple
 
 
 def prepare(
-    config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print
+    settings: Settings, workdir: str, log: Callable[[str], None] = print
 ) -> dict:
     """Builds the data set if needed, writes the folds and data_summary.json, logs a summary
-    table, and returns the summary dict. Raises DataError/ConfigError naming what is wrong;
-    `config` has passed `config.validate`."""
+    table, and returns the summary dict. Raises DataError/ConfigError naming what is
+    wrong."""
     paths = _paths(workdir)
     os.makedirs(paths["data"], exist_ok=True)
-    layout, root = _source_folder(config, paths)
-    data = config.data
-    store = config_lib.store_size(config)
+    data = settings.data
+    layout, root = _source_folder(data, paths)
+    store = data.stored_side
     csv_options = dict(
         csv_file=data.csv_file,
         image_column=data.image_column,
@@ -123,9 +122,9 @@ def prepare(
     parts = splits.assign_folds(labels, groups, data.num_folds, data.split_seed, data.val_fraction)
     splits.write_folds(paths["folds"], parts, item_ids, group_ids, labels)
     folds = [splits.read_fold(paths["folds"], k) for k in range(data.num_folds)]
-    if config.memory.kind == "bank":
+    if settings.memory.kind == "bank":
         for fold in folds:
-            splits.check_positives(fold, class_names, config.memory.num_positives)
+            splits.check_positives(fold, class_names, settings.memory.num_positives)
 
     with open(paths["dataset"], "w") as f:
         json.dump(

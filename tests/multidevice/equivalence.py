@@ -26,6 +26,7 @@ from crckd_jax.models.networks import Networks
 from crckd_jax.optim import make_optimizer
 from crckd_jax.parallel import AXIS, DataParallel
 from crckd_jax.state import create_train_state
+from crckd_jax.settings import Settings
 from crckd_jax.step import StepConfig, make_train_step
 
 NUM_CLASSES, BATCH, SIZE, N_TRAIN, DIM, STEPS = 3, 8, 32, 32, 16, 3
@@ -60,7 +61,8 @@ def train_step(kind, axis_name, num_devices=1, dtype=jnp.float32):
     settings.memory.update(num_positives=3, num_negatives=10, embed_dim=DIM)
     settings.train.batch_size = BATCH
     settings.model.bn_group_size = group
-    config = StepConfig.from_config(settings, steps_per_epoch=5, axis_name=axis_name)
+    config = StepConfig.from_settings(Settings.from_dict(settings.to_dict()), steps_per_epoch=5,
+                                      axis_name=axis_name)
     return make_train_step(networks, optimizer, losses.class_weights(np.bincount(TRAIN_LABELS)),
                            config)
 

@@ -1,6 +1,6 @@
 """Numeric parity with the reference implementation.
 
-`python -m crckd_jax.parity FILE.npz [FILE.npz ...]` recognises each reference file's kind
+`python -m tools.parity FILE.npz [FILE.npz ...]` recognises each reference file's kind
 from its keys, recomputes every output with this project's code (gradients included) from
 the inputs stored in the same file, and prints one line per output key:
 `<file> <key> <max_abs_err> <max_rel_err> ok|FAIL` (max_rel_err = max |diff| / max |ref|),
@@ -391,66 +391,42 @@ def _adam_moments(opt_state):
 
 
 def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
-    """The file's steps of `crckd_jax.step.train_step`, built as a `reference` run builds it
-    (`trainer.Trainer.build`): CRCKDNet with BatchNorm groups and the double running-statistics
-    update of norm0 .. denseblock3, the bank memory, the reference loss preset, torch Adam +
-    OneCycle with the epoch-end reset, the teacher in train mode. The state starts from the
-    file's initial weights, memory and (unset) Z; each step gets the file's two views (the
-    teacher's already rotated), labels, indices and contrast indices (column 0 overwritten
-    with the item's row, as the reference's memory does); a partial batch is laid out over
-    the BatchNorm groups as the data pipeline lays it out (`pipeline.partial_batch_rows`),
-    padding masked."""
-    from crckd_jax import config as config_lib
+    """The file's steps of the train step that `crckd_jax.builder.build_run` compiles for a
+    `reference` run (on one device): CRCKDNet with BatchNorm groups and the double
+    running-statistics update of norm0 .. denseblock3, the bank memory, the reference loss
+    preset, torch Adam + OneCycle with the epoch-end reset, the teacher in train mode. The
+    state starts from the file's initial weights, memory and (unset) Z; each step gets the
+    file's two views (the teacher's already rotated), labels, indices and contrast indices
+    (column 0 overwritten with the item's row, as the reference's memory does); a partial
+    batch is laid out over the BatchNorm groups as the data pipeline lays it out
+    (`pipeline.partial_batch_rows`), padding masked."""
+    from crckd_jax import losses
+    from crckd_jax.builder import DataDescription, build_run
     from crckd_jax.data.pipeline import partial_batch_rows
-    from crckd_jax.memory import BankMemory, with_anchor_column
-    from crckd_jax.models.batch_norm import BatchNormSettings
-    from crckd_jax.models.densenet import CRCKDNet, DenseNetConfig
-    from crckd_jax.models.networks import Networks
-    from crckd_jax.optim import current_learning_rate, make_optimizer
-    from crckd_jax.state import TrainState
-    from crckd_jax.step import StepConfig, make_train_step
+    from crckd_jax.memory import with_anchor_column
 
     num_classes, batch = int(d["num_classes"]), int(d["batch_size"])
     group = batch // int(d["bn_groups"])
-    steps_per_epoch, epochs = int(d["steps_per_epoch"]), int(d["epochs"])
-    size, feat_dim = int(d["image_size"]), int(d["feat_dim"])
-    model = CRCKDNet(
-        DenseNetConfig(int(d["growth_rate"]), tuple(d["block_config"]),
-                       int(d["num_init_features"]), int(d["bn_size"])),
-        num_classes, hidden_dim=int(d["hidden_dim"]), bn=BatchNormSettings(group_size=group),
-        double_update_until_block=3)
-    optimizer = make_optimizer(
-        epochs * steps_per_epoch, max_lr=float(d["max_lr"]),
-        weight_decay=float(d["weight_decay"]), reset_lr_every=steps_per_epoch,
-        reset_lr=float(d["base_lr"]))
-    run = config_lib.default_config()  # the reference protocol's settings, from the file
-    run.train.batch_size, run.train.ema_decay = batch, float(d["ema_decay"])
-    run.train.teacher_bn, run.train.teacher_rotate = "train", False  # the view comes rotated
-    run.model.bn_group_size = group
-    run.loss.preset, run.loss.begin_epoch = "reference", int(d["begin_epoch"])
-    run.loss.ccd_weight, run.loss.crp_weight = float(d["ccd_weight"]), float(d["crp_weight"])
-    run.loss.consistency, run.loss.rampup_epochs = (float(d["consistency"]),
-                                                    int(d["rampup_epochs"]))
-    run.memory.kind, run.memory.embed_dim = "bank", feat_dim
-    run.memory.num_positives, run.memory.num_negatives = int(d["nce_p"]), int(d["nce_k"])
-    run.memory.temperature, run.memory.momentum = float(d["nce_t"]), float(d["nce_m"])
-    config = StepConfig.from_config(run, steps_per_epoch=steps_per_epoch, axis_name=None)
-    step_fn = jax.jit(make_train_step(Networks(model, feat_dim), optimizer, d["class_weight"],
-                                      config))
-
+    run = build_run(_train_steps_settings(d), DataDescription(
+        tuple(map(str, range(num_classes))), np.asarray(d["train_labels"])),
+        devices=jax.devices()[:1])
+    if not np.allclose(losses.class_weights(run.data.class_counts), d["class_weight"],
+                       rtol=1e-6):
+        raise ValueError("the file's class weights are not those of its training labels")
+    size = int(d["image_size"])
+    model = run.networks.network
     template = jax.jit(lambda: model.init(
         jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False))()
     student, stats = _network_variables(_prefixed(d, "student0"), template)
     teacher, teacher_stats = _network_variables(_prefixed(d, "teacher0"), template)
     params = {"student": student, "embed_s": _embed_params(d, "embed0_s"),
               "embed_t": _embed_params(d, "embed0_t")}
-    memory = BankMemory.create(jax.random.key(0), d["train_labels"], num_classes, feat_dim)
-    memory = memory.replace(student=jnp.asarray(d["memory_v1_0"]),
-                            teacher=jnp.asarray(d["memory_v2_0"]))
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, ema_params=teacher,
-        ema_batch_stats=teacher_stats, opt_state=optimizer.init(params), memory=memory,
-        rng=jax.random.key_data(jax.random.key(0)))
+    initial = run.create_state()
+    memory = initial.memory.replace(student=jnp.asarray(d["memory_v1_0"]),
+                                    teacher=jnp.asarray(d["memory_v2_0"]))
+    state = run.parallel.put_state(initial.replace(
+        params=params, batch_stats=stats, ema_params=teacher, ema_batch_stats=teacher_stats,
+        opt_state=run.optimizer.init(params), memory=memory))
 
     per_step = {k: [] for k in ("step_ce", "step_mt", "step_ccd", "step_crp", "step_loss",
                                 "step_lr", "step_beta1")}
@@ -461,17 +437,19 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
             (rows >= 0).reshape((-1,) + (1,) * (d[key].ndim - 2)),
             d[key][t][np.maximum(rows, 0)], 0).astype(d[key].dtype)
         index = jnp.asarray(take("index"))
-        inputs = {"image_student": jnp.asarray(take("image_student")),
-                  "image_teacher": jnp.asarray(take("image_teacher")),
-                  "label": jnp.asarray(take("label")), "index": index,
-                  "contrast_idx": with_anchor_column(jnp.asarray(take("contrast_idx")), index),
-                  "mask": jnp.asarray(rows >= 0)}
-        state, metrics = step_fn(state, inputs)
+        inputs = {"image_student": take("image_student"), "image_teacher": take("image_teacher"),
+                  "label": take("label"), "index": np.asarray(index),
+                  "contrast_idx": np.asarray(with_anchor_column(
+                      jnp.asarray(take("contrast_idx")), index)),
+                  "mask": rows >= 0}
+        state, metrics = run.train_step(state, run.parallel.put_batch(inputs))
+        metrics = run.parallel.get_outputs(metrics)
         for term in ("ce", "mt", "ccd", "crp", "loss"):
-            per_step[f"step_{term}"].append(np.asarray(metrics[term]))
-        per_step["step_lr"].append(np.asarray(current_learning_rate(state.opt_state)))
+            per_step[f"step_{term}"].append(metrics[term])
+        per_step["step_lr"].append(metrics["learning_rate"])
         per_step["step_beta1"].append(np.asarray(state.opt_state.hyperparams["b1"]))
 
+    state = run.parallel.get_state(state)
     adam = _adam_moments(state.opt_state)
     out = {k: np.stack(v) for k, v in per_step.items()}
     out |= _torch_named("student", state.params["student"], state.batch_stats)
@@ -488,6 +466,39 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
             "z_v2": np.asarray(state.memory.z_teacher),
             "adam_step": np.asarray(adam.count)}
     return out
+
+
+def _train_steps_settings(d: Arrays):
+    """The run settings of a `train_steps` file: the reference protocol at its sizes."""
+    from crckd_jax.models.densenet import DenseNetConfig
+    from crckd_jax.models.presets import DENSENET_PRESETS
+    from crckd_jax.settings import Settings
+
+    network = DenseNetConfig(int(d["growth_rate"]), tuple(d["block_config"]),
+                             int(d["num_init_features"]), int(d["bn_size"]))
+    names = [name for name, preset in DENSENET_PRESETS.items() if preset == network]
+    if not names:
+        raise ValueError(f"the file's network {network} is none of {list(DENSENET_PRESETS)}")
+    s = Settings()
+    r = dataclasses.replace
+    return r(
+        s, seed=0,
+        data=r(s.data, image_size=int(d["image_size"])),
+        model=r(s.model, name=names[0], hidden_dim=int(d["hidden_dim"]),
+                bn_group_size=int(d["batch_size"]) // int(d["bn_groups"]),
+                reference_double_bn_update=True),
+        train=r(s.train, epochs=int(d["epochs"]), steps_per_epoch=int(d["steps_per_epoch"]),
+                batch_size=int(d["batch_size"]), ema_decay=float(d["ema_decay"]),
+                teacher_bn="train", teacher_rotate=False,  # the file's view comes rotated
+                matmul_precision="highest"),
+        memory=r(s.memory, kind="bank", embed_dim=int(d["feat_dim"]),
+                 num_positives=int(d["nce_p"]), num_negatives=int(d["nce_k"]),
+                 temperature=float(d["nce_t"]), momentum=float(d["nce_m"])),
+        loss=r(s.loss, preset="reference", begin_epoch=int(d["begin_epoch"]),
+               ccd_weight=float(d["ccd_weight"]), crp_weight=float(d["crp_weight"]),
+               consistency=float(d["consistency"]), rampup_epochs=int(d["rampup_epochs"])),
+        optim=r(s.optim, max_lr=float(d["max_lr"]), weight_decay=float(d["weight_decay"]),
+                reset_lr_each_epoch=True, learning_rate=float(d["base_lr"])))
 
 
 def train_steps_key_kind(key: str) -> str:
@@ -608,7 +619,7 @@ def check(file: str, ref: Arrays) -> list[Row]:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m crckd_jax.parity FILE.npz [FILE.npz ...]", file=sys.stderr)
+        print("usage: python -m tools.parity FILE.npz [FILE.npz ...]", file=sys.stderr)
         return 2
     rows = []
     for path in argv:

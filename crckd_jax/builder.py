@@ -1,0 +1,195 @@
+"""Building a run from its settings and a description of its data, without the data.
+
+`build_run(settings, data)` returns the networks, the optimizer, the state's creation (and
+its traced shapes) and the compiled train and eval steps of one fold. Training, evaluation,
+export, cross-validation, the benchmarks and the parity check of the train step all build
+their step here, so what a benchmark times is the program the trainer runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from crckd_jax import losses
+from crckd_jax.data.pipeline import steps_per_pass
+from crckd_jax.errors import ConfigError
+from crckd_jax.memory import BankMemory, QueueMemory
+from crckd_jax.models.batch_norm import BatchNormSettings
+from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.models.networks import Networks
+from crckd_jax.models.torch_import import import_densenet, load_state_dict
+from crckd_jax.optim import current_learning_rate, make_optimizer
+from crckd_jax.parallel import AXIS, DataParallel
+from crckd_jax.settings import Settings
+from crckd_jax.state import TrainState, create_train_state
+from crckd_jax.step import StepConfig, eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDescription:
+    """What building a run needs to know of its data.
+
+    class_names: the C classes, in label order. train_labels: int [N] the class of every
+    training item of the fold, in data set index order (the bank memory has one row per
+    item; class counts and the epoch length follow from it).
+    """
+
+    class_names: tuple[str, ...]
+    train_labels: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """[C] int64 training items per class."""
+        return np.bincount(self.train_labels, minlength=self.num_classes)
+
+    @classmethod
+    def from_counts(cls, counts) -> "DataDescription":
+        """Classes '0' .. 'C-1' with `counts[c]` training items each, sorted by class."""
+        labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+        return cls(tuple(str(c) for c in range(len(counts))), labels)
+
+
+@dataclasses.dataclass
+class Run:
+    """The built run of one fold: networks, optimizer, state and compiled steps.
+
+    train_step(state, batch) -> (state, metrics incl. 'learning_rate'), compiled for every
+    device (`DataParallel`); eval_step[use_teacher](state, {'image'}) -> per-example
+    'probs' [B, C], 'features' [B, F].
+    """
+
+    settings: Settings
+    data: DataDescription
+    networks: Networks
+    optimizer: optax.GradientTransformation
+    parallel: DataParallel
+    steps_per_epoch: int
+    total_steps: int
+    create_state: Callable[[], TrainState]  # a fresh random state, in one compiled call
+    train_step: Callable
+    eval_step: dict[bool, Callable]
+
+    @functools.cached_property
+    def initial_state(self) -> TrainState:
+        """The state a new run starts from (with `model.pretrained`'s backbone, if any).
+        Created on first use: a resumed run restores into `abstract_state()` instead."""
+        state = self.create_state()
+        if self.settings.model.pretrained not in ("", "none"):
+            state = _with_pretrained(state, self.networks.network,
+                                     self.settings.model.pretrained)
+        return state
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and replicated shardings (a checkpoint's restore
+        target), traced from the initialisation, not computed."""
+        return self.parallel.abstract_state(jax.eval_shape(self.create_state))
+
+
+def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto",
+              devices=None) -> Run:
+    """The run of `settings` on data described by `data`, compiled for `devices` (default:
+    every device of every process). `kernels`: the model's layer implementations
+    (`crckd_jax.models.kernels`). ConfigError when the batch does not fit the devices."""
+    parallel = DataParallel(settings.parallel.backend, devices)
+    _check_batch_layout(settings.train.batch_size, settings.model.bn_group_size,
+                        parallel.num_devices)
+    networks = _networks(settings, data.num_classes, kernels)
+    train = settings.train
+    steps_per_epoch = train.steps_per_epoch or steps_per_pass(
+        len(data.train_labels), train.batch_size, train.keep_partial_batch)
+    total_steps = steps_per_epoch * train.epochs
+    opt = settings.optim
+    optimizer = make_optimizer(
+        total_steps, max_lr=opt.max_lr, weight_decay=opt.weight_decay,
+        reset_lr_every=steps_per_epoch if opt.reset_lr_each_epoch else 0,
+        reset_lr=opt.learning_rate)
+    size = settings.data.image_size
+    memory = settings.memory
+    if memory.kind == "queue":
+        make_memory = functools.partial(QueueMemory.create, num_classes=data.num_classes,
+                                        capacity=memory.queue_size, dim=memory.embed_dim)
+    else:
+        make_memory = functools.partial(BankMemory.create, train_labels=data.train_labels,
+                                        num_classes=data.num_classes, dim=memory.embed_dim)
+    create_state = functools.partial(create_train_state, jax.random.key(settings.seed),
+                                     networks, optimizer, make_memory, (size, size, 3))
+    step_config = StepConfig.from_settings(settings, steps_per_epoch=steps_per_epoch,
+                                           axis_name=AXIS)
+    train_fn = make_train_step(networks, optimizer, losses.class_weights(data.class_counts),
+                               step_config)
+    precision = train.matmul_precision
+
+    def train_with_lr(state, batch):
+        with matmul_precision(precision):
+            new_state, out = train_fn(state, batch)
+        return new_state, {**out, "learning_rate": current_learning_rate(new_state.opt_state)}
+
+    def eval_fn(state, batch, use_teacher):
+        with matmul_precision(precision):
+            return eval_step(state, batch, model=networks.network, use_teacher=use_teacher)
+
+    compiled_eval = {
+        teacher: parallel.compile(functools.partial(eval_fn, use_teacher=teacher),
+                                  donate_state=False, sharded_outputs=True)
+        for teacher in (False, True)}
+    return Run(settings, data, networks, optimizer, parallel, steps_per_epoch, total_steps,
+               create_state, parallel.compile(train_with_lr), compiled_eval)
+
+
+def _check_batch_layout(batch: int, group: int, num_devices: int) -> None:
+    if batch % num_devices:
+        raise ConfigError(f"config key 'train.batch_size' is {batch}: expected a multiple of "
+                          f"the {num_devices} devices")
+    per_device = batch // num_devices
+    if group and per_device % group:
+        raise ConfigError(
+            f"config key 'model.bn_group_size' is {group}: expected a divisor of the "
+            f"per-device batch ({batch} / {num_devices} devices = {per_device}); BatchNorm "
+            "groups cannot span devices")
+
+
+def _networks(settings: Settings, num_classes: int, kernels: str) -> Networks:
+    model = settings.model
+    bn = BatchNormSettings(axis_name=AXIS if settings.parallel.sync_batch_norm else None,
+                           group_size=model.bn_group_size)
+    network = CRCKDNet(densenet_config(model.name), num_classes, hidden_dim=model.hidden_dim,
+                       dtype=settings.train.compute_dtype, bn=bn, kernels=kernels,
+                       double_update_until_block=3 if model.reference_double_bn_update else 0)
+    return Networks(network, embed_dim=settings.memory.embed_dim)
+
+
+def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainState:
+    """Student and teacher backbones from a torchvision DenseNet checkpoint; each keeps its
+    own freshly initialised head (the reference builds both networks from the checkpoint)."""
+    state_dict = load_state_dict(path)
+    load = lambda params, stats: import_densenet(  # noqa: E731
+        state_dict, {"params": params, "batch_stats": stats}, name=f"model {model.config}")
+    student = load(state.params["student"], state.batch_stats)
+    # Copied: both imports may wrap the same checkpoint arrays, and the step donates the
+    # state (a buffer shared by two leaves would be donated twice).
+    teacher = jax.tree.map(jnp.copy, load(state.ema_params, state.ema_batch_stats))
+    return state.replace(
+        params={**state.params, "student": student["params"]},
+        batch_stats=student["batch_stats"], ema_params=teacher["params"],
+        ema_batch_stats=teacher["batch_stats"])
+
+
+def matmul_precision(precision: str):
+    """The context that traces a step at `train.matmul_precision`: 'default' leaves float32
+    convolutions and matrix products to XLA (TF32 on recent NVIDIA GPUs), 'highest' asks
+    for full float32 on every backend."""
+    if precision == "default":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)

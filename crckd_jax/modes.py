@@ -1,0 +1,41 @@
+"""What each `--mode` does with a run's settings and its run folder.
+
+prepare, train and cv write the run folder and hold its lock (process 0); eval, predict and
+export read a trained run and write only their own results.
+"""
+
+from __future__ import annotations
+
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.settings import Settings
+
+MODES = ("prepare", "train", "eval", "cv", "predict", "export")
+
+
+def run(mode: str, settings: Settings, folder: RunFolder,
+        allow_config_change: bool = False) -> None:
+    """Runs `mode` (one of MODES) on `folder`."""
+    # Imported here so that a bad flag or config fails before JAX starts.
+    import jax
+
+    from crckd_jax import cv, evaluate, inference, predict, train
+    from crckd_jax.data import prepare
+
+    if mode == "eval" and settings.eval.input:
+        predict.evaluate_input(settings, folder)
+    elif mode == "eval":
+        evaluate.evaluate_checkpoint(settings, folder)
+    elif mode == "predict":
+        predict.predict(settings, folder)
+    elif mode == "export":
+        inference.export(folder.root, teacher=settings.export.teacher,
+                         checkpoint=settings.export.checkpoint)
+    else:
+        with folder.lock(mode, enabled=jax.process_index() == 0):
+            if mode == "prepare":
+                prepare.prepare(settings, folder.root)
+            elif mode == "train":
+                train.train_and_evaluate(settings, folder,
+                                         allow_config_change=allow_config_change)
+            else:
+                cv.run_cv(settings, folder, allow_config_change=allow_config_change)

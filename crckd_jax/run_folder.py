@@ -1,0 +1,139 @@
+"""The folder of one run (`--workdir W`): where every file of every mode lives.
+
+    W/run.lock                  the lock of the run writing W (`runlock`)
+    W/config.json               the settings the run was started with
+    W/checkpoints/<step>/       orbax checkpoints (`checkpoint.Checkpointer`)
+    W/best_checkpoint/<step>/   the best validation epoch's checkpoint
+    W/metrics.jsonl, W/tensorboard/, W/summary.json, W/report/
+    W/export/                   `--mode export`; W/eval.json, W/eval_input.json,
+                                W/predictions.csv: eval and predict
+    W/fold_<k>/                 `--mode cv`: one run folder per fold, data in W
+
+The prepared data set and folds live in `data_dir` (W itself, or the cv folder above a fold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from crckd_jax.config import flatten
+from crckd_jax.errors import ConfigChanged, ConfigError, StorageError
+from crckd_jax.runlock import WorkdirLock
+from crckd_jax.settings import Settings
+
+# Keys that may differ between a run and its resumption: they change how the run is logged,
+# checkpointed, read or evaluated, not what it computes. A change of any other key stops
+# the resumption (`RunFolder.check_resumable`) unless the command line says
+# `--allow_config_change`.
+RESUME_FREE_KEYS = frozenset({
+    "train.log_every_steps", "train.keep_checkpoints", "train.checkpoint_every_steps",
+    "train.compilation_cache_dir", "train.eval_teacher", "train.write_report",
+    "data.read_threads", "data.prefetch_batches", "data.device_prefetch", "data.worker_count",
+    "data.build_threads", "data.folds",
+    "predict.input", "predict.image_column", "eval.input", "eval.image_column",
+    "eval.label_column", "export.teacher", "export.checkpoint",
+})
+
+CONFIG_FILE = "config.json"
+
+
+class RunFolder:
+    """The paths of a run folder and the files every mode reads and writes in it."""
+
+    def __init__(self, root: str, data_dir: str | None = None):
+        self.root = root
+        self.data_dir = data_dir or root
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.path("checkpoints")
+
+    @property
+    def best_checkpoint(self) -> str:
+        return self.path("best_checkpoint")
+
+    @property
+    def config_file(self) -> str:
+        return self.path(CONFIG_FILE)
+
+    @property
+    def export(self) -> str:
+        return self.path("export")
+
+    def fold(self, k: int) -> "RunFolder":
+        """The run folder of cv fold `k` (its data: this folder's)."""
+        return RunFolder(self.path(f"fold_{k}"), data_dir=self.root)
+
+    def lock(self, mode: str, enabled: bool = True) -> WorkdirLock:
+        """The lock held while `mode` writes this folder (`enabled`: process 0)."""
+        return WorkdirLock(self.root, mode, enabled=enabled)
+
+    def has_checkpoints(self) -> bool:
+        return os.path.isdir(self.checkpoints) and any(
+            p.isdigit() for p in os.listdir(self.checkpoints))
+
+    def read_config(self) -> dict | None:
+        """The settings dict of config.json, None when there is none."""
+        if not os.path.exists(self.config_file):
+            return None
+        try:
+            with open(self.config_file) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the run's config {self.config_file}: {e}") from None
+
+    def write_config(self, settings: Settings) -> None:
+        """Writes config.json atomically (a complete file or the previous one)."""
+        self.write_json(CONFIG_FILE, settings.to_dict(), sort_keys=True)
+
+    def write_json(self, name: str, value: Any, sort_keys: bool = False) -> str:
+        """Writes `value` to `<root>/<name>` atomically; StorageError naming the file."""
+        path = self.path(name)
+        return _storage(lambda: _write_json(path, value, sort_keys), path)
+
+    def check_resumable(self, settings: Settings, allow: bool,
+                        log: Callable[[str], None]) -> None:
+        """ConfigChanged when the folder has checkpoints and a config.json whose
+        computation-changing keys (all but RESUME_FREE_KEYS) differ from `settings`, listing
+        each key with its old and new value (a warning when `allow`)."""
+        old = self.read_config() if self.has_checkpoints() else None
+        if old is None:
+            return
+        before, after, missing = flatten(old), flatten(settings.to_dict()), object()
+        changes = [(k, before.get(k, missing), after.get(k, missing))
+                   for k in sorted(set(before) | set(after)) if k not in RESUME_FREE_KEYS
+                   and before.get(k, missing) != after.get(k, missing)]
+        if not changes:
+            return
+        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+        if allow:
+            log(f"warning: resuming with a changed config (--allow_config_change): {listing}")
+            return
+        raise ConfigChanged(
+            f"the config differs from the one this run was started with "
+            f"({self.config_file}) in {len(changes)} key(s) that change the computation: "
+            f"{listing}. Resume with the same config, use a new --workdir, or pass "
+            "--allow_config_change to resume with the new values")
+
+
+def _write_json(path: str, value: Any, sort_keys: bool) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=sort_keys)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _storage(write: Callable[[], Any], path: str) -> Any:
+    """`write()`, an OSError of which becomes StorageError naming `path`."""
+    try:
+        return write()
+    except OSError as e:
+        raise StorageError(f"cannot write {getattr(e, 'filename', None) or path}: "
+                           f"{e.strerror or e}") from None
