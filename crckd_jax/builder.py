@@ -24,6 +24,7 @@ from crckd_jax.errors import ConfigError
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.batch_norm import BatchNormSettings
 from crckd_jax.models.densenet import CRCKDNet, densenet_config
+from crckd_jax.models.kernels import resolve_kernels
 from crckd_jax.models.networks import Networks
 from crckd_jax.models.torch_import import import_densenet, load_state_dict
 from crckd_jax.optim import current_learning_rate, make_optimizer
@@ -91,6 +92,24 @@ class Run:
                                      self.settings.model.pretrained)
         return state
 
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of one global training batch as the input pipeline delivers it
+        (`data.augment='device'`): image uint8 [B, S, S, 3], label and index int32 [B], and
+        with `train.keep_partial_batch` mask bool [B]; split over the devices (`pmap`:
+        [devices, B / devices, ...])."""
+        batch, size = self.settings.train.batch_size, self.settings.data.image_size
+        fields = {"image": ((size, size, 3), jnp.uint8), "label": ((), jnp.int32),
+                  "index": ((), jnp.int32)}
+        if self.settings.train.keep_partial_batch:
+            fields["mask"] = ((), jnp.bool_)
+        if self.parallel.backend == "pmap":
+            n = self.parallel.num_devices
+            return {k: jax.ShapeDtypeStruct((n, batch // n, *shape), dtype)
+                    for k, (shape, dtype) in fields.items()}
+        sharding = self.parallel.batch_sharding
+        return {k: jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding)
+                for k, (shape, dtype) in fields.items()}
+
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and replicated shardings (a checkpoint's restore
         target), traced from the initialisation, not computed."""
@@ -103,9 +122,13 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
     every device of every process). `kernels`: the model's layer implementations
     (`crckd_jax.models.kernels`). ConfigError when the batch does not fit the devices."""
     parallel = DataParallel(settings.parallel.backend, devices)
+    # 'auto' resolved for the devices compiled for (not the default backend: a program
+    # compiled here for an accelerator this machine lacks gets the accelerator's layers).
+    kernels = resolve_kernels(kernels, parallel.mesh.devices.flat[0].platform)
     _check_batch_layout(settings.train.batch_size, settings.model.bn_group_size,
                         parallel.num_devices)
-    networks = _networks(settings, data.num_classes, kernels)
+    networks = Networks(network(settings, data.num_classes, kernels),
+                        embed_dim=settings.memory.embed_dim)
     train = settings.train
     steps_per_epoch = train.steps_per_epoch or steps_per_pass(
         len(data.train_labels), train.batch_size, train.keep_partial_batch)
@@ -160,14 +183,15 @@ def _check_batch_layout(batch: int, group: int, num_devices: int) -> None:
             "groups cannot span devices")
 
 
-def _networks(settings: Settings, num_classes: int, kernels: str) -> Networks:
+def network(settings: Settings, num_classes: int, kernels: str = "auto") -> CRCKDNet:
+    """The student's (and teacher's) network of `settings` for `num_classes` classes, its
+    BatchNorm as the step runs it (groups, synchronised statistics, the double update)."""
     model = settings.model
     bn = BatchNormSettings(axis_name=AXIS if settings.parallel.sync_batch_norm else None,
                            group_size=model.bn_group_size)
-    network = CRCKDNet(densenet_config(model.name), num_classes, hidden_dim=model.hidden_dim,
-                       dtype=settings.train.compute_dtype, bn=bn, kernels=kernels,
-                       double_update_until_block=3 if model.reference_double_bn_update else 0)
-    return Networks(network, embed_dim=settings.memory.embed_dim)
+    return CRCKDNet(densenet_config(model.name), num_classes, hidden_dim=model.hidden_dim,
+                    dtype=settings.train.compute_dtype, bn=bn, kernels=kernels,
+                    double_update_until_block=3 if model.reference_double_bn_update else 0)
 
 
 def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainState:

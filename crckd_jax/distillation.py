@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from crckd_jax import losses
+from crckd_jax.collectives import all_gather, pmean, psum
 from crckd_jax.memory import Memory
 from crckd_jax.settings import MemorySettings
 
@@ -58,20 +59,6 @@ class CcdCrpOutput(NamedTuple):
     centroids_t: jax.Array
 
 
-def _gather(x, axis_name):
-    if axis_name is None:
-        return x
-    return jax.lax.all_gather(x, axis_name, tiled=True)
-
-
-def _pmean(x, axis_name):
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
 def normalise_scores(u, z, num_rows, z_momentum, axis_name=None, mask=None):
     """Z-normalised scores `u / Z` and the new Z; Z = M * mean(u) when unset (< 0).
 
@@ -79,10 +66,10 @@ def normalise_scores(u, z, num_rows, z_momentum, axis_name=None, mask=None):
     None). Z is a constant for autodiff.
     """
     if mask is None:
-        mean = _pmean(jnp.mean(u), axis_name)
+        mean = pmean(jnp.mean(u), axis_name)
     else:
         total = jnp.sum(jnp.where(mask[:, None], u, 0.0))
-        mean = _psum(total, axis_name) / (_psum(jnp.sum(mask), axis_name) * u.shape[1])
+        mean = psum(total, axis_name) / (psum(jnp.sum(mask), axis_name) * u.shape[1])
     estimate = jax.lax.stop_gradient(num_rows * mean)
     tracked = z_momentum * z + (1.0 - z_momentum) * estimate if z_momentum else z
     z_new = jnp.where(z < 0, estimate, tracked).astype(jnp.float32)
@@ -122,7 +109,7 @@ def ccd_crp(
     share of the mean over the unmasked items of all devices, and only those items are
     written to the memory.
     """
-    count = None if mask is None else _psum(jnp.sum(mask).astype(jnp.float32), axis_name)
+    count = None if mask is None else psum(jnp.sum(mask).astype(jnp.float32), axis_name)
     rows_s, rows_t = memory.rows()
     u_s = contrast_scores(rows_t, embed_s, contrast_idx, config.temperature)
     u_t = contrast_scores(rows_s, embed_t, contrast_idx, config.temperature)
@@ -136,12 +123,12 @@ def ccd_crp(
     loss_t = losses.nce_loss(out_t, config.num_positives, noise, mask, count)
 
     new_memory = memory.replace(z_student=z_s, z_teacher=z_t).update(
-        _gather(jax.lax.stop_gradient(embed_s), axis_name),
-        _gather(jax.lax.stop_gradient(embed_t), axis_name),
-        _gather(labels, axis_name),
-        _gather(index, axis_name),
+        all_gather(jax.lax.stop_gradient(embed_s), axis_name),
+        all_gather(jax.lax.stop_gradient(embed_t), axis_name),
+        all_gather(labels, axis_name),
+        all_gather(index, axis_name),
         config.momentum,
-        None if mask is None else _gather(mask, axis_name),
+        None if mask is None else all_gather(mask, axis_name),
     )
     cent_s, cent_t = new_memory.centroids()
     loss_crp = losses.crp_loss(embed_s, embed_t, cent_s, cent_t, config.temperature, mask,

@@ -30,11 +30,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from crckd_jax import builder
 from crckd_jax.checkpoint import Checkpointer, restore_read_only
 from crckd_jax.data import augment as host_augment
 from crckd_jax.data import sources
 from crckd_jax.errors import CheckpointUnavailable
-from crckd_jax.models.densenet import CRCKDNet, densenet_config
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
 from crckd_jax.step import classify
@@ -135,14 +135,9 @@ def load_model(path: str, teacher: bool = False, checkpoint: str | None = None,
     return _model(run.settings, run.class_names, run.teacher if teacher else run.student)
 
 
-def _network(settings: Settings, num_classes: int) -> CRCKDNet:
-    return CRCKDNet(densenet_config(settings.model.name), num_classes,
-                    hidden_dim=settings.model.hidden_dim, dtype=settings.train.compute_dtype)
-
-
 def _model(settings: Settings, class_names: Sequence[str],
            variables: dict) -> Model:
-    network = _network(settings, len(class_names))
+    network = builder.network(settings, len(class_names))
     probabilities = jax.jit(lambda v, images: classify(network, v, images)["probs"])
     return Model(tuple(class_names), settings.data.image_size, settings.data.stored_side,
                  variables, probabilities)
@@ -173,7 +168,7 @@ def _from_export(folder: str, teacher: bool) -> Model:
         flat = load_file(weights)
     except (OSError, SafetensorError) as e:
         raise CheckpointUnavailable(f"cannot read {weights}: {e}") from None
-    network = _network(settings, len(class_names))
+    network = builder.network(settings, len(class_names))
     size = settings.data.image_size
     expected = jax.eval_shape(lambda: network.init(
         jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=False))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from crckd_jax import augment, losses, teacher
+from crckd_jax.collectives import of_first_device, psum
 from crckd_jax.distillation import ContrastConfig, ccd_crp
 from crckd_jax.models.densenet import CRCKDNet
 from crckd_jax.models.networks import Networks
@@ -76,17 +77,6 @@ class StepConfig(NamedTuple):
             running_stats_of_first_device=bool(settings.model.bn_group_size),
             axis_name=axis_name,
         )
-
-
-def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def _of_first_device(tree, axis_name):
-    """Every leaf as it is on device 0 of `axis_name`, on all devices."""
-    first = jax.lax.axis_index(axis_name) == 0
-    return jax.tree.map(lambda x: jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)),
-                                               axis_name), tree)
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
@@ -148,8 +138,8 @@ def train_step(
     weights = loss_weights(config.loss, epoch)
     # ccd_crp's losses are this device's batch means, or with a mask already its share of
     # the global mean
-    num_devices = _psum(1, axis) if mask is None else 1
-    weight_sum = _psum(jnp.sum(losses.item_weights(class_weight, labels, mask)), axis)
+    num_devices = psum(1, axis) if mask is None else 1
+    weight_sum = psum(jnp.sum(losses.item_weights(class_weight, labels, mask)), axis)
 
     def loss_fn(params):
         out_s, updated = networks.network.apply(
@@ -173,12 +163,12 @@ def train_step(
         return total, (terms | extras, updated["batch_stats"], memory)
 
     grads, (terms, batch_stats, memory) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = _psum(grads, axis)
+    grads = psum(grads, axis)
     if axis is not None:
         # Per-device BatchNorm statistics (unless the model synchronises them) leave
         # per-device running statistics; their mean (or the first device's) keeps the
         # state replicated.
-        combine = _of_first_device if config.running_stats_of_first_device else jax.lax.pmean
+        combine = of_first_device if config.running_stats_of_first_device else jax.lax.pmean
         batch_stats = combine(batch_stats, axis)
         ema_batch_stats = combine(ema_batch_stats, axis)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -188,7 +178,7 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, ema_params=ema_params,
         ema_batch_stats=ema_batch_stats, opt_state=opt_state, memory=memory)
-    terms = _psum(terms, axis)
+    terms = psum(terms, axis)
     metrics = {
         "loss": sum(weights[k] * terms[k] for k in weights),
         **terms,

@@ -1,4 +1,5 @@
-"""The benchmark tools: step_time.py's variants and profile parser, the GPU check driver."""
+"""The benchmark tools: step_time.py's variants and profile parser, the GPU check driver, the
+deviceless report."""
 
 import json
 import pathlib
@@ -287,3 +288,46 @@ def test_the_step_benchmark_times_the_program_the_trainer_runs(monkeypatch):
         {k: v for k, v in batches[0].items() if k not in ("image_student", "image_teacher")})
     program = lambda run: run.train_step.lower(run.abstract_state(), batch).as_text()  # noqa: E731
     assert program(trained.run) == program(benchmark)
+
+
+# ----------------------------------------------------------------------------- deviceless
+
+def test_program_stats_count_kernels_in_loop_bodies_and_the_bytes_they_move():
+    """A scan of 3 matmul + relu steps: its while body is walked once (the fused dot
+    counted), free instructions are not kernels, and the bytes are those of the kernels'
+    operands and results as printed."""
+    import jax
+    import jax.numpy as jnp
+
+    import hlo_report
+
+    def scanned(x, w):
+        return jax.lax.scan(lambda c, _: (jax.nn.relu(c @ w), None), x, None,
+                            length=3)[0].sum(0)
+
+    text = jax.jit(scanned).lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text()
+    stats = hlo_report.program_stats(text)
+    assert stats.num_kernels >= 2 and not stats.collectives
+    assert not {"parameter", "tuple", "get-tuple-element", "while"} & set(stats.kernels)
+    assert any("dot" in k or "ynn" in k or "gemm" in k for k in stats.kernels), stats.kernels
+    assert hlo_report.shape_bytes("(f32[8,16]{1,0}, bf16[4]{0}, pred[])") == 8 * 16 * 4 + 8 + 1
+    # At least the matmul's operands and its result.
+    assert stats.hbm_bytes >= (8 * 16 + 16 * 16 + 8 * 16) * 4
+
+
+def test_deviceless_report_compiles_the_trainers_programs(capsys):
+    """`deviceless.py --target cpu` (the report without an accelerator plugin) compiles the
+    train and eval steps the builder makes and ends each with its RESULT line."""
+    import deviceless
+
+    results = deviceless.main([
+        "--target", "cpu", "--program", "train_step,eval_step", "--model", "densenet_tiny",
+        "--image-size", "32", "--batch-size", "4", "--num-items", "40",
+        "--num-positives", "2", "--num-negatives", "8", "--embed-dim", "16"])
+    out = capsys.readouterr().out
+    assert [r["program"] for r in results] == ["train_step", "eval_step"]
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert [line.split()[2] for line in lines] == ["program=train_step", "program=eval_step"]
+    train, evaluation = results
+    assert train["kernels"] > evaluation["kernels"] > 10
+    assert train["hbm_gib"] > evaluation["hbm_gib"] > 0

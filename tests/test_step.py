@@ -272,9 +272,9 @@ def test_masked_padding_changes_nothing(kind, groups):
 def test_running_statistics_of_the_first_device_reach_every_device():
     """`running_stats_of_first_device`: every device gets device 0's values (the
     reference's DataParallel keeps the first GPU's buffers), not their mean."""
-    from crckd_jax.step import _of_first_device
+    from crckd_jax.collectives import of_first_device
 
     tree = {"mean": jnp.arange(12.0).reshape(4, 3), "var": jnp.arange(4.0) + 1}
-    out = jax.vmap(lambda t: _of_first_device(t, "d"), axis_name="d")(tree)
+    out = jax.vmap(lambda t: of_first_device(t, "d"), axis_name="d")(tree)
     np.testing.assert_array_equal(out["mean"], np.tile(np.arange(3.0), (4, 1)))
     np.testing.assert_array_equal(out["var"], np.ones(4))

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from crckd_jax.collectives import psum
 from crckd_jax.models.kernels import resolve_kernels
 
 
@@ -168,10 +169,6 @@ class BatchNormSettings:
                          group_size=self.group_size, name=name)
 
 
-def _psum(x, axis_name):
-    return x if axis_name is None else lax.psum(x, axis_name)
-
-
 def _global_count(shape, axis_name) -> int:
     """Values per channel of x [..., C] over all devices of `axis_name` (a Python int:
     psum of a Python number is static)."""
@@ -184,8 +181,8 @@ def _batch_stats(x, axis_name):
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     count = _global_count(x.shape, axis_name)
-    mean = _psum(jnp.sum(x32, axis=axes), axis_name) / count
-    sq_dev_sum = _psum(jnp.sum(jnp.square(x32 - mean), axis=axes), axis_name)
+    mean = psum(jnp.sum(x32, axis=axes), axis_name) / count
+    sq_dev_sum = psum(jnp.sum(jnp.square(x32 - mean), axis=axes), axis_name)
     return x32, count, mean, sq_dev_sum
 
 
@@ -216,13 +213,13 @@ def batch_norm_train_masked(x, weight, scale, bias, epsilon, axis_name, dtype,
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     per_item = math.prod(x.shape[1:-1])
-    count = _psum(jnp.sum(weight) * per_item, axis_name)
+    count = psum(jnp.sum(weight) * per_item, axis_name)
     empty = count == 0
     weight = jnp.where(empty, jnp.ones_like(weight), weight)
     w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
-    used = jnp.where(empty, _psum(jnp.float32(x.shape[0] * per_item), axis_name), count)
-    mean = _psum(jnp.sum(w * x32, axis=axes), axis_name) / used
-    sq_dev_sum = _psum(jnp.sum(w * jnp.square(x32 - mean), axis=axes), axis_name)
+    used = jnp.where(empty, psum(jnp.float32(x.shape[0] * per_item), axis_name), count)
+    mean = psum(jnp.sum(w * x32, axis=axes), axis_name) / used
+    sq_dev_sum = psum(jnp.sum(w * jnp.square(x32 - mean), axis=axes), axis_name)
     inv = lax.rsqrt(sq_dev_sum / used + epsilon)
     y = ((x32 - mean) * (scale * inv) + bias).astype(dtype)
     out = (y, lax.stop_gradient(mean), lax.stop_gradient(sq_dev_sum))
@@ -258,7 +255,7 @@ def _bn_bwd(epsilon, axis_name, dtype, residuals, cotangents):
     # This device's sums; the input gradient needs those of the whole (global) batch.
     d_bias = jnp.sum(dy, axis=axes)
     d_scale = jnp.sum(dy * centred, axis=axes) * inv
-    g_bias, g_scale = _psum(d_bias, axis_name), _psum(d_scale, axis_name)
+    g_bias, g_scale = psum(d_bias, axis_name), psum(d_scale, axis_name)
     # dx = scale * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = centred * inv.
     a = scale * inv
     dx = dy * a - centred * (a * inv * g_scale / count) - a * g_bias / count

@@ -14,11 +14,12 @@ import jax
 KERNELS = ("auto", "cpu", "standard")
 
 
-def resolve_kernels(kernels: str) -> str:
-    """``'cpu'`` or ``'standard'``: ``kernels`` itself, or for ``'auto'`` the choice for JAX's
-    default backend (``'cpu'`` on the CPU, ``'standard'`` on GPU and TPU)."""
+def resolve_kernels(kernels: str, platform: str | None = None) -> str:
+    """``'cpu'`` or ``'standard'``: ``kernels`` itself, or for ``'auto'`` the choice for the
+    platform the program is compiled for (default: JAX's default backend): ``'cpu'`` on the
+    CPU, ``'standard'`` on GPU and TPU."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; expected one of {KERNELS}")
     if kernels == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "standard"
+        return "cpu" if (platform or jax.default_backend()) == "cpu" else "standard"
     return kernels

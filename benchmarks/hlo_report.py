@@ -1,0 +1,124 @@
+"""What an optimized XLA program launches: kernels by kind, the bytes they move, collectives.
+
+`program_stats(hlo_text)` reads the text of a compiled executable (`compiled.as_text()`) and
+counts, over the entry computation and the computations it runs through `while`,
+`conditional` and `call` (each once: a loop body is not multiplied by its trip count),
+every instruction that is a kernel launch (a fusion, a library
+call such as a cuDNN convolution or a cuBLAS GEMM, a copy, a collective, an unfused op);
+free instructions (parameters, constants, tuples, bitcasts, control flow) are not kernels.
+Bytes per kernel are its operands plus its results, the shapes as printed: an upper bound of
+what a kernel reads from and writes to device memory (a kernel that reads a slice of an
+operand reads less; a fusion's inputs are read once however often it uses them).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+# Bytes per element of XLA's primitive types.
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+         "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
+         "add-dependency", "domain"}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute", "collective-broadcast")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape such as `f32[64,128]{1,0}` or a tuple of them."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += count * _DTYPE_BYTES[dtype]
+    return total
+
+
+@dataclasses.dataclass
+class ProgramStats:
+    """kernels: launches by kind; hbm_bytes: operands + results of all kernels (upper bound);
+    collectives: collective ops by kind; collective_bytes: their results' bytes."""
+
+    kernels: collections.Counter
+    hbm_bytes: float
+    collectives: collections.Counter
+    collective_bytes: float
+
+    @property
+    def num_kernels(self) -> int:
+        return sum(self.kernels.values())
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines}, and '__entry__' -> the entry's name."""
+    out, name, entry = {}, None, None
+    for line in text.splitlines():
+        match = _COMPUTATION.match(line)
+        if match:
+            name = match.group(2)
+            out[name] = []
+            if match.group(1):
+                entry = name
+        elif name is not None and line.strip() == "}":
+            name = None
+        elif name is not None:
+            out[name].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    out["__entry__"] = [entry]
+    return out
+
+
+def _kind(name: str, opcode: str, rest: str) -> str:
+    """A kernel's kind: a fusion's name without numeric suffixes (`loop_add_fusion.3` ->
+    `loop_add_fusion`), a custom call's target (`__cudnn$convForward`), else the opcode."""
+    if opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        return target.group(1) if target else "custom-call"
+    if opcode == "fusion":
+        return re.sub(r"(\.\d+|_\d+)+$", "", name)
+    return opcode
+
+
+def program_stats(text: str) -> ProgramStats:
+    """The kernels, bytes and collectives of one optimized HLO module (`compiled.as_text()`)."""
+    computations = _computations(text)
+    kernels, collectives = collections.Counter(), collections.Counter()
+    hbm = collective_bytes = 0.0
+    pending, seen = [computations["__entry__"][0]], set()
+    while pending:
+        computation = pending.pop()
+        if computation in seen:
+            continue
+        seen.add(computation)
+        shapes = {}
+        for line in computations[computation]:
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, shape, opcode, rest = match.groups()
+            shapes[name] = shape
+            if opcode in ("while", "conditional", "call"):
+                # the computations it runs: every %name after the operand list
+                pending += re.findall(r"%([\w.-]+)", rest.split(")", 1)[-1])
+            if opcode in _FREE or opcode.endswith("-done"):
+                continue
+            operands = re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])
+            moved = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+            base = opcode.removesuffix("-start")
+            if base in _COLLECTIVES:
+                collectives[base] += 1
+                collective_bytes += shape_bytes(shape)
+            kernels[_kind(name, opcode, rest)] += 1
+            hbm += moved
+    return ProgramStats(kernels, hbm, collectives, collective_bytes)

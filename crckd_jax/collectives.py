@@ -1,0 +1,33 @@
+"""Collectives over an optional named axis, for code written once per device.
+
+With `axis_name=None` (one device, or a reference computation) each is the identity on this
+device's value; otherwise the `jax.lax` collective over that axis (under `shard_map` or
+`pmap`, `crckd_jax.parallel`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def psum(x, axis_name: str | None):
+    """The sum of `x` (a pytree) over the devices of `axis_name`."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def pmean(x, axis_name: str | None):
+    """The mean of `x` (a pytree) over the devices of `axis_name`."""
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def all_gather(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """[B, ...] per device -> [devices * B, ...], the devices' blocks in axis order."""
+    return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def of_first_device(tree, axis_name: str):
+    """Every leaf as it is on device 0 of `axis_name`, on all devices."""
+    first = jax.lax.axis_index(axis_name) == 0
+    return jax.tree.map(lambda x: jax.lax.psum(jnp.where(first, x, jnp.zeros_like(x)),
+                                               axis_name), tree)
