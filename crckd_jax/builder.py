@@ -171,6 +171,21 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
                create_state, parallel.compile(train_with_lr), compiled_eval)
 
 
+def check_before_data(settings: Settings, num_devices: int | None = None) -> None:
+    """The checks of a run that need no data, for before a data set is prepared: the batch
+    splits over the devices (default: all) and into BatchNorm groups, and
+    `model.pretrained` loads and fits the backbone (ConfigError or CheckpointError naming
+    the key or the file)."""
+    _check_batch_layout(settings.train.batch_size, settings.model.bn_group_size,
+                        num_devices or jax.device_count())
+    if settings.model.pretrained not in ("", "none"):
+        net, size = network(settings, num_classes=2), settings.data.image_size
+        template = jax.eval_shape(lambda: net.init(
+            jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+        import_densenet(load_state_dict(settings.model.pretrained), template,
+                        name=f"model {settings.model.name}")
+
+
 def _check_batch_layout(batch: int, group: int, num_devices: int) -> None:
     if batch % num_devices:
         raise ConfigError(f"config key 'train.batch_size' is {batch}: expected a multiple of "

@@ -227,6 +227,8 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
     a config error)."""
     tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
+        if not workdir.strip():
+            raise errors.ConfigError(f"--workdir is {workdir!r}: expected a folder")
         settings = config_lib.to_settings(config)
         if mode in ("train", "cv"):
             config_lib.require_initialisation(settings)

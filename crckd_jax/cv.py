@@ -15,7 +15,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+from crckd_jax.errors import Preempted
 from crckd_jax.metrics import METRIC_KEYS
+from crckd_jax.preemption import StopRequest
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
 from crckd_jax.summary import SUMMARY_VIEWS
@@ -52,21 +54,33 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
     """Trains the folds of `data.folds` in `folder.fold(k)` and writes the summary across
     them; `settings` pass `config.require_initialisation`."""
     summaries = {}
-    for fold in settings.data.folds_to_run():
-        fold_folder = folder.fold(fold)
-        done = fold_folder.path("summary.json")
-        if os.path.exists(done):
-            log(f"fold {fold}: done earlier ({done})")
-            with open(done) as f:
-                summaries[fold] = json.load(f)
-            continue
-        log(f"fold {fold}: training in {fold_folder.root}")
-        summaries[fold] = train_and_evaluate(settings.with_fold(fold), fold_folder, log=log,
-                                             allow_config_change=allow_config_change)
-    result = aggregate(summaries)
-    if jax.process_index() == 0:
-        folder.write_json("cv_summary.json", result)
-        with open(folder.path("cv_summary.md"), "w") as f:
-            f.write(markdown(result))
-        log(markdown(result))
+    with StopRequest() as stop:  # a signal between two folds' runs stops before the next
+        for fold in settings.data.folds_to_run():
+            if stop.signal_name:
+                raise Preempted(f"stopped by {stop.signal_name} before fold {fold}: the folds "
+                                f"before it are done; run the same command again to go on")
+            summaries[fold] = _run_fold(settings, folder, fold, log, allow_config_change)
+        result = aggregate(summaries)
+        if jax.process_index() == 0:
+            folder.write_json("cv_summary.json", result)
+            with open(folder.path("cv_summary.md"), "w") as f:
+                f.write(markdown(result))
+            log(markdown(result))
+    if stop.signal_name:
+        raise Preempted(f"stopped by {stop.signal_name} after the last fold: every fold and "
+                        f"the summary across them are saved in {folder.root}")
     return result
+
+
+def _run_fold(settings: Settings, folder: RunFolder, fold: int, log: Callable[[str], None],
+              allow_config_change: bool) -> dict:
+    """Fold `fold`'s summary: read when the fold is done, else trained (or resumed)."""
+    fold_folder = folder.fold(fold)
+    done = fold_folder.path("summary.json")
+    if os.path.exists(done):
+        log(f"fold {fold}: done earlier ({done})")
+        with open(done) as f:
+            return json.load(f)
+    log(f"fold {fold}: training in {fold_folder.root}")
+    return train_and_evaluate(settings.with_fold(fold), fold_folder, log=log,
+                              allow_config_change=allow_config_change)

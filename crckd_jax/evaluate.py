@@ -15,9 +15,11 @@ from crckd_jax.trainer import load_trained
 
 def evaluate_checkpoint(settings: Settings, folder: RunFolder,
                         log: Callable[[str], None] = print) -> dict:
-    """Metrics of the latest checkpoint on the test (and validation) split -> eval.json."""
-    trainer, state = load_trained(settings, folder, log=log)
-    results = {}
+    """Metrics of the latest checkpoint on the test (and validation) split -> eval.json,
+    with the checkpoint's step."""
+    trainer, state, step = load_trained(settings, folder, log=log)
+    log(f"checkpoint step {step} ({folder.checkpoints})")
+    results = {"checkpoint_step": step}
     for split in trainer.eval_splits:
         out = trainer.evaluate(state, split)
         results[split] = trainer.scores(out)

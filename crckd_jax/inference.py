@@ -211,22 +211,14 @@ def _restore_run(workdir: str, checkpoint: str, log: Callable[[str], None]) -> _
                                     f"{os.path.abspath(directory)}: the run has no "
                                     f"validation split (data.val_fraction)")
     restored = restore_read_only(directory, Checkpointer.single_device_target, workdir, log)
-    settings = Settings.from_dict(restored.meta["config"])
+    try:
+        settings = Settings.from_dict(restored.meta["config"])
+        class_names = list(restored.meta["class_names"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointUnavailable(
+            f"checkpoint step {restored.step} in {directory} does not hold the settings and "
+            f"class names of this version of crckd-jax ({type(e).__name__}: {e})") from None
     state = restored.state
-    return _Run(settings, _class_names(restored.meta, workdir), restored.step,
+    return _Run(settings, class_names, restored.step,
                 {"params": state["params"]["student"], "batch_stats": state["batch_stats"]},
                 {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]})
-
-
-def _class_names(meta: dict, workdir: str) -> list[str]:
-    """The checkpoint's class names; for checkpoints that do not hold them, those of the
-    run's data summary (in the workdir, or for a cv fold in the folder above)."""
-    if "class_names" in meta:
-        return list(meta["class_names"])
-    for folder in (workdir, os.path.dirname(os.path.abspath(workdir))):
-        path = os.path.join(folder, "data_summary.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return list(json.load(f)["class_names"])
-    raise CheckpointUnavailable(f"the checkpoints of {workdir} do not name their classes and "
-                                f"no data_summary.json was found next to them")

@@ -19,6 +19,8 @@ import numpy as np
 
 from crckd_jax.errors import StorageError
 
+_QUEUE = 1 << 20  # TensorBoard events queued for the writer's thread, at most
+
 
 def read_records(path: str) -> list[dict]:
     """All records of a metrics JSONL file (an empty list when it does not exist)."""
@@ -47,12 +49,18 @@ class MetricLogger:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            # Written out every 30 s and at close, not after every record: a flush fsyncs
-            # the event file, ~50 ms on a shared disk, which would stall the training loop.
+            # Flushed after every record (a log period, not a step), so a killed run keeps
+            # its events. The queue to the writer's thread is large enough that a thread
+            # stopped by a write error (a full disk) never blocks the loop or `close`.
             # A resumed run hides the events after its step that an earlier run wrote.
-            self._tb = SummaryWriter(
-                os.path.join(workdir, "tensorboard"), flush_secs=30,
-                purge_step=None if purge_after is None else purge_after + 1)
+            self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+            try:
+                self._tb = SummaryWriter(
+                    self.tensorboard_dir, flush_secs=30, max_queue=_QUEUE,
+                    purge_step=None if purge_after is None else purge_after + 1)
+            except OSError as e:
+                raise StorageError(f"cannot write {self.tensorboard_dir}: {e.strerror or e}"
+                                   ) from None
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (left by a run that was killed after its checkpoint)."""
@@ -79,6 +87,11 @@ class MetricLogger:
         for key, value in record.items():
             if key not in ("split", "step", "model") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        try:
+            self._tb.flush()
+        except OSError as e:
+            raise StorageError(f"cannot write {self.tensorboard_dir}: {e.strerror or e}"
+                               ) from None
 
     def close(self) -> None:
         """Stops the TensorBoard writer's thread (idempotent: every exit path calls it)."""

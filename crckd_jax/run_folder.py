@@ -39,6 +39,16 @@ RESUME_FREE_KEYS = frozenset({
 CONFIG_FILE = "config.json"
 
 
+class _Absent:
+    """A key one of two configs lacks (as it prints in a list of changes)."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
 class RunFolder:
     """The paths of a run folder and the files every mode reads and writes in it."""
 
@@ -98,16 +108,26 @@ class RunFolder:
 
     def check_resumable(self, settings: Settings, allow: bool,
                         log: Callable[[str], None]) -> None:
-        """ConfigChanged when the folder has checkpoints and a config.json whose
-        computation-changing keys (all but RESUME_FREE_KEYS) differ from `settings`, listing
-        each key with its old and new value (a warning when `allow`)."""
-        old = self.read_config() if self.has_checkpoints() else None
-        if old is None:
+        """ConfigChanged when the folder has checkpoints and either no config.json (nothing
+        to check the settings against) or one whose computation-changing keys (all but
+        RESUME_FREE_KEYS) differ from `settings`, listing each key with its old and new
+        value; with `allow`, a warning instead."""
+        if not self.has_checkpoints():
             return
-        before, after, missing = flatten(old), flatten(settings.to_dict()), object()
-        changes = [(k, before.get(k, missing), after.get(k, missing))
+        old = self.read_config()
+        if old is None:
+            if not allow:
+                raise ConfigChanged(
+                    f"{self.root} holds checkpoints but no {CONFIG_FILE}, so the settings "
+                    "cannot be checked against the run's: put the run's config.json back, "
+                    "use a new --workdir, or pass --allow_config_change to resume with "
+                    "these settings")
+            log(f"warning: resuming without the run's {CONFIG_FILE} (--allow_config_change)")
+            return
+        before, after = flatten(old), flatten(settings.to_dict())
+        changes = [(k, before.get(k, _ABSENT), after.get(k, _ABSENT))
                    for k in sorted(set(before) | set(after)) if k not in RESUME_FREE_KEYS
-                   and before.get(k, missing) != after.get(k, missing)]
+                   and before.get(k, _ABSENT) != after.get(k, _ABSENT)]
         if not changes:
             return
         listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 from tqdm import tqdm
 
+from crckd_jax import builder
 from crckd_jax.checkpoint import Checkpointer
 from crckd_jax.data import pipeline
 from crckd_jax.errors import CheckpointUnavailable, Preempted, StorageError, TrainingDiverged
@@ -47,6 +48,7 @@ def train_and_evaluate(settings: Settings, folder: RunFolder,
     """
     os.makedirs(folder.root, exist_ok=True)
     folder.check_resumable(settings, allow_config_change, log)
+    builder.check_before_data(settings)  # before the data set is prepared (minutes)
     trainer = build_trainer(settings, folder.data_dir, log)
     checkpoints = Checkpointer(folder.checkpoints, keep=settings.train.keep_checkpoints)
     best = (Checkpointer(folder.best_checkpoint, keep=1, best=True)
@@ -83,11 +85,15 @@ def train_and_evaluate(settings: Settings, folder: RunFolder,
         with StopRequest() as stop:
             state, last_test = _train_loop(trainer, state, batches, start, checkpoints,
                                            logger, stop, best)
-        checkpoints.wait()
-        if best is not None:
-            best.wait()
-        summary = _finish(trainer, state, last_test, folder, logger, log)
+            checkpoints.wait()
+            if best is not None:
+                best.wait()
+            summary = _finish(trainer, state, last_test, folder, logger, log)
         failed = False
+        if stop.signal_name:  # arrived while the finished run was evaluated and reported
+            raise Preempted(
+                f"stopped by {stop.signal_name} after the run ended: its checkpoint and "
+                f"summary are saved in {folder.root}; nothing further is run")
         return summary
     finally:
         # Every exit path: the pending save ends (its error, if any, only when nothing else
@@ -130,53 +136,55 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
     pending = []  # (step, metrics still on the devices) since the last read
     tick, tick_step = time.perf_counter(), start
     last_test = None
-    for step in range(start + 1, total + 1):
-        batch = next(batches)
-        state, terms = run.train_step(state, batch)
-        pending.append((step, terms))
-        bar.update(1)
-        epoch = epoch_of_step(step, per_epoch)
-        epoch_end = step % per_epoch == 0
-        stopping = stop is not None and step < total and stop.reached(step)
-        log_now = step % settings.train.log_every_steps == 0 or epoch_end
-        save_now = epoch_end or (every and step % every == 0) or stopping
-        if log_now or save_now:
-            terms = _check_finite(trainer, pending, checkpoints)
-            pending = []
-        if log_now:
-            now = time.perf_counter()
-            img_s = (step - tick_step) * settings.train.batch_size / max(now - tick, 1e-9)
-            tick, tick_step = now, step
-            logger.write({"split": "train", "step": step, "epoch": epoch,
-                          "images_per_s": img_s, "process_cpu_s": time.process_time(),
-                          **{k: v for k, v in terms.items() if k != "epoch"}})
-            bar.set_postfix_str(f"epoch {epoch + 1}/{settings.train.epochs} "
-                                f"{_format_losses(terms)} {img_s:.1f} img/s")
-        val_bacc = None
-        if epoch_end:
-            last_test, val_bacc = _evaluate_epoch(trainer, state, step, logger, bar)
-        if save_now:
-            # One replicated copy of the state (also under pmap), the same iterator
-            # state on every process (each counts its own rows of the global batches).
-            saved = (step, run.parallel.get_state(state), batches.get_state(),
-                     {"epoch": step / per_epoch, "config": settings.to_dict(),
-                      "class_names": list(trainer.data.class_names),
-                      "process_count": jax.process_count()})
-            checkpoints.save(*saved)
-            if best is not None and val_bacc is not None:
-                best.save(*saved, metrics={"val_bacc": val_bacc, "epoch": epoch})
-        if stopping:
-            checkpoints.wait()
-            if best is not None:
-                best.wait()
-            bar.close()
-            raise Preempted(
-                f"stopped by {stop.signal_name} after step {step} of {total}: checkpoint "
-                f"step {step} saved in {checkpoints.directory}; run the same command again "
-                "to resume")
-    if pending:
-        _check_finite(trainer, pending, checkpoints)
-    bar.close()
+    try:  # the bar ends its line before any error is printed
+        for step in range(start + 1, total + 1):
+            batch = next(batches)
+            state, terms = run.train_step(state, batch)
+            pending.append((step, terms))
+            bar.update(1)
+            epoch = epoch_of_step(step, per_epoch)
+            epoch_end = step % per_epoch == 0
+            stopping = stop is not None and stop.reached(step)
+            log_now = step % settings.train.log_every_steps == 0 or epoch_end
+            save_now = epoch_end or (every and step % every == 0) or stopping
+            if log_now or save_now:
+                terms = _check_finite(trainer, pending, checkpoints)
+                pending = []
+            if log_now:
+                now = time.perf_counter()
+                img_s = (step - tick_step) * settings.train.batch_size / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                logger.write({"split": "train", "step": step, "epoch": epoch,
+                              "images_per_s": img_s, "process_cpu_s": time.process_time(),
+                              **{k: v for k, v in terms.items() if k != "epoch"}})
+                bar.set_postfix_str(f"epoch {epoch + 1}/{settings.train.epochs} "
+                                    f"{_format_losses(terms)} {img_s:.1f} img/s")
+            val_bacc = None
+            if epoch_end:
+                last_test, val_bacc = _evaluate_epoch(trainer, state, step, logger, bar)
+            if save_now:
+                # One replicated copy of the state (also under pmap), the same iterator
+                # state on every process (each counts its own rows of the global batches).
+                saved = (step, run.parallel.get_state(state), batches.get_state(),
+                         {"epoch": step / per_epoch, "config": settings.to_dict(),
+                          "class_names": list(trainer.data.class_names),
+                          "process_count": jax.process_count()})
+                checkpoints.save(*saved)
+                if best is not None and val_bacc is not None:
+                    best.save(*saved, metrics={"val_bacc": val_bacc, "epoch": epoch})
+            if stopping:
+                checkpoints.wait()
+                if best is not None:
+                    best.wait()
+                raise Preempted(
+                    f"stopped by {stop.signal_name} after step {step} of {total}: checkpoint "
+                    f"step {step} saved in {checkpoints.directory}; run the same command again "
+                    "to resume" + (" (it evaluates and reports the finished run)"
+                                   if step == total else ""))
+        if pending:
+            _check_finite(trainer, pending, checkpoints)
+    finally:
+        bar.close()
     return state, last_test
 
 

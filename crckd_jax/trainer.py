@@ -110,14 +110,14 @@ def build_trainer(settings: Settings, data_dir: str, log: Callable[[str], None],
 
 
 def load_trained(settings: Settings, folder: RunFolder,
-                 log: Callable[[str], None] = print) -> tuple[Trainer, Any]:
-    """The trainer of `settings` and the newest checkpointed state of `folder` that restores
-    (read-only: a damaged newer checkpoint is reported, not moved; a missing data set is
-    an error, not prepared)."""
+                 log: Callable[[str], None] = print) -> tuple[Trainer, Any, int]:
+    """The trainer of `settings`, the newest checkpointed state of `folder` that restores
+    and its step (read-only: a damaged newer checkpoint is reported, not moved; a missing
+    data set is an error, not prepared)."""
     if not os.path.isdir(folder.checkpoints):
         raise CheckpointUnavailable(f"no checkpoint in {os.path.abspath(folder.checkpoints)}: "
                                     f"train first (--mode train with --workdir {folder.root})")
     trainer = build_trainer(settings, folder.data_dir, log, prepare_missing=False)
     restored = restore_read_only(
         folder.checkpoints, lambda _: trainer.run.abstract_state(), folder.root, log)
-    return trainer, trainer.run.parallel.put_state(restored.state)
+    return trainer, trainer.run.parallel.put_state(restored.state), restored.step

@@ -109,6 +109,24 @@ def test_config_changes_ignore_the_free_keys(tmp_path):
     assert run_folder.RESUME_FREE_KEYS <= set(config_lib.KEYS)
 
 
+
+def test_resume_without_the_runs_config_is_refused(tmp_path):
+    """Checkpoints without config.json: nothing to check the settings against, so resuming
+    needs --allow_config_change; a key one config lacks prints as (absent)."""
+    started_run(tmp_path)
+    folder, logs = RunFolder(str(tmp_path)), []
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(errors.ConfigChanged, match=r"holds checkpoints but no config.json"):
+        folder.check_resumable(to_settings(tiny()), allow=False, log=logs.append)
+    folder.check_resumable(to_settings(tiny()), allow=True, log=logs.append)
+    assert logs == ["warning: resuming without the run's config.json (--allow_config_change)"]
+    old = to_settings(tiny()).to_dict()
+    del old["optim"]["max_lr"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(errors.ConfigChanged, match=r"optim.max_lr: \(absent\) -> 0.0003\. "):
+        folder.check_resumable(to_settings(tiny()), allow=False, log=logs.append)
+
+
 def started_run(workdir):
     """A workdir as `train` leaves it: config.json and a checkpoint folder."""
     RunFolder(str(workdir)).write_config(to_settings(tiny()))
@@ -276,3 +294,67 @@ def test_predict_skips_bad_images_only_when_asked(tmp_path):
     assert kept == [0, 3] and bad == paths[1:3]
     with pytest.raises(DataError, match=r"broken\.jpg.*data\.skip_bad_images=True"):
         list(_good_images(paths, 16, False, []))
+
+
+def test_checks_that_need_no_data_run_before_it_is_prepared(tmp_path, capsys):
+    """A batch that does not split into the BatchNorm groups, or pretrained weights that do
+    not fit the model: one error line before any data is generated or prepared."""
+    config = tiny()
+    with config.unlocked():
+        config.model.bn_group_size = 3  # the batch of 8 does not split into groups of 3
+    with pytest.raises(SystemExit) as info:
+        cli.execute("train", config, str(tmp_path / "a"), tracebacks=False)
+    assert info.value.code == errors.EXIT_CONFIG
+    assert "'model.bn_group_size' is 3: expected a divisor of the per-device batch" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "a" / "data").exists()
+    weights = tmp_path / "densenet121.npz"
+    np.savez(weights, **{"features.conv0.weight": np.zeros((64, 3, 7, 7), np.float32)})
+    config = tiny()
+    with config.unlocked():
+        config.model.pretrained = str(weights)
+    with pytest.raises(SystemExit) as info:
+        cli.execute("train", config, str(tmp_path / "b"), tracebacks=False)
+    err = capsys.readouterr().err
+    assert info.value.code == errors.EXIT_CHECKPOINT and err.count("\n") == 1, err
+    assert not (tmp_path / "b" / "data").exists()
+
+
+
+def test_an_empty_workdir_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.execute("train", tiny(), "", tracebacks=False)
+    assert info.value.code == errors.EXIT_CONFIG
+    assert capsys.readouterr().err == "error: --workdir is '': expected a folder\n"
+
+
+def test_a_failing_tensorboard_writer_neither_hangs_nor_passes_silently(tmp_path,
+                                                                       monkeypatch):
+    """The TensorBoard writer's thread stopped by a write error (as on a full disk): records
+    and `close` still return at once; a failing flush is a StorageError naming the folder."""
+    import threading
+
+    from tensorboardX import event_file_writer
+
+    from crckd_jax.logger import MetricLogger
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger = MetricLogger(str(tmp_path))
+    monkeypatch.setattr(event_file_writer.EventsWriter, "_write_serialized_event", full)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's end
+    start = time.monotonic()
+    for step in range(1, 201):  # far more events than tensorboardX's default queue of 10
+        logger.write({"split": "train", "step": step, "epoch": 0, "loss": 1.0})
+    logger.close()
+    assert time.monotonic() - start < 10
+    with pytest.raises(errors.StorageError, match=r"cannot write .*tensorboard: No space"):
+        MetricLogger(str(tmp_path))  # the first event is written at once
+    monkeypatch.undo()
+    logger = MetricLogger(str(tmp_path))
+    monkeypatch.setattr(event_file_writer.EventsWriter, "flush", full)
+    with pytest.raises(errors.StorageError, match=r"cannot write .*tensorboard: No space"):
+        logger.write({"split": "train", "step": 1, "epoch": 0, "loss": 1.0})
+    monkeypatch.undo()
+    logger.close()

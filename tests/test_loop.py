@@ -151,20 +151,24 @@ def test_prefetch_keeps_each_batch_with_the_iterator_state_after_it(data_dir):
     ahead.close(), resumed.close()
 
 
-def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_path,
-                                                                  monkeypatch):
-    """SIGTERM during step 2 (mid-epoch, between log points): the pending metrics are checked,
-    step 2 is saved with the iterator state after its batch, then Preempted."""
-    def signal_in_step_2(step_fn):
+def sigterm_in_step(n: int):
+    """A `run_loop` step wrapper that sends this process SIGTERM during the n-th step."""
+    def wrap(step_fn):
         calls = []
 
         def step(state, batch):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == n:
                 os.kill(os.getpid(), signal.SIGTERM)
             return step_fn(state, batch)
         return step
+    return wrap
 
+
+def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_path,
+                                                                  monkeypatch):
+    """SIGTERM during step 2 (mid-epoch, between log points): the pending metrics are checked,
+    step 2 is saved with the iterator state after its batch, then Preempted."""
     before = signal.getsignal(signal.SIGTERM)
     reads = []
     check = train._check_finite
@@ -174,7 +178,7 @@ def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_
             monkeypatch.setattr(train, "_check_finite", lambda t, p, c: reads.append(
                 [s for s, _ in p]) or check(t, p, c))
             run_loop(tiny_config(), data_dir, tmp_path, monkeypatch,
-                     wrap_step=signal_in_step_2, stop=stop)
+                     wrap_step=sigterm_in_step(2), stop=stop)
     assert signal.getsignal(signal.SIGTERM) is before
     assert reads[-1] == [1, 2]
     checkpoints = Checkpointer(str(tmp_path / "checkpoints"))
@@ -184,6 +188,37 @@ def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_
                                log=lambda _: None).train_dataset())
     next(plain), next(plain)
     assert saved == plain.get_state()
+
+
+
+def test_sigterm_in_the_last_step_is_honoured(data_dir, tmp_path, monkeypatch):
+    """SIGTERM during the run's last step: its (epoch-end) checkpoint is committed and the run
+    stops with Preempted instead of going on to its report."""
+    with pytest.raises(Preempted, match=r"after step 8 of 8: checkpoint step 8 saved .*"
+                                        r"evaluates and reports the finished run"):
+        with StopRequest() as stop:
+            run_loop(tiny_config(), data_dir, tmp_path, monkeypatch,
+                     wrap_step=sigterm_in_step(8), stop=stop)
+    assert Checkpointer(str(tmp_path / "checkpoints")).manager.all_steps() == [4, 8]
+
+
+def test_a_signal_between_cv_folds_stops_before_the_next(tmp_path, monkeypatch):
+    """`--mode cv`: SIGTERM arriving outside a fold's training loop (here: as fold 0 ends)
+    ends the cross-validation with Preempted before fold 1 starts."""
+    from crckd_jax import cv
+
+    trained = []
+
+    def fold_run(settings, folder, log, allow_config_change):
+        trained.append(settings.data.fold)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(cv, "train_and_evaluate", fold_run)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM before fold 1: the folds before "):
+        cv.run_cv(to_settings(tiny_config()), RunFolder(str(tmp_path)), log=lambda _: None)
+    assert trained == [0] and signal.getsignal(signal.SIGTERM) is before
 
 
 def ocp_args():
@@ -268,7 +303,7 @@ def test_a_resumed_run_restores_without_creating_the_initial_state(data_dir, tmp
     train.train_and_evaluate(to_settings(config), RunFolder(str(tmp_path), data_dir),
                              log=logs.append)
     assert created == [False] and "resumed from step 2" in "\n".join(logs)
-    trainer, state = trainer_lib.load_trained(to_settings(config),
+    trainer, state, _ = trainer_lib.load_trained(to_settings(config),
                                               RunFolder(str(tmp_path), data_dir),
                                               log=lambda _: None)
     assert created == [False, False]  # evaluation restores the same way

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from crckd_jax import cli, distributed  # cli defines its flags; runs nothing on import
+from crckd_jax import cli, distributed  # noqa: F401  (cli defines its flags on import)
 from crckd_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_config, run_settings
+from conftest import run_settings
 from crckd_jax import losses, teacher
 from crckd_jax.memory import BankMemory, QueueMemory
 from crckd_jax.models.densenet import CRCKDNet, densenet_config

@@ -95,6 +95,8 @@ def test_eval_and_predict_use_the_checkpoint(trained):
     results = json.loads((workdir / "eval.json").read_text())
     summary = json.loads((workdir / "summary.json").read_text())
     assert results["test"]["bacc"] == pytest.approx(summary["final"]["bacc"])
+    last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert results["checkpoint_step"] == last and f"checkpoint step {last}" in done.stdout
 
     images = sorted((workdir / "data" / "synthetic").rglob("*.jpg"))[:11]
     listing = workdir / "to_predict.csv"
@@ -395,7 +397,7 @@ def test_export_predict_and_eval_without_the_training_data(trained, tmp_path):
 
     # The trainer's eval step on the original run, on the same images.
     config = run_config.get_config(str(workdir / "config.json"))
-    trainer, state = trainer_lib.load_trained(to_settings(config), RunFolder(str(workdir)),
+    trainer, state, _ = trainer_lib.load_trained(to_settings(config), RunFolder(str(workdir)),
                                               log=lambda _: None)
     model = load_model(str(copy))
     decoded = [np.asarray(sources.load_rgb(str(p), model.store_size)) for p in images]

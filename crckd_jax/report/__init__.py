@@ -24,20 +24,9 @@ from __future__ import annotations
 import pathlib
 import warnings
 
-# The figure constants (DPI, STYLE, PLOTTED_METRICS, ...) are importable from here too.
-from crckd_jax.report._figure import DPI, STYLE  # noqa: F401  (re-exported)
 from crckd_jax.report.classification import plot_confusion, plot_roc
-from crckd_jax.report.curves import (  # noqa: F401  (constants re-exported)
-    LOSS_LABELS,
-    METRIC_TITLES,
-    PLOTTED_METRICS,
-    plot_training_curves,
-)
-from crckd_jax.report.embedding import (  # noqa: F401  (constant re-exported)
-    MIN_TSNE_SAMPLES,
-    plot_tsne,
-    tsne_perplexity,
-)
+from crckd_jax.report.curves import plot_training_curves
+from crckd_jax.report.embedding import plot_tsne, tsne_perplexity
 
 __all__ = [
     "write_report",
