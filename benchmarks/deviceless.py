@@ -47,21 +47,33 @@ _GPU_INFO = (
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """An accelerator to compile for: its name, memory bandwidth (bytes/s), memory (bytes)."""
+    """An accelerator to compile for. platform: 'cuda', 'tpu' or 'cpu'; topology: the
+    plugin's topology name; bandwidth: memory bytes/s per chip; memory: bytes per chip;
+    link: bytes/s per chip between chips (one direction; 0 for one chip), as published."""
 
     name: str
+    platform: str
+    topology: str
     bandwidth: float
-    memory: int
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.name.startswith("NVIDIA")
+    memory: float
+    link: float = 0.0
 
 
+_GIB = 2**30
 TARGETS = {
-    "h100": Target("NVIDIA H100 80GB HBM3", 3_352_320_000_000, 84_929_347_584),
-    "h200": Target("NVIDIA H200", 4_800_000_000_000, 150_000_000_000),
-    "cpu": Target("this machine's CPU", 0.0, 0),
+    "h100": Target("NVIDIA H100 80GB HBM3", "cuda", "1x1x1", 3.35232e12, 84_929_347_584),
+    "h200": Target("NVIDIA H200", "cuda", "1x1x1", 4.8e12, 150_000_000_000),
+    # one node of 8 H100 (NVLink 4: 450 GB/s per GPU and direction); two such nodes, joined
+    # by one 400 Gb/s NIC per GPU
+    "h100x8": Target("NVIDIA H100 80GB HBM3", "cuda", "1x1x8", 3.35232e12, 84_929_347_584,
+                     450e9),
+    "h100x16": Target("NVIDIA H100 80GB HBM3", "cuda", "1x2x8", 3.35232e12, 84_929_347_584,
+                      50e9),
+    # TPU v5e-16 (4x4: 16 chips, 4 hosts): 819 GB/s HBM, 16 GiB, ICI 1,600 Gb/s per chip;
+    # v5p-8 (2x2x1: 4 chips): 2,765 GB/s, 95 GiB, ICI 4,800 Gb/s
+    "tpu-v5e-16": Target("TPU v5e", "tpu", "v5e:4x4", 819e9, 16 * _GIB, 200e9),
+    "tpu-v5p-8": Target("TPU v5p", "tpu", "v5p:2x2x1", 2765e9, 95 * _GIB, 600e9),
+    "cpu": Target("this machine's CPU", "cpu", "", 0.0, 0),
 }
 PROGRAMS = ("train_step", "eval_step")
 
@@ -73,7 +85,9 @@ def parse_args(argv=None):
                    help="comma-separated, of " + ", ".join(PROGRAMS))
     p.add_argument("--model", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="per chip")
+    p.add_argument("--parallel", choices=("shard_map", "pmap"), default="shard_map",
+                   help="the data-parallel compiler (parallel.backend)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--memory", choices=("bank", "queue"), default="bank")
     p.add_argument("--num-items", type=int, default=2929, help="training items N (bank rows)")
@@ -93,21 +107,26 @@ def parse_args(argv=None):
 
 
 def target_devices(target: Target):
-    """The devices to compile for: a deviceless one-GPU topology, or this machine's CPU."""
+    """The devices to compile for: a deviceless GPU or TPU topology, or this machine's CPU."""
     import jax
 
-    if not target.is_gpu:
+    if target.platform == "cpu":
         return jax.devices("cpu")[:1]
     from jax.experimental import topologies
 
-    config = _GPU_INFO.format(bandwidth=int(target.bandwidth), memory=target.memory,
-                              name=target.name)
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=config,
-                                                topology="1x1x1")
-    except Exception as e:  # no CUDA plugin, or one that cannot describe the target
-        sys.exit(f"error: cannot describe {target.name} for a deviceless compile ({e}); "
-                 'install the CUDA plugin: pip install ".[cuda13]"')
+        if target.platform == "cuda":
+            config = _GPU_INFO.format(bandwidth=int(target.bandwidth), memory=int(target.memory),
+                                      name=target.name)
+            topology = topologies.get_topology_desc(platform="cuda", target_config=config,
+                                                    topology=target.topology)
+        else:
+            topology = topologies.get_topology_desc(platform="tpu",
+                                                    topology_name=target.topology)
+    except Exception as e:  # no plugin, or one that cannot describe the target
+        extra = "cuda13" if target.platform == "cuda" else "tpu"
+        sys.exit(f"error: cannot describe {target.name} {target.topology} for a deviceless "
+                 f'compile ({e}); install its plugin: pip install ".[{extra}]"')
     return topology.devices
 
 
@@ -124,8 +143,9 @@ def build(args, devices):
         s, seed=0,
         data=r(s.data, image_size=args.image_size),
         model=r(s.model, name=args.model),
-        train=r(s.train, batch_size=args.batch_size, dtype=args.dtype, epochs=10,
-                steps_per_epoch=1000),
+        train=r(s.train, batch_size=args.batch_size * len(devices), dtype=args.dtype,
+                epochs=10, steps_per_epoch=1000),
+        parallel=r(s.parallel, backend=args.parallel),
         memory=r(s.memory, kind=args.memory, num_positives=args.num_positives,
                  num_negatives=args.num_negatives, embed_dim=args.embed_dim,
                  queue_size=max(args.num_positives, args.num_items // 5)),
@@ -136,7 +156,12 @@ def build(args, devices):
 
 def lower(run, program: str):
     """The jitted program of `run` lowered for abstract inputs (nothing is allocated)."""
+    import jax
+
     state = run.abstract_state()
+    if run.parallel.backend == "pmap":  # one copy of the state per device
+        n = run.parallel.num_devices
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), state)
     batch = run.abstract_batch()
     if program == "train_step":
         return run.train_step.lower(state, batch)
@@ -144,7 +169,7 @@ def lower(run, program: str):
 
 
 def report(args, target: Target, run, program: str) -> dict:
-    """Compiles `program` and prints its kernels, bytes and RESULT line; returns them."""
+    """Compiles `program` and prints its kernels, bytes, collectives and RESULT line."""
     import hlo_report
 
     lowered = lower(run, program)
@@ -163,20 +188,38 @@ def report(args, target: Target, run, program: str) -> dict:
     hbm, estimator = ((xla_bytes, "XLA cost analysis") if xla_bytes
                       else (stats.hbm_bytes, "operands + results per kernel, upper bound"))
     memory = compiled.memory_analysis()
-    temp = getattr(memory, "temp_size_in_bytes", 0) if memory is not None else 0
-    floor_ms = hbm / target.bandwidth * 1e3 if target.bandwidth else float("nan")
-    print(f"\n{program} for {target.name}: {stats.num_kernels} kernels per step, "
-          f"{hbm / 2**30:.2f} GiB moved ({estimator}), {temp / 2**30:.2f} GiB of "
-          f"temporaries, floor {floor_ms:.1f} ms, compiled in {compile_s:.1f} s")
-    for kind, n in stats.kernels.most_common(args.top):
-        print(f"  {n:6d}  {kind}")
-    if stats.collectives:
-        print("  collectives: " + ", ".join(f"{k} {n}" for k, n in stats.collectives.items()))
-    result = {"target": args.target, "program": program, "kernels": stats.num_kernels,
-              "hbm_gib": hbm / 2**30, "temp_gib": temp / 2**30, "floor_ms": floor_ms,
-              "compile_s": compile_s}
-    print(f"RESULT target={args.target} program={program} kernels={stats.num_kernels} "
-          f"hbm_gib={hbm / 2**30:.2f} temp_gib={temp / 2**30:.2f} floor_ms={floor_ms:.1f} "
+    size = lambda name: getattr(memory, f"{name}_size_in_bytes", 0) if memory else 0  # noqa
+    temp, per_chip = size("temp"), size("argument") + size("temp") + size("output")
+    n = run.parallel.num_devices
+    # Ring collectives: an all-reduce sends 2 (n - 1) / n of its bytes per chip, an
+    # all-gather (n - 1) / n of its result; at the target's link rate, without overlap.
+    link_bytes = (2 * stats.collective_bytes_by_kind.get("all-reduce", 0)
+                  + stats.collective_bytes_by_kind.get("all-gather", 0)) * (n - 1) / n
+    link_ms = link_bytes / target.link * 1e3 if target.link and n > 1 else 0.0
+    hbm_ms = hbm / target.bandwidth * 1e3 if target.bandwidth else float("nan")
+    floor_ms = max(hbm_ms, link_ms)
+    allreduce = stats.collective_bytes_by_kind.get("all-reduce", 0)
+    print(f"\n{program} for {target.name} {target.topology} ({n} chips, "
+          f"{args.parallel}): {stats.num_kernels} kernels per step, {hbm / _GIB:.2f} GiB "
+          f"moved per chip ({estimator}), {temp / _GIB:.2f} GiB of temporaries, "
+          f"{per_chip / _GIB:.2f} GiB per chip (arguments, temporaries, outputs), compiled "
+          f"in {compile_s:.1f} s; floor {floor_ms:.1f} ms (memory {hbm_ms:.1f} ms, links "
+          f"{link_ms:.1f} ms)")
+    for kind, count in stats.kernels.most_common(args.top):
+        print(f"  {count:6d}  {kind}")
+    for kind, count in stats.collectives.items():
+        print(f"  collective {kind}: {count} ops, "
+              f"{stats.collective_bytes_by_kind[kind] / _GIB:.3f} GiB per chip")
+    result = {"target": args.target, "program": program, "compiled": 1,
+              "kernels": stats.num_kernels, "hbm_gib": hbm / _GIB, "temp_gib": temp / _GIB,
+              "per_chip_gib": per_chip / _GIB, "collectives": sum(stats.collectives.values()),
+              "allreduce_gib": allreduce / _GIB,
+              "allgather_gib": stats.collective_bytes_by_kind.get("all-gather", 0) / _GIB,
+              "floor_ms": floor_ms, "compile_s": compile_s}
+    print(f"RESULT target={args.target} program={program} compiled=1 "
+          f"kernels={stats.num_kernels} hbm_gib={hbm / _GIB:.2f} temp_gib={temp / _GIB:.2f} "
+          f"per_chip_gib={per_chip / _GIB:.2f} collectives={result['collectives']} "
+          f"allreduce_gib={allreduce / _GIB:.3f} floor_ms={floor_ms:.1f} "
           f"compile_s={compile_s:.0f}", flush=True)
     return result
 
@@ -184,19 +227,20 @@ def report(args, target: Target, run, program: str) -> dict:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     target = TARGETS[args.target]
-    if target.is_gpu:  # before JAX starts: the plugin's topology without a GPU
+    if target.platform == "cuda":  # before JAX starts: the plugin's topology without a GPU
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from crckd_jax.models.kernels import resolve_kernels
 
-    run = build(args, target_devices(target))
-    layers = resolve_kernels(args.kernels, run.parallel.mesh.devices.flat[0].platform)
-    print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.dtype}, "
-          f"{layers} layers, "
-          f"{args.memory} memory, P = {args.num_positives}, K = {args.num_negatives}; "
-          f"for {target.name}", flush=True)
+    devices = target_devices(target)
+    run = build(args, devices)
+    layers = resolve_kernels(args.kernels, devices[0].platform)
+    print(f"{args.model}, {args.image_size} px, {args.batch_size} per chip x {len(devices)} "
+          f"chips, {args.dtype}, {layers} layers, {args.memory} memory, "
+          f"P = {args.num_positives}, K = {args.num_negatives}; for {target.name} "
+          f"{target.topology}", flush=True)
     return [report(args, target, run, program) for program in args.programs]
 
 

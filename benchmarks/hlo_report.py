@@ -47,12 +47,12 @@ def shape_bytes(shape: str) -> float:
 @dataclasses.dataclass
 class ProgramStats:
     """kernels: launches by kind; hbm_bytes: operands + results of all kernels (upper bound);
-    collectives: collective ops by kind; collective_bytes: their results' bytes."""
+    collectives: collective ops by kind; collective_bytes_by_kind: their results' bytes."""
 
     kernels: collections.Counter
     hbm_bytes: float
     collectives: collections.Counter
-    collective_bytes: float
+    collective_bytes_by_kind: collections.Counter
 
     @property
     def num_kernels(self) -> int:
@@ -93,8 +93,9 @@ def _kind(name: str, opcode: str, rest: str) -> str:
 def program_stats(text: str) -> ProgramStats:
     """The kernels, bytes and collectives of one optimized HLO module (`compiled.as_text()`)."""
     computations = _computations(text)
-    kernels, collectives = collections.Counter(), collections.Counter()
-    hbm = collective_bytes = 0.0
+    kernels, collectives, collective_bytes = (collections.Counter(), collections.Counter(),
+                                              collections.Counter())
+    hbm = 0.0
     pending, seen = [computations["__entry__"][0]], set()
     while pending:
         computation = pending.pop()
@@ -118,7 +119,7 @@ def program_stats(text: str) -> ProgramStats:
             base = opcode.removesuffix("-start")
             if base in _COLLECTIVES:
                 collectives[base] += 1
-                collective_bytes += shape_bytes(shape)
+                collective_bytes[base] += shape_bytes(shape)
             kernels[_kind(name, opcode, rest)] += 1
             hbm += moved
     return ProgramStats(kernels, hbm, collectives, collective_bytes)

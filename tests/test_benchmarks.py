@@ -331,3 +331,31 @@ def test_deviceless_report_compiles_the_trainers_programs(capsys):
     train, evaluation = results
     assert train["kernels"] > evaluation["kernels"] > 10
     assert train["hbm_gib"] > evaluation["hbm_gib"] > 0
+
+
+@pytest.mark.slow
+def test_the_train_step_compiles_for_a_multi_host_tpu_slice_with_few_collectives():
+    """The trainer's train step compiled for a TPU v5e-16 (4x4: 16 chips on 4 hosts) without
+    a TPU (needs jax[tpu]): the gradients cross the chips in a handful of all-reduces whose
+    bytes are those of the float32 parameters (plus a few scalars and BatchNorm statistics),
+    the class memory is never all-gathered (only the global batch's embeddings are), and a
+    chip holds well under its 16 GiB."""
+    pytest.importorskip("libtpu")
+    import jax
+
+    import deviceless
+
+    (result,) = deviceless.main([
+        "--target", "tpu-v5e-16", "--model", "densenet_tiny", "--image-size", "32",
+        "--batch-size", "4", "--num-items", "512", "--num-positives", "2",
+        "--num-negatives", "8", "--embed-dim", "16"])
+    args = deviceless.parse_args(["--model", "densenet_tiny", "--image-size", "32",
+                                  "--num-items", "512", "--embed-dim", "16"])
+    run = deviceless.build(args, jax.devices("cpu")[:1])
+    params = jax.eval_shape(run.create_state).params
+    param_gib = sum(x.size * 4 for x in jax.tree.leaves(params)) / 2**30
+    assert result["compiled"] == 1 and 1 <= result["collectives"] <= 8
+    assert param_gib <= result["allreduce_gib"] <= 1.5 * param_gib + 1e-4
+    bank_gib = 2 * 512 * 16 * 4 / 2**30  # the student's and the teacher's rows, float32
+    assert 0 < result["allgather_gib"] < bank_gib / 4
+    assert result["per_chip_gib"] < 16

@@ -17,18 +17,18 @@ Kernels. Some layers have two implementations, chosen by the static ``kernels`` 
 * ``'cpu'``: pieces tuned for XLA's CPU backend on a 2-core machine (docs/performance.md):
   the 3x3 convolutions' kernel gradient as one matrix product (`conv3x3`), the stem max-pool
   as nine strided slices whose gradient sits behind an optimisation barrier
-  (`max_pool_3x3_s2`), BatchNorm's hand-written backward pass
-  (`crckd_jax.models.batch_norm.batch_norm_train`);
+  (`max_pool_3x3_s2`);
 * ``'standard'``: the same layers with JAX's own differentiation: ``lax.conv_general_dilated``,
-  a ``reduce_window`` max-pool (select-and-scatter gradient), BatchNorm through autodiff;
-* ``'auto'`` (default): ``'cpu'`` when JAX's default backend is the CPU, ``'standard'`` on a
-  GPU or TPU, decided when the model is traced.
+  a ``reduce_window`` max-pool (select-and-scatter gradient);
+* ``'auto'`` (default): ``'cpu'`` for the CPU, ``'standard'`` for a GPU or TPU: the platform
+  the run is compiled for (`crckd_jax.builder`), else JAX's default backend at trace time.
 
 Both compute the same function, create the same variables (names, shapes, initialisers, RNG
 streams) and give the same gradients up to float32 summation order (tested), so checkpoints
 and torchvision imports do not depend on the choice. Shared by both: 1x1 convolutions as one
-matrix product (`Conv1x1`; a GEMM is what cuBLAS and XLA's GPU emitters do best as well) and
-the transition's pooling before its 1x1 convolution.
+matrix product (`Conv1x1`; a GEMM is what cuBLAS and XLA's GPU emitters do best as well),
+the transition's pooling before its 1x1 convolution, and BatchNorm's hand-written backward
+pass (`crckd_jax.models.batch_norm`).
 """
 
 from __future__ import annotations
@@ -202,9 +202,9 @@ class _DenseLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
-        y = nn.relu(self.bn.layer(train, self.dtype, self.kernels, "norm1")(x, mask=mask))
+        y = nn.relu(self.bn.layer(train, self.dtype, "norm1")(x, mask=mask))
         y = Conv1x1(self.bn_size * self.growth_rate, self.dtype, name="conv1")(y)
-        y = nn.relu(self.bn.layer(train, self.dtype, self.kernels, "norm2")(y, mask=mask))
+        y = nn.relu(self.bn.layer(train, self.dtype, "norm2")(y, mask=mask))
         y = Conv3x3(self.growth_rate, self.dtype, kernels=self.kernels, name="conv2")(y)
         return jnp.concatenate([x, y], axis=-1)
 
@@ -235,7 +235,7 @@ class _Transition(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
-        x = self.bn.layer(train, self.dtype, self.kernels, "norm")(x, mask=mask)
+        x = self.bn.layer(train, self.dtype, "norm")(x, mask=mask)
         # torch: conv then pool. Both are linear and act per pixel / per channel, so
         # pooling first gives the same values with a 1x1 convolution on 4x fewer pixels.
         return Conv1x1(self.num_output_features, self.dtype, name="conv")(
@@ -272,7 +272,7 @@ class DenseNetFeatures(nn.Module):
         stage_bn = lambda i: twice if i < self.double_update_until_block else self.bn
 
         def norm(y, name, stage):
-            return stage_bn(stage).layer(train, self.dtype, kernels, name)(y, mask=mask)
+            return stage_bn(stage).layer(train, self.dtype, name)(y, mask=mask)
 
         x = nn.Conv(
             cfg.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
