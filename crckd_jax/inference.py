@@ -12,6 +12,9 @@ or with `checkpoint="best_val"` from its best validation epoch's (`W/best_checkp
                          keys "params/<module path>" and "batch_stats/<module path>"
     teacher.safetensors  the mean teacher's, same keys (with `teacher=True`)
 
+model.json also records each weights file's SHA-256; `load_model` refuses a file that no
+longer matches it (a flipped bit, a truncated copy), naming the file.
+
 `load_model(path)` reads such a folder, or a workdir holding one, or a workdir without one
 (from its newest checkpoint, on the first local device), and returns a `Model`: uint8 RGB
 images -> class probabilities. Neither reads the data set or changes anything in the run but
@@ -21,6 +24,7 @@ images -> class probabilities. Neither reads the data set or changes anything in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -95,10 +99,12 @@ def export(workdir: str, teacher: bool = False, checkpoint: str = "latest",
     from safetensors.numpy import save_file
 
     models = {"student": run.student} | ({"teacher": run.teacher} if teacher else {})
+    digests = {}
     for name, variables in models.items():
         flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
-        save_file({k: np.asarray(v, np.float32) for k, v in flat.items()},
-                  os.path.join(tmp, f"{name}.safetensors"))
+        file = os.path.join(tmp, f"{name}.safetensors")
+        save_file({k: np.asarray(v, np.float32) for k, v in flat.items()}, file)
+        digests[f"{name}.safetensors"] = _sha256(file)
     c = run.settings
     description = {
         "format": FORMAT,
@@ -112,6 +118,7 @@ def export(workdir: str, teacher: bool = False, checkpoint: str = "latest",
         "models": sorted(models),
         "checkpoint": checkpoint,
         "checkpoint_step": run.step,
+        "sha256": digests,
         "config": c.to_dict(),
     }
     with open(os.path.join(tmp, MODEL_FILE), "w") as f:
@@ -164,6 +171,11 @@ def _from_export(folder: str, teacher: bool) -> Model:
         raise CheckpointUnavailable(f"{folder} holds no {name} ({weights} is missing); "
                                     f"export it with --mode export"
                                     + (" --config.export.teacher=True" if teacher else ""))
+    recorded = description.get("sha256", {}).get(os.path.basename(weights))
+    if recorded is not None and _sha256(weights) != recorded:  # earlier exports record none
+        raise CheckpointUnavailable(
+            f"{weights} is damaged: its SHA-256 is not the one {description_path} recorded "
+            f"when it was exported; export the run again (--mode export)")
     try:
         flat = load_file(weights)
     except (OSError, SafetensorError) as e:
@@ -184,6 +196,11 @@ def _from_export(folder: str, teacher: bool) -> Model:
             + "; ".join(problems[:3]))
     return _model(settings, class_names,
                   jax.device_put(traverse_util.unflatten_dict(flat, sep="/")))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -492,3 +492,26 @@ def test_export_predict_and_eval_without_the_training_data(trained, tmp_path):
                        match=r"student.safetensors does not fit model 'densenet_small' with 3 "
                              r"classes .*classifier"):
         load_model(str(copy))
+
+
+def test_a_damaged_export_is_refused_naming_the_file(trained, tmp_path):
+    """One flipped byte in an exported weights file: `load_model` refuses it (its SHA-256,
+    recorded in model.json at export, no longer matches) instead of serving wrong weights."""
+    import shutil
+
+    from crckd_jax import inference, load_model
+    from crckd_jax.errors import CheckpointUnavailable
+
+    workdir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir / "checkpoints", copy / "checkpoints")
+    shutil.copy(workdir / "config.json", copy / "config.json")
+    inference.export(str(copy), log=lambda _: None)
+    load_model(str(copy))  # intact
+    weights = copy / "export" / "student.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointUnavailable, match=r"student.safetensors is damaged: its "
+                                                    r"SHA-256 is not the one .*model.json"):
+        load_model(str(copy))
