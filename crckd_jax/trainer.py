@@ -17,29 +17,29 @@ from crckd_jax import builder, metrics, xla_options
 from crckd_jax.builder import DataDescription, Run
 from crckd_jax.checkpoint import restore_read_only
 from crckd_jax.data import pipeline, prepare
-from crckd_jax.errors import CheckpointUnavailable, DataError
+from crckd_jax.errors import CheckpointUnavailable
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
 
 
 def load_data(settings: Settings, data_dir: str, log: Callable[[str], None],
               prepare_missing: bool = True) -> prepare.FoldData:
-    """The prepared fold, preparing the data set first when `data_dir` has none (or,
-    without `prepare_missing`, DataError naming the folder).
+    """The prepared fold, preparing the data set first when `data_dir` has none or the
+    source changed since it was prepared (`prepare.stale_reason`); without
+    `prepare_missing`, the prepared set as it is (DataError naming the folder if none).
 
     With several processes (sharing `data_dir`) process 0 prepares, the others wait.
     """
-    fold, loaded = settings.data.fold, None
     if prepare_missing and jax.process_index() == 0:
-        try:
-            loaded = prepare.load(data_dir, fold)
-        except DataError:
+        reason = prepare.stale_reason(settings, data_dir)
+        if reason:
+            log(f"preparing the data set: {reason}")
             prepare.prepare(settings, data_dir, log=log)
     if prepare_missing and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("crckd_jax:prepared")
-    return loaded if loaded is not None else prepare.load(data_dir, fold)
+    return prepare.load(data_dir, settings.data.fold)
 
 
 @dataclasses.dataclass

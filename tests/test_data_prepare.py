@@ -268,3 +268,40 @@ def test_launch_prepare_and_bad_fold(tmp_path):
         text=True,
     )
     assert done.returncode != 0 and "'data.fold' is 3" in done.stderr
+
+
+def test_a_changed_source_is_prepared_again_not_reused(tmp_path):
+    """The prepared set records its source's digest (files, sizes, modification times,
+    labels): after an image is replaced or a label edited, the training path prepares
+    again instead of reusing the stale set; an unchanged source is reused."""
+    from crckd_jax.trainer import load_data
+
+    own = tmp_path / "own"
+    rows = [(f"img/{i}.png", ["benign", "malignant"][i % 2]) for i in range(8)]
+    for path, _ in rows:
+        _odd_image(str(own / path), len(path))
+
+    def write_labels(rows):
+        with open(own / "meta.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("file", "diagnosis")] + rows)
+
+    write_labels(rows)
+    config = _config("ham10000", dir=str(own), csv_file="meta.csv", image_column="file",
+                     label_column="diagnosis")
+    config.data.source = "csv"
+    settings, workdir, logs = to_settings(config), str(tmp_path / "w"), []
+    assert "no prepared data set" in prepare.stale_reason(settings, workdir)
+    load_data(settings, workdir, logs.append)
+    first = json.loads((tmp_path / "w" / "data" / "dataset.json").read_text())["dataset_dir"]
+    assert prepare.stale_reason(settings, workdir) is None
+    Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(own / "img/3.png")
+    assert "the source changed" in prepare.stale_reason(settings, workdir)
+    load_data(settings, workdir, logs.append)
+    second = json.loads((tmp_path / "w" / "data" / "dataset.json").read_text())["dataset_dir"]
+    assert second != first and prepare.stale_reason(settings, workdir) is None
+    write_labels([(p, "malignant" if p == "img/0.png" else d) for p, d in rows])
+    assert "the source changed" in prepare.stale_reason(settings, workdir)
+    load_data(settings, workdir, logs.append)
+    summary = json.loads((tmp_path / "w" / "data_summary.json").read_text())
+    assert summary["class_counts"] == [3, 5]  # img/0.png relabelled
+    assert sum(line.startswith("preparing the data set:") for line in logs) == 3

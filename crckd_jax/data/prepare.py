@@ -52,6 +52,38 @@ def _source_folder(data, paths: dict[str, str]) -> tuple[str, str]:
     return data.source, data.dir
 
 
+def _source(data, paths: dict[str, str]):
+    """(folder, store size, builder config, listing) of the `data` settings' source as it is
+    now (the listing checked, DataError naming any problem)."""
+    layout, root = _source_folder(data, paths)
+    store = data.stored_side
+    csv_options = dict(
+        csv_file=data.csv_file,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        group_column=data.group_column,
+        class_names=data.class_names,
+    )
+    config, listing = builders.source_config(
+        layout, root, store, csv_options, data.skip_bad_images, data.build_threads)
+    return root, store, config, listing
+
+
+def stale_reason(settings: Settings, workdir: str) -> str | None:
+    """None when `workdir`'s prepared data set was made from the source as it is now (the
+    same files, sizes, modification times and labels); else why it must be prepared."""
+    paths = _paths(workdir)
+    if not os.path.isfile(paths["dataset"]):
+        return f"{workdir} holds no prepared data set yet"
+    with open(paths["dataset"]) as f:
+        prepared = json.load(f).get("source_name")
+    _, _, config, _ = _source(settings.data, paths)
+    if prepared != config.name:
+        return (f"the source changed since {paths['dataset']} was prepared (files added, "
+                "removed or replaced, labels or options edited)")
+    return None
+
+
 def _metadata(dataset_dir: str) -> tuple[list[str], list[str], np.ndarray]:
     """(item ids, group ids, labels [N] int32) of every record, images left undecoded."""
     source = tfds.builder_from_directory(dataset_dir).as_data_source(
@@ -88,18 +120,7 @@ def prepare(
     paths = _paths(workdir)
     os.makedirs(paths["data"], exist_ok=True)
     data = settings.data
-    layout, root = _source_folder(data, paths)
-    store = data.stored_side
-    csv_options = dict(
-        csv_file=data.csv_file,
-        image_column=data.image_column,
-        label_column=data.label_column,
-        group_column=data.group_column,
-        class_names=data.class_names,
-    )
-    builder_config, listing = builders.source_config(
-        layout, root, store, csv_options, data.skip_bad_images, data.build_threads
-    )
+    root, store, builder_config, listing = _source(data, paths)
     dataset_dir = builders.build(builder_config, root, data.tfds_dir or paths["tfds"])
     item_ids, group_ids, labels = _metadata(dataset_dir)
     class_names = listing.class_names
@@ -130,6 +151,7 @@ def prepare(
         json.dump(
             {
                 "dataset_dir": os.path.abspath(dataset_dir),
+                "source_name": builder_config.name,
                 "class_names": class_names,
                 "source": data.source,
                 "folder": os.path.abspath(root),
