@@ -112,14 +112,16 @@ def program_stats(text: str) -> ProgramStats:
             if opcode in ("while", "conditional", "call"):
                 # the computations it runs: every %name after the operand list
                 pending += re.findall(r"%([\w.-]+)", rest.split(")", 1)[-1])
+            collective = opcode.removesuffix("-start").removesuffix("-done")
+            if collective in _COLLECTIVES and not opcode.endswith("-start"):
+                # the result's bytes: a synchronous op's, or an asynchronous one's `-done`
+                # (its `-start` may return its operands and results together)
+                collectives[collective] += 1
+                collective_bytes[collective] += shape_bytes(shape)
             if opcode in _FREE or opcode.endswith("-done"):
                 continue
             operands = re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])
             moved = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
-            base = opcode.removesuffix("-start")
-            if base in _COLLECTIVES:
-                collectives[base] += 1
-                collective_bytes[base] += shape_bytes(shape)
             kernels[_kind(name, opcode, rest)] += 1
             hbm += moved
     return ProgramStats(kernels, hbm, collectives, collective_bytes)

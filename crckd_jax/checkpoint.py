@@ -148,7 +148,8 @@ class Checkpointer:
             try:
                 restored = self.restore(target_state, step)
             except Exception as e:  # noqa: BLE001 - any failure means: not restorable
-                text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                text = text.split(" See full TensorStore details")[0][:300]
                 failed.append((step, f"{type(e).__name__}: {text}"))
                 continue
             for bad, reason in failed:
@@ -178,13 +179,23 @@ class Checkpointer:
                 f"{aside}, using an earlier one")
 
     def single_device_target(self) -> Any:
-        """The newest saved state's structure, shapes and dtypes, laid on the first local
-        device: a restore target that needs neither the run's config nor its devices."""
+        """The saved state's structure, shapes and dtypes (from the newest checkpoint whose
+        metadata reads: a damaged newer one is passed over), laid on the first local device:
+        a restore target that needs neither the run's config nor its devices."""
         device = jax.local_devices()[0]
-        return jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                           sharding=jax.sharding.SingleDeviceSharding(device)),
-            self.manager.item_metadata(self.latest_step())["state"])
+        failure = None
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                metadata = self.manager.item_metadata(step)["state"]
+            except Exception as e:  # noqa: BLE001 - any failure means: not readable
+                failure = failure or f"step {step}: {type(e).__name__}: {str(e)[:300]}"
+                continue
+            return jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(
+                    m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                metadata)
+        raise CheckpointUnavailable(f"no checkpoint in {self.directory} can be read "
+                                    f"({failure or 'none saved'})")
 
     def restore(self, target_state: Any, step: int | None = None) -> Restored:
         """The checkpoint `step` (default: latest), its state laid out like `target_state`."""

@@ -188,6 +188,26 @@ def largest_file(folder):
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+def test_export_and_eval_pass_over_a_newest_checkpoint_whose_metadata_is_damaged(tmp_path):
+    """The single-device restore target (export, predict, load_model) comes from the newest
+    checkpoint whose metadata reads; with every newer one's array data damaged too, the
+    read-only restore falls back to the older step, and no failure prints an object's
+    repr."""
+    from crckd_jax.checkpoint import restore_read_only
+
+    directory = tmp_path / "checkpoints"
+    save_steps(directory, [1, 2])
+    for path in (directory / "2" / "state").rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            path.write_bytes(b"{")  # metadata and array data of step 2 unreadable
+    lines = []
+    restored = restore_read_only(str(directory), Checkpointer.single_device_target,
+                                 str(tmp_path), lines.append)
+    assert restored.step == 1
+    np.testing.assert_array_equal(restored.state["w"], np.full((4, 3), 1.0))
+    assert len(lines) == 1 and "checkpoint step 2" in lines[0] and "<" not in lines[0]
+
+
 def test_damaged_newest_checkpoint_is_reported_moved_and_the_previous_restored(tmp_path):
     directory = tmp_path / "checkpoints"
     save_steps(directory, [1, 2])
