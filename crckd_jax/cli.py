@@ -168,6 +168,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e), errors.EXIT_CONFIG)
     except flags.Error as e:  # e.g. a value of the wrong type: names the flag and value
         fail(_without_config_traceback(str(e)), errors.EXIT_CONFIG)
+    except SyntaxError as e:  # the config file itself does not parse
+        fail(f"config file {e.filename}, line {e.lineno}: {e.msg}", errors.EXIT_CONFIG)
+    except Exception as e:  # noqa: BLE001 - the config file's own code failed as it loaded
+        source = (_flag_value(argv, "config") or "the config file").split(":")[0]
+        fail(f"cannot load {source}: {type(e).__name__}: {e}", errors.EXIT_CONFIG)
 
 
 def _without_config_traceback(message: str) -> str:

@@ -256,3 +256,19 @@ def test_training_imports_no_plotting_library():
                          "print('matplotlib' in sys.modules)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_config_file_that_does_not_load_is_one_error_line(tmp_path):
+    """A syntax error, or code of the config file that fails as it loads: exit 2 and one
+    `error:` line naming the file, no traceback."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n    pass\n")
+    failing = tmp_path / "failing.py"
+    failing.write_text("import no_such_module_of_crckd\n\ndef get_config():\n    pass\n")
+    for path, message in ((broken, f"error: config file {broken}, line 1: invalid syntax"),
+                          (failing, f"error: cannot load {failing}: ModuleNotFoundError: "
+                                    "No module named 'no_such_module_of_crckd'")):
+        done = _python(str(ROOT / "launch.py"), "--config", str(path), "--workdir",
+                       str(tmp_path / "w"))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [message]
