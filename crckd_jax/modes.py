@@ -23,7 +23,8 @@ def run(mode: str, settings: Settings, folder: RunFolder,
 
     if mode == "eval" and settings.eval.input:
         predict.evaluate_input(settings, folder)
-    elif mode == "eval":
+    elif mode == "eval":  # the run's own split and model: with the run's settings
+        folder.check_resumable(settings, allow_config_change, print)
         evaluate.evaluate_checkpoint(settings, folder)
     elif mode == "predict":
         predict.predict(settings, folder)

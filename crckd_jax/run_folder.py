@@ -137,8 +137,8 @@ class RunFolder:
         raise ConfigChanged(
             f"the config differs from the one this run was started with "
             f"({self.config_file}) in {len(changes)} key(s) that change the computation: "
-            f"{listing}. Resume with the same config, use a new --workdir, or pass "
-            "--allow_config_change to resume with the new values")
+            f"{listing}. Use the run's config, a new --workdir, or pass "
+            "--allow_config_change to go on with the new values")
 
 
 def _write_json(path: str, value: Any, sort_keys: bool) -> str:

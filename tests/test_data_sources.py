@@ -60,6 +60,9 @@ def test_load_rgb_names_bad_files(tmp_path):
         sources.load_rgb(str(tmp_path / "broken.jpg"), 8)
     with pytest.raises(DataError, match="missing.png.*does not exist"):
         sources.load_rgb(str(tmp_path / "missing.png"), 8)
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
+    with pytest.raises(DataError, match="pipe.png.*is not a regular file"):
+        sources.load_rgb(str(tmp_path / "pipe.png"), 8)
 
 
 def _ham(root, rows):

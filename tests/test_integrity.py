@@ -378,3 +378,17 @@ def test_a_failing_tensorboard_writer_neither_hangs_nor_passes_silently(tmp_path
         logger.write({"split": "train", "step": 1, "epoch": 0, "loss": 1.0})
     monkeypatch.undo()
     logger.close()
+
+
+def test_eval_with_settings_that_change_the_computation_is_refused(tmp_path, capsys):
+    """`--mode eval` on the run's own split with an override that changes what the model
+    computes (here the input size) stops before loading anything, naming the key."""
+    started_run(tmp_path)
+    config = tiny()
+    with config.unlocked():
+        config.data.image_size = 64
+    with pytest.raises(SystemExit) as info:
+        cli.execute("eval", config, str(tmp_path), tracebacks=False)
+    err = capsys.readouterr().err
+    assert info.value.code == errors.EXIT_CONFIG and err.count("\n") == 1
+    assert "data.image_size: 32 -> 64" in err and "--allow_config_change" in err

@@ -46,7 +46,10 @@ class Listing:
 
 def load_rgb(path: str, size: int) -> Image.Image:
     """Decodes any PIL-readable image to RGB (EXIF orientation applied), bilinear-resized to
-    `size` x `size` like torchvision's `Resize((size, size))`. Raises DataError naming the file."""
+    `size` x `size` like torchvision's `Resize((size, size))`. Raises DataError naming the file
+    (also for a path that is not a regular file, e.g. a FIFO, which would block the read)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"image file {path!r} is not a regular file")
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
