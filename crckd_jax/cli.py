@@ -24,7 +24,7 @@ config changes the computation stops, naming the keys, unless `--allow_config_ch
 Errors end with one `error: ...` line and an exit status per kind: 2 config, 3 data,
 4 checkpoint, 5 disk/I/O, 6 non-finite loss, 7 workdir in use by another run, 75 stopped by
 SIGTERM/SIGINT after saving a checkpoint (requeue), 1 anything else. `--verbosity=1` or
-CRCKD_TRACEBACK=1 shows the traceback.
+CRCKD_TRACEBACK=1 prints the traceback before that line (same exit status).
 
 Several processes (hosts) train together through `jax.distributed`: give every process
 `--coordinator_address HOST:PORT --num_processes N --process_id I` (HOST is process 0's
@@ -38,6 +38,7 @@ import errno
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -227,9 +228,9 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
     """Checks `config` (and, to train, its initialisation: `config.require_initialisation`),
     starts `jax.distributed` if asked, runs `mode`. Every failure ends the program with one
     `error: ...` line and the exit status of its kind (crckd_jax/errors.py); with
-    `tracebacks` (default: `show_tracebacks()`) the exception propagates with its traceback
-    instead. `run_config_file`: the run's config.json that `config` was read from (named in
-    a config error)."""
+    `tracebacks` (default: `show_tracebacks()`) its traceback is printed first, the line and
+    the status stay the same. `run_config_file`: the run's config.json that `config` was
+    read from (named in a config error)."""
     tracebacks = show_tracebacks() if tracebacks is None else tracebacks
     try:
         if not workdir.strip():
@@ -242,8 +243,8 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
     except SystemExit:
         raise
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the command's last word
-        if tracebacks:
-            raise
+        if tracebacks:  # shown, and then the same last line and exit status as without
+            traceback.print_exc()
         code = 130 if isinstance(e, KeyboardInterrupt) else _exit_code(e)
         message = _message(e)
         if run_config_file and isinstance(e, errors.ConfigError):

@@ -199,6 +199,6 @@ def test_a_cv_command_checks_its_config_once(tmp_path, monkeypatch):
     monkeypatch.setattr(xla_options, "enable_compilation_cache", lambda directory: None)
     monkeypatch.setattr(trainer, "load_data", stop)
     config = load_config(packaged_config_path("demo"), "tiny")
-    with pytest.raises(_Stop):
+    with pytest.raises(SystemExit):  # _Stop: an unexpected error
         cli.execute("cv", config, str(tmp_path / "w"), tracebacks=True)
     assert calls == ["validate", "require_initialisation"]

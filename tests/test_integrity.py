@@ -4,6 +4,7 @@ damaged checkpoints, a full disk, the exit codes and one-line errors of the comm
 
 import errno
 import importlib
+import itertools
 import json
 import math
 import os
@@ -283,17 +284,21 @@ def test_failures_end_with_one_line_and_their_exit_code(tmp_path, monkeypatch, c
         (errors.CheckpointUnavailable("no checkpoint"), errors.EXIT_CHECKPOINT),
         (RuntimeError("boom"), errors.EXIT_UNEXPECTED),
     ]
-    for error, code in cases:
+    # With tracebacks (CRCKD_TRACEBACK=1, --verbosity=1): the traceback first, then the same
+    # last line and exit status.
+    for (error, code), tracebacks in itertools.product(cases, (False, True)):
         def raising(mode, settings, folder, allow, error=error):
             raise error
         monkeypatch.setattr(modes, "run", raising)
         with pytest.raises(SystemExit) as info:
-            cli.execute("train", tiny(), str(tmp_path), tracebacks=False)
+            cli.execute("train", tiny(), str(tmp_path), tracebacks=tracebacks)
         err = capsys.readouterr().err
         assert info.value.code == code, (error, err)
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-    with pytest.raises(RuntimeError, match="boom"):  # CRCKD_TRACEBACK=1 / --verbosity=1
-        cli.execute("train", tiny(), str(tmp_path), tracebacks=True)
+        assert err.splitlines()[-1].startswith("error: "), err
+        if tracebacks:
+            assert err.startswith("Traceback (most recent call last)"), err
+        else:
+            assert err.startswith("error: ") and err.count("\n") == 1, err
     monkeypatch.setenv("CRCKD_TRACEBACK", "1")
     assert cli.show_tracebacks()
 
