@@ -133,23 +133,12 @@ def target_devices(target: Target):
 def build(args, devices):
     """The run of the benchmark's settings, compiled for `devices` (the trainer's build)."""
     from crckd_jax import builder
-    from crckd_jax.settings import Settings
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from step_time import class_counts
+    from step_time import benchmark_settings, class_counts
 
-    s, r = Settings(), dataclasses.replace
-    settings = r(
-        s, seed=0,
-        data=r(s.data, image_size=args.image_size),
-        model=r(s.model, name=args.model),
-        train=r(s.train, batch_size=args.batch_size * len(devices), dtype=args.dtype,
-                epochs=10, steps_per_epoch=1000),
-        parallel=r(s.parallel, backend=args.parallel),
-        memory=r(s.memory, kind=args.memory, num_positives=args.num_positives,
-                 num_negatives=args.num_negatives, embed_dim=args.embed_dim,
-                 queue_size=max(args.num_positives, args.num_items // 5)),
-        loss=r(s.loss, preset="paper"))
+    settings = benchmark_settings(args, batch_size=args.batch_size * len(devices),
+                                  dtype=args.dtype, memory=args.memory, backend=args.parallel)
     data = builder.DataDescription.from_counts(class_counts(args.num_items))
     return builder.build_run(settings, data, kernels=args.kernels, devices=devices)
 

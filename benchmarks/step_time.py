@@ -321,30 +321,40 @@ def summarise_xspace(data, steps: int, top: int = 25):
     return total, [(k, v, v / total, calls[k] / steps) for k, v in rows], source
 
 
+def benchmark_settings(args, *, batch_size: int, dtype: str, memory: str, seed: int = 0,
+                       queue_capacity: int | None = None, backend: str = "shard_map"):
+    """The run settings the step benchmarks build from (`step_time.py`, `deviceless.py`):
+    `args`' model, image size and contrast sizes, the paper preset, 10 epochs of 1,000 steps;
+    the queue memory with `queue_capacity` rows per class (default N / C, at least P)."""
+    from crckd_jax.settings import Settings
+
+    queue = queue_capacity or max(args.num_positives, args.num_items // len(APTOS_FOLD_COUNTS))
+    s, r = Settings(), dataclasses.replace
+    return r(
+        s, seed=seed,
+        data=r(s.data, image_size=args.image_size),
+        model=r(s.model, name=args.model),
+        train=r(s.train, batch_size=batch_size, dtype=dtype, epochs=10, steps_per_epoch=1000),
+        parallel=r(s.parallel, backend=backend),
+        memory=r(s.memory, kind=memory, num_positives=args.num_positives,
+                 num_negatives=args.num_negatives, embed_dim=args.embed_dim,
+                 queue_size=queue),
+        loss=r(s.loss, preset="paper"))
+
+
 def setup_jax(args, variant: Variant, train_labels, np_batches):
     """Builds, compiles and warms up the JAX step: (info, run(n) -> step times, finish())."""
-    import dataclasses
-
     import jax
     import numpy as np
 
     from crckd_jax import builder, xla_options
     from crckd_jax.builder import DataDescription
     from crckd_jax.models.kernels import resolve_kernels
-    from crckd_jax.settings import Settings
 
     num_classes = len(APTOS_FOLD_COUNTS)
-    s, r = Settings(), dataclasses.replace
-    settings = r(
-        s, seed=args.seed,
-        data=r(s.data, image_size=args.image_size),
-        model=r(s.model, name=args.model, hidden_dim=128),
-        train=r(s.train, batch_size=variant.batch_size, dtype=variant.dtype, epochs=10,
-                steps_per_epoch=1000),
-        memory=r(s.memory, kind=variant.memory, num_positives=args.num_positives,
-                 num_negatives=args.num_negatives, embed_dim=args.embed_dim,
-                 queue_size=args.queue_capacity or max(1, args.num_items // num_classes)),
-        loss=r(s.loss, preset="paper"))
+    settings = benchmark_settings(args, batch_size=variant.batch_size, dtype=variant.dtype,
+                                  memory=variant.memory, seed=args.seed,
+                                  queue_capacity=args.queue_capacity)
     # The trainer's own build: `Trainer.build` makes the same call.
     built = builder.build_run(
         settings, DataDescription(tuple(map(str, range(num_classes))), train_labels),

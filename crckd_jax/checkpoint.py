@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 from crckd_jax.errors import CheckpointUnavailable, StorageError
 
 DAMAGED_DIR = "damaged_checkpoints"  # next to the checkpoints folder
-BEST_DIR = "best_checkpoint"  # the best validation epoch's checkpoint, next to it
 
 
 @dataclasses.dataclass

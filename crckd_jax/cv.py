@@ -76,7 +76,7 @@ def _run_fold(settings: Settings, folder: RunFolder, fold: int, log: Callable[[s
               allow_config_change: bool) -> dict:
     """Fold `fold`'s summary: read when the fold is done, else trained (or resumed)."""
     fold_folder = folder.fold(fold)
-    done = fold_folder.path("summary.json")
+    done = fold_folder.summary
     if os.path.exists(done):
         log(f"fold {fold}: done earlier ({done})")
         with open(done) as f:

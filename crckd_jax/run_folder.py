@@ -37,6 +37,7 @@ RESUME_FREE_KEYS = frozenset({
 })
 
 CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
 
 
 class _Absent:
@@ -74,6 +75,12 @@ class RunFolder:
     @property
     def export(self) -> str:
         return self.path("export")
+
+    @property
+    def summary(self) -> str:
+        """summary.json: the finished run's test metrics (`summary.summarise`); a cv fold
+        with one is done."""
+        return self.path(SUMMARY_FILE)
 
     def fold(self, k: int) -> "RunFolder":
         """The run folder of cv fold `k` (its data: this folder's)."""

@@ -26,7 +26,7 @@ from crckd_jax.logger import MetricLogger, read_records
 from crckd_jax.metrics import format_metrics
 from crckd_jax.objective import LOSS_KEYS, epoch_of_step
 from crckd_jax.preemption import StopRequest
-from crckd_jax.run_folder import RunFolder
+from crckd_jax.run_folder import SUMMARY_FILE, RunFolder
 from crckd_jax.settings import Settings
 from crckd_jax.summary import summarise
 from crckd_jax.trainer import build_trainer
@@ -236,7 +236,7 @@ def _finish(trainer, state, evaluation, folder, logger, log):
     if evaluation is None:  # the run was complete before this call
         evaluation = trainer.evaluate(state, "test")
     if jax.process_index() == 0:
-        folder.write_json("summary.json", summary)
+        folder.write_json(SUMMARY_FILE, summary)
         if trainer.run.settings.train.write_report:
             from crckd_jax import report  # matplotlib and t-SNE: only when a report is written
 

@@ -251,7 +251,6 @@ def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
     validation balanced accuracy (earliest among equals), as the summary's best_val view
     picks it; `load_model(W, checkpoint="best_val")` serves it."""
     from crckd_jax import load_model
-    from crckd_jax.checkpoint import BEST_DIR
 
     config = tiny_config(epochs=4, checkpoint_every_steps=0)
     with config.unlocked():
@@ -264,7 +263,7 @@ def test_best_validation_epoch_is_kept_besides_the_latest(tmp_path):
     val = [r for r in records if r["split"] == "val" and r["model"] == "student"]
     best = max(val, key=lambda r: (r["bacc"], -r["epoch"]))
     assert summary["best_val"]["epoch"] == best["epoch"]
-    best_dir = Checkpointer(str(tmp_path / BEST_DIR), read_only=True)
+    best_dir = Checkpointer(RunFolder(str(tmp_path)).best_checkpoint, read_only=True)
     assert best_dir.manager.all_steps() == [best["step"]]
     assert Checkpointer(str(tmp_path / "checkpoints"), read_only=True).manager.all_steps() == [16]
     restored = best_dir.restore(best_dir.single_device_target())
