@@ -14,9 +14,11 @@ buffers are XLA's). `cpu` compiles for this machine (a check of the report itsel
 
 Per program: kernels per step by kind, bytes moved per step (XLA's cost analysis where it
 answers, else operands plus results of every kernel, an upper bound; the line says which),
-temporaries, the floor time of those bytes at the target's memory bandwidth, the compile
-time. The last line per program:
-`RESULT target=<t> program=<p> kernels=<n> hbm_gib=<x> temp_gib=<y> floor_ms=<z> compile_s=<s>`
+beside it the tighter estimate with the operands a fusion only slices counted as far as it
+reads them (`hlo_report`), temporaries, the floor time of the bytes at the target's memory
+bandwidth, the compile time. The last line per program: `RESULT target=<t> program=<p>
+kernels=<n> hbm_gib=<x> sliced_gib=<x> temp_gib=<y> floor_ms=<z> compile_s=<s>` (and more
+fields)
 """
 
 from __future__ import annotations
@@ -190,7 +192,8 @@ def report(args, target: Target, run, program: str) -> dict:
     allreduce = stats.collective_bytes_by_kind.get("all-reduce", 0)
     print(f"\n{program} for {target.name} {target.topology} ({n} chips, "
           f"{args.parallel}): {stats.num_kernels} kernels per step, {hbm / _GIB:.2f} GiB "
-          f"moved per chip ({estimator}), {temp / _GIB:.2f} GiB of temporaries, "
+          f"moved per chip ({estimator}; {stats.sliced_bytes / _GIB:.2f} GiB with sliced "
+          f"operands counted as read), {temp / _GIB:.2f} GiB of temporaries, "
           f"{per_chip / _GIB:.2f} GiB per chip (arguments, temporaries, outputs), compiled "
           f"in {compile_s:.1f} s; floor {floor_ms:.1f} ms (memory {hbm_ms:.1f} ms, links "
           f"{link_ms:.1f} ms)")
@@ -200,13 +203,15 @@ def report(args, target: Target, run, program: str) -> dict:
         print(f"  collective {kind}: {count} ops, "
               f"{stats.collective_bytes_by_kind[kind] / _GIB:.3f} GiB per chip")
     result = {"target": args.target, "program": program, "compiled": 1,
-              "kernels": stats.num_kernels, "hbm_gib": hbm / _GIB, "temp_gib": temp / _GIB,
+              "kernels": stats.num_kernels, "hbm_gib": hbm / _GIB,
+              "sliced_gib": stats.sliced_bytes / _GIB, "temp_gib": temp / _GIB,
               "per_chip_gib": per_chip / _GIB, "collectives": sum(stats.collectives.values()),
               "allreduce_gib": allreduce / _GIB,
               "allgather_gib": stats.collective_bytes_by_kind.get("all-gather", 0) / _GIB,
               "floor_ms": floor_ms, "compile_s": compile_s}
     print(f"RESULT target={args.target} program={program} compiled=1 "
-          f"kernels={stats.num_kernels} hbm_gib={hbm / _GIB:.2f} temp_gib={temp / _GIB:.2f} "
+          f"kernels={stats.num_kernels} hbm_gib={hbm / _GIB:.2f} "
+          f"sliced_gib={stats.sliced_bytes / _GIB:.2f} temp_gib={temp / _GIB:.2f} "
           f"per_chip_gib={per_chip / _GIB:.2f} collectives={result['collectives']} "
           f"allreduce_gib={allreduce / _GIB:.3f} floor_ms={floor_ms:.1f} "
           f"compile_s={compile_s:.0f}", flush=True)

@@ -8,13 +8,19 @@ call such as a cuDNN convolution or a cuBLAS GEMM, a copy, a collective, an unfu
 free instructions (parameters, constants, tuples, bitcasts, control flow) are not kernels.
 Bytes per kernel are its operands plus its results, the shapes as printed: an upper bound of
 what a kernel reads from and writes to device memory (a kernel that reads a slice of an
-operand reads less; a fusion's inputs are read once however often it uses them).
+operand reads less; a fusion's inputs are read once however often it uses them). A second,
+tighter figure (`sliced_bytes`) counts of a fusion's operand only the elements that the fused
+computation keeps through its elementwise ops and slices (a loop fusion computes only
+those): DenseNet's backward pass sums, for every part of a dense
+block's concatenation, slices of each later layer's input gradient, which the upper bound
+counts in full once per part.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 
 # Bytes per element of XLA's primitive types.
@@ -47,10 +53,12 @@ def shape_bytes(shape: str) -> float:
 @dataclasses.dataclass
 class ProgramStats:
     """kernels: launches by kind; hbm_bytes: operands + results of all kernels (upper bound);
+    sliced_bytes: the same with a fusion's operands counted as far as its slices read them;
     collectives: collective ops by kind; collective_bytes_by_kind: their results' bytes."""
 
     kernels: collections.Counter
     hbm_bytes: float
+    sliced_bytes: float
     collectives: collections.Counter
     collective_bytes_by_kind: collections.Counter
 
@@ -90,12 +98,58 @@ def _kind(name: str, opcode: str, rest: str) -> str:
     return opcode
 
 
+# Ops that compute each output element from the same element of their operands (a loop
+# fusion computes only the elements a later slice keeps).
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "select",
+                "convert", "bitcast", "copy", "negate", "exponential", "log", "compare", "and",
+                "or", "not", "abs", "sqrt", "rsqrt", "tanh", "power", "clamp"}
+
+
+def _elements(shape: str) -> int:
+    match = _ARRAY.search(shape)
+    return math.prod(int(d) for d in filter(None, match.group(2).split(","))) if match else 0
+
+
+def _parameter_fractions(lines: list[str]) -> dict[int, float]:
+    """{parameter number: the fraction of its elements a fused computation reads}: below 1
+    where every path from the parameter goes through elementwise ops into a `slice`."""
+    numbers, shapes, users = {}, {}, collections.defaultdict(list)
+    order = []
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode, rest = match.groups()
+        shapes[name] = shape
+        order.append(name)
+        if opcode == "parameter":
+            numbers[name] = int(rest.split(")", 1)[0])
+            continue
+        for operand in re.findall(r"%([\w.-]+)", rest.split(")", 1)[0]):
+            users[operand].append((name, opcode))
+    fraction = {}
+    for name in reversed(order):  # users before their operands
+        needed = []
+        for user, opcode in users[name] or [(None, None)]:
+            if user is None:  # the fusion's result
+                needed.append(1.0)
+            elif opcode == "slice":
+                size = _elements(shapes[name])
+                needed.append(fraction[user] * _elements(shapes[user]) / size if size else 1.0)
+            elif opcode in _ELEMENTWISE and _elements(shapes[user]) == _elements(shapes[name]):
+                needed.append(fraction[user])
+            else:
+                needed.append(1.0)
+        fraction[name] = min(1.0, max(needed))
+    return {number: fraction[name] for name, number in numbers.items()}
+
+
 def program_stats(text: str) -> ProgramStats:
     """The kernels, bytes and collectives of one optimized HLO module (`compiled.as_text()`)."""
     computations = _computations(text)
     kernels, collectives, collective_bytes = (collections.Counter(), collections.Counter(),
                                               collections.Counter())
-    hbm = 0.0
+    hbm = sliced = 0.0
     pending, seen = [computations["__entry__"][0]], set()
     while pending:
         computation = pending.pop()
@@ -121,7 +175,11 @@ def program_stats(text: str) -> ProgramStats:
             if opcode in _FREE or opcode.endswith("-done"):
                 continue
             operands = re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])
-            moved = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+            sizes = [shape_bytes(shapes.get(o, "")) for o in operands]
             kernels[_kind(name, opcode, rest)] += 1
-            hbm += moved
-    return ProgramStats(kernels, hbm, collectives, collective_bytes)
+            hbm += shape_bytes(shape) + sum(sizes)
+            fused = re.search(r"calls=%([\w.-]+)", rest) if opcode == "fusion" else None
+            read = _parameter_fractions(computations.get(fused.group(1), [])) if fused else {}
+            sliced += shape_bytes(shape) + sum(size * read.get(i, 1.0)
+                                               for i, size in enumerate(sizes))
+    return ProgramStats(kernels, hbm, sliced, collectives, collective_bytes)

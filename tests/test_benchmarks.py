@@ -313,6 +313,34 @@ def test_program_stats_count_kernels_in_loop_bodies_and_the_bytes_they_move():
     assert hlo_report.shape_bytes("(f32[8,16]{1,0}, bf16[4]{0}, pred[])") == 8 * 16 * 4 + 8 + 1
     # At least the matmul's operands and its result.
     assert stats.hbm_bytes >= (8 * 16 + 16 * 16 + 8 * 16) * 4
+    assert stats.sliced_bytes <= stats.hbm_bytes
+
+
+def test_sliced_bytes_count_what_a_fusion_reads_of_an_operand_it_slices():
+    """A fusion that scales an operand and keeps a quarter of it reads a quarter (the
+    tighter estimate); the upper bound counts the whole operand."""
+    import hlo_report
+
+    text = """HloModule m
+
+%fused (p0: f32[64,128], p1: f32[64,32]) -> f32[64,32] {
+  %p0 = f32[64,128]{1,0} parameter(0)
+  %c = f32[64,128]{1,0} convert(%p0)
+  %s = f32[64,32]{1,0} slice(%c), slice={[0:64], [0:32]}
+  %p1 = f32[64,32]{1,0} parameter(1)
+  ROOT %a = f32[64,32]{1,0} add(%s, %p1)
+}
+
+ENTRY %main (x: f32[64,128], y: f32[64,32]) -> f32[64,32] {
+  %x = f32[64,128]{1,0} parameter(0)
+  %y = f32[64,32]{1,0} parameter(1)
+  ROOT %loop_add_fusion = f32[64,32]{1,0} fusion(%x, %y), kind=kLoop, calls=%fused
+}
+"""
+    stats = hlo_report.program_stats(text)
+    assert stats.num_kernels == 1
+    assert stats.hbm_bytes == (64 * 128 + 2 * 64 * 32) * 4
+    assert stats.sliced_bytes == (64 * 32 + 2 * 64 * 32) * 4
 
 
 def test_deviceless_report_compiles_the_trainers_programs(capsys):

@@ -118,23 +118,59 @@ def test_batch_norm_bfloat16_output_float32_stats():
     assert updates["batch_stats"]["var"].dtype == jnp.float32
 
 
-def test_batch_norm_hand_written_gradient_equals_autodiff():
-    """The hand-written backward pass gives JAX's gradient of the same forward pass, for
-    the input, the scale and the bias."""
+def _autodiff_batch_norm(monkeypatch):
+    """BatchNorm with JAX's differentiation of its statistics and normalisation instead of
+    their hand-written backward passes."""
+    from crckd_jax.models import batch_norm
+
+    monkeypatch.setattr(batch_norm, "batch_moments", batch_norm.batch_moments_autodiff)
+    monkeypatch.setattr(batch_norm, "normalize", batch_norm.normalize_autodiff)
+
+
+@pytest.mark.parametrize("group_size, masked", [(0, False), (4, False), (0, True), (4, True)])
+def test_batch_norm_hand_written_gradient_equals_autodiff(monkeypatch, group_size, masked):
+    """The hand-written backward passes give JAX's gradient of the same forward pass, for
+    the input, the scale and the bias; with groups, a mask, and a group without items."""
+    x, variables = _bn_inputs(shape=(8, 5, 3, 6))
+    weights = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+    params = {"scale": variables["params"]["scale"] + 0.5, "bias": variables["params"]["bias"]}
+    mask = jnp.asarray([True, False, True, True] + [False] * 4) if masked else None
+    bn = BatchNorm(use_running_average=False, group_size=group_size)
+
+    def gradient():
+        loss = lambda p, x_: jnp.sum(bn.apply({"params": p, "batch_stats": variables[
+            "batch_stats"]}, x_, mask=mask, mutable=["batch_stats"])[0] * weights)
+        return jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+    ours = gradient()
+    _autodiff_batch_norm(monkeypatch)
+    reference = gradient()
+    assert np.abs(reference[1]).max() > 1e-3
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_takes_known_statistics():
+    """Statistics passed in (of parts of a concatenation, computed apart) give the same
+    output, gradients and running statistics as those the layer computes itself."""
     from crckd_jax.models import batch_norm
 
     x, variables = _bn_inputs(shape=(8, 5, 3, 6))
-    weights = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
-    scale = variables["params"]["scale"] + 0.5
+    mask = jnp.asarray([True] * 6 + [False] * 2)
+    bn = BatchNorm(use_running_average=False, group_size=4)
 
-    def gradient(train_fn):
-        loss = lambda x_, s, b: jnp.sum(train_fn(x_, s, b, 1e-5, None, jnp.float32)[0] * weights)
-        return jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), scale,
-                                                 variables["params"]["bias"])
+    def run(known):
+        def loss(p, x_):
+            statistics = batch_norm.concat_statistics(
+                [batch_norm.batch_statistics(x_[..., :2], mask, None, 4),
+                 batch_norm.batch_statistics(x_[..., 2:], mask, None, 4)]) if known else None
+            y, upd = bn.apply({"params": p, "batch_stats": variables["batch_stats"]}, x_,
+                              mask=mask, statistics=statistics, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y)), (y, upd)
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], jnp.asarray(x))
 
-    for ours, reference in zip(gradient(batch_norm.batch_norm_train),
-                               gradient(batch_norm.batch_norm_train_autodiff), strict=True):
-        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(run(True)), jax.tree.leaves(run(False)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_norm_needs_two_values_per_channel_in_training():
@@ -147,10 +183,8 @@ def test_batch_norm_needs_two_values_per_channel_in_training():
 def bn_backward(request, monkeypatch):
     """BatchNorm's training pass with its hand-written backward pass, or with JAX's
     differentiation of the same forward pass (the reference it is checked against)."""
-    from crckd_jax.models import batch_norm
-
     if request.param == "autodiff":
-        monkeypatch.setattr(batch_norm, "batch_norm_train", batch_norm.batch_norm_train_autodiff)
+        _autodiff_batch_norm(monkeypatch)
     return request.param
 
 
@@ -485,15 +519,20 @@ def test_cpu_and_standard_kernels_agree(name):
     cotangents = {k: jax.random.normal(jax.random.key(i + 2), s.shape)
                   for i, (k, s) in enumerate(sorted(shapes.items()))}
 
-    # The forward pass in train mode: one hand-written VJP per BatchNorm (both), and per 3x3
-    # convolution plus the stem pool ('cpu'); a reduce_window pool ('standard').
+    # The forward pass in train mode (both): one hand-written VJP per BatchNorm's
+    # normalisation, one per batch statistics computed: norm0's, every norm2's, and once per
+    # part of a dense block's concatenation (its input, each layer's new features), which the
+    # later layers, the transition and norm5 share. 'cpu' adds one per 3x3 convolution and the
+    # stem pool, 'standard' has a reduce_window pool.
     layers = sum(cfg.block_config)
     num_bn = 2 + 2 * layers + len(cfg.block_config) - 1
+    num_statistics = 1 + 2 * layers + len(cfg.block_config)
     for k, model in models.items():
         jaxpr = jax.make_jaxpr(
             lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
         counts = collections.Counter(e.primitive.name for e in jaxpr.jaxpr.eqns)
-        assert counts["custom_vjp_call"] == num_bn + (layers + 1 if k == "cpu" else 0), k
+        assert counts["custom_vjp_call"] == num_bn + num_statistics + (
+            layers + 1 if k == "cpu" else 0), k
         assert counts["reduce_window_max"] == (0 if k == "cpu" else 1), k
 
     results = {}

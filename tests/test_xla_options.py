@@ -73,8 +73,8 @@ layer = _DenseLayer(4, 2, jnp.float32, BatchNormSettings())
 x = jnp.ones((2, 8, 8, 6))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    v = jax.jit(lambda k: layer.init(k, x, True))(jax.random.key(0))
-    loss = lambda p: layer.apply({**v, "params": p}, x, True, mutable=["batch_stats"])[0].sum()
+    v = jax.jit(lambda k: layer.init(k, x, None, True))(jax.random.key(0))
+    loss = lambda p: layer.apply({**v, "params": p}, x, None, True, mutable=["batch_stats"])[0].sum()
     jax.block_until_ready(jax.jit(jax.grad(loss))(v["params"]))
 print(json.dumps({"directory": directory,
                   "hits": events.count("/jax/compilation_cache/cache_hits"),

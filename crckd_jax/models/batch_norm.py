@@ -14,36 +14,194 @@ Differences from ``flax.linen.BatchNorm`` that matter for checkpoint and trainin
 * a ``mask`` [B] (training mode) leaves the masked items out of the batch statistics (the
   padding of a partial batch): each group's statistics are over its unmasked items only.
 
-Variance is computed in two passes (global mean first, then the mean of squared deviations),
-as torch does on CPU (its CUDA kernels use Welford, equally stable), instead of
-``E[x^2] - E[x]^2``, which loses all precision in float32 when ``|mean| >> std``. With
-``axis_name`` each pass is one ``lax.psum`` over the named axis of per-device sums (the
-element count is psum'd statically), so ``N`` devices with synchronised statistics compute
-the same numbers as one device holding the global batch, up to summation order. The price
-is two small all-reduces of [C] vectors per layer instead of one.
+Statistics (`batch_statistics`) are one pass over the data: the sums of ``x - K`` and
+``(x - K)^2`` per channel, with ``K`` one value of the batch itself (of the first unmasked
+item; the mean of those over the devices of ``axis_name``). Shifted this way the variance
+keeps its digits when ``|mean| >> std``, where ``E[x^2] - E[x]^2`` loses them all in
+float32, and both sums come from one read of the input (one fused reduction on a GPU) instead
+of the two that a mean-then-deviations variance needs. With ``axis_name`` the sums are one
+``lax.psum`` of per-device sums, so ``N`` devices with synchronised statistics compute the
+same numbers as one device holding the global batch, up to summation order.
 
-Training-mode gradients: a hand-written backward pass on every backend (`batch_norm_train`:
-two reductions and one elementwise pass). It is faster on XLA's CPU backend, and compiled
-for an H200 it launches fewer kernels and moves fewer bytes than JAX's differentiation of
-the same forward pass (`batch_norm_train_autodiff`, the reference the tests check it
-against): DenseNet-121's train step at 224 px, batch 64, bfloat16 gives 3,735 kernels and
-49.4 GiB per step against 4,213 and 53.8 (`benchmarks/deviceless.py`, docs/performance.md).
-Both give the same values and gradients up to summation order.
+Statistics are separate from the normalisation (`normalize`), so a layer whose input is a
+concatenation of tensors whose statistics are already known takes them instead of reading
+its input again (DenseNet's dense layers: `crckd_jax.models.densenet`): per-channel batch
+statistics do not depend on who consumes the channel. Training-mode gradients are written
+by hand for both parts: `normalize` needs two reductions of the incoming gradient and one
+elementwise pass, `batch_moments` one elementwise pass per tensor, after the cotangents of
+all its consumers are summed (vectors of C). Compiled for an H200, DenseNet-121's train step
+(224 px, batch 64, bfloat16) went from 3,735 kernels, 49.4 GiB moved (42.1 GiB counting
+sliced operands as read) and 2.75 GiB of temporaries with per-layer two-pass statistics to
+3,545, 46.7 (34.7) and 2.56 (`benchmarks/deviceless.py`, docs/performance.md). The
+``*_autodiff`` variants are the same forward passes differentiated by JAX, the reference
+the tests check the hand-written gradients against.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from crckd_jax.collectives import psum
+from crckd_jax.collectives import pmean, psum
+
+
+class Statistics(NamedTuple):
+    """Batch statistics of x [B, ..., C] per group of items (G groups; G = 1 without groups).
+
+    mean [G, C] and sq_dev_sum [G, C] (the sum of squared deviations from the mean), float32,
+    differentiable; divisor [G]: the values per channel they are over (all items of an empty
+    group); count [G]: the unmasked values per channel (0 for an empty group), for the
+    running statistics. Over all devices of the axis they were computed with.
+    """
+
+    mean: jnp.ndarray
+    sq_dev_sum: jnp.ndarray
+    divisor: jnp.ndarray
+    count: jnp.ndarray
+
+
+def concat_statistics(parts: list[Statistics]) -> Statistics:
+    """The statistics of the channel-wise concatenation of tensors with statistics `parts`
+    (same items, so the same divisor and count)."""
+    return Statistics(jnp.concatenate([p.mean for p in parts], axis=-1),
+                      jnp.concatenate([p.sq_dev_sum for p in parts], axis=-1),
+                      parts[0].divisor, parts[0].count)
+
+
+def batch_statistics(x: jnp.ndarray, mask: jnp.ndarray | None = None,
+                     axis_name: str | None = None, group_size: int = 0) -> Statistics:
+    """The batch statistics of x [B, ..., C] (any dtype; computed in float32) over the items
+    with a True `mask` [B] (all without one), per group of `group_size` consecutive items
+    (0: one group), summed over the devices of `axis_name`.
+
+    Raises ValueError for groups that do not divide the batch, groups combined with
+    `axis_name`, or fewer than 2 values per channel and group.
+    """
+    batch = x.shape[0]
+    size = group_size or batch
+    if group_size and axis_name is not None:
+        raise ValueError("BatchNorm group_size > 0 computes per-device statistics; it "
+                         f"cannot be combined with axis_name={axis_name!r}")
+    if batch % size:
+        raise ValueError(f"BatchNorm group_size {size} does not divide the batch of "
+                         f"{batch} items")
+    groups = x.reshape(batch // size, size, -1, x.shape[-1])  # [G, n, pixels, C]
+    values = size * groups.shape[2]
+    if (values if axis_name is None else lax.psum(values, axis_name)) < 2:
+        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel"
+                         f"{' and group' if group_size else ''}, got input shape {x.shape}")
+    weights = (jnp.ones((batch,), jnp.float32) if mask is None
+               else mask.astype(jnp.float32)).reshape(batch // size, size)
+    mean, sq_dev_sum, divisor, count = batch_moments(groups, weights, axis_name)
+    return Statistics(mean, sq_dev_sum, divisor, count)
+
+
+def _moments(groups, weights, axis_name):
+    """(mean, sq_dev_sum, divisor, count, weights used, shift) of groups [G, n, P, C]
+    with weights [G, n] of 0/1; a group without any weight 1 uses all its items."""
+    x32 = groups.astype(jnp.float32)
+    pixels = groups.shape[2]
+    count = psum(jnp.sum(weights, axis=1) * pixels, axis_name)  # [G]
+    weights = jnp.where((count == 0)[:, None], 1.0, weights)
+    divisor = psum(jnp.sum(weights, axis=1) * pixels, axis_name)
+    first = jnp.argmax(weights, axis=1)  # the first item that counts, per group
+    shift = pmean(jnp.take_along_axis(x32[:, :, 0], first[:, None, None], axis=1)[:, 0],
+                  axis_name)  # [G, C]
+    centred = x32 - shift[:, None, None]
+    w = weights[:, :, None, None]
+    sums = psum((jnp.sum(w * centred, axis=(1, 2)), jnp.sum(w * jnp.square(centred),
+                                                            axis=(1, 2))), axis_name)
+    offset = sums[0] / divisor[:, None]  # mean - shift
+    sq_dev_sum = jnp.maximum(sums[1] - sums[0] * offset, 0.0)
+    return shift + offset, sq_dev_sum, divisor, count, weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def batch_moments(groups, weights, axis_name):
+    """(mean [G, C], sq_dev_sum [G, C], divisor [G], count [G]) of groups [G, n, P, C] over
+    the items with weight 1 of weights [G, n] (`batch_statistics`), with a hand-written
+    gradient for mean and sq_dev_sum: one elementwise pass, with the cotangents summed over
+    the devices of `axis_name` (the statistics depend on every device's items)."""
+    return _moments(groups, weights, axis_name)[:4]
+
+
+def batch_moments_autodiff(groups, weights, axis_name):
+    """`batch_moments` with JAX's differentiation of the same forward pass (the reference
+    its hand-written gradient is tested against)."""
+    mean, sq_dev_sum, divisor, count, _ = _moments(groups, weights, axis_name)
+    return mean, sq_dev_sum, lax.stop_gradient(divisor), lax.stop_gradient(count)
+
+
+def _moments_fwd(groups, weights, axis_name):
+    mean, sq_dev_sum, divisor, count, used = _moments(groups, weights, axis_name)
+    return (mean, sq_dev_sum, divisor, count), (groups, used, mean, divisor)
+
+
+def _moments_bwd(axis_name, residuals, cotangents):
+    groups, used, mean, divisor = residuals
+    d_mean, d_sq_dev_sum = psum((cotangents[0], cotangents[1]), axis_name)
+    # d mean / dx = w / divisor; d sq_dev_sum / dx = 2 w (x - mean).
+    centred = groups.astype(jnp.float32) - mean[:, None, None]
+    dx = used[:, :, None, None] * ((d_mean / divisor[:, None])[:, None, None]
+                                   + 2.0 * d_sq_dev_sum[:, None, None] * centred)
+    return dx.astype(groups.dtype), jnp.zeros_like(used)
+
+
+batch_moments.defvjp(_moments_fwd, _moments_bwd)
+
+
+def normalize_autodiff(x, statistics, scale, bias, epsilon, dtype):
+    """`normalize` with JAX's differentiation (the reference its gradient is tested against)."""
+    num_groups = statistics.mean.shape[0]
+    groups = x.reshape(num_groups, -1, x.shape[-1]).astype(jnp.float32)
+    inv = lax.rsqrt(statistics.sq_dev_sum / statistics.divisor[:, None] + epsilon)
+    y = (groups - statistics.mean[:, None]) * (scale * inv)[:, None] + bias
+    return y.reshape(x.shape).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def normalize(x, statistics, scale, bias, epsilon, dtype):
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` of x [B, ..., C] with the biased
+    variance of `statistics` (per group of items), computed in float32, returned in `dtype`.
+
+    Hand-written gradient: two reductions of the incoming gradient (its sum, and its sum
+    times the centred input, per group and channel) and one elementwise pass for the input.
+    The cotangents of the statistics and of ``scale`` and ``bias`` are this device's share
+    (`batch_moments` sums the former over the devices, the caller the latter).
+    """
+    return normalize_autodiff(x, statistics, scale, bias, epsilon, dtype)
+
+
+def _normalize_fwd(x, statistics, scale, bias, epsilon, dtype):
+    y = normalize_autodiff(x, statistics, scale, bias, epsilon, dtype)
+    return y, (x, statistics, scale)
+
+
+def _normalize_bwd(epsilon, dtype, residuals, dy):
+    del dtype
+    x, statistics, scale = residuals
+    num_groups = statistics.mean.shape[0]
+    dy = dy.reshape(num_groups, -1, x.shape[-1]).astype(jnp.float32)
+    centred = x.reshape(dy.shape).astype(jnp.float32) - statistics.mean[:, None]
+    inv = lax.rsqrt(statistics.sq_dev_sum / statistics.divisor[:, None] + epsilon)  # [G, C]
+    d_bias = jnp.sum(dy, axis=1)  # [G, C]
+    d_centred = jnp.sum(dy * centred, axis=1)
+    dx = (dy * (scale * inv)[:, None]).reshape(x.shape).astype(x.dtype)
+    d_statistics = Statistics(
+        mean=-(scale * inv) * d_bias,
+        # d inv / d sq_dev_sum = -inv^3 / (2 divisor)
+        sq_dev_sum=-0.5 * scale * d_centred * inv ** 3 / statistics.divisor[:, None],
+        divisor=jnp.zeros_like(statistics.divisor), count=jnp.zeros_like(statistics.count))
+    return dx, d_statistics, jnp.sum(d_centred * inv, axis=0), jnp.sum(d_bias, axis=0)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -75,9 +233,12 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None,
-                 mask: jnp.ndarray | None = None) -> jnp.ndarray:
+                 mask: jnp.ndarray | None = None,
+                 statistics: Statistics | None = None) -> jnp.ndarray:
         """Normalises ``x`` [B, ..., C]; returns an array of the same shape in ``self.dtype``.
-        ``mask`` [B] bool (training mode): only the True items enter the statistics."""
+        Training mode: ``mask`` [B] bool: only the True items enter the statistics;
+        ``statistics``: those of ``x`` when already known (`batch_statistics` with this
+        layer's mask, axis and groups), else computed here."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -96,58 +257,19 @@ class BatchNorm(nn.Module):
             mul = scale * lax.rsqrt(var + self.epsilon)
             return ((x.astype(jnp.float32) - mean) * mul + bias).astype(self.dtype)
 
-        train_fn = batch_norm_train
-        if self.group_size:
-            y, mean, sq_dev_sum, count = self._grouped(train_fn, x, scale, bias, mask)
-        elif mask is not None:
-            y, mean, sq_dev_sum, count = batch_norm_train_masked(
-                x, mask.astype(jnp.float32), scale, bias, self.epsilon, self.axis_name,
-                jnp.dtype(self.dtype), with_count=True)
-        else:
-            count = _global_count(x.shape, self.axis_name)
-            if count < 2:
-                raise ValueError(
-                    f"BatchNorm in training mode needs more than 1 value per channel, got "
-                    f"input shape {x.shape}"
-                )
-            y, mean, sq_dev_sum = train_fn(
-                x, scale, bias, self.epsilon, self.axis_name, jnp.dtype(self.dtype))
+        if statistics is None:
+            statistics = batch_statistics(x, mask, self.axis_name, self.group_size)
+        y = normalize(x, statistics, scale, bias, self.epsilon, self.dtype)
         if not self.is_initializing():
-            m = self.momentum
-            if mask is not None:  # statistics of no item (an all-padding batch) update nothing
-                m = jnp.where(count > 0, m, 0.0)
+            # from the first group (the reference's replica on its first GPU); statistics of
+            # no item (an all-padding batch) update nothing
+            count = statistics.count[0]
+            m = jnp.where(count > 0, self.momentum, 0.0)
+            mean = lax.stop_gradient(statistics.mean[0])
+            var = lax.stop_gradient(statistics.sq_dev_sum[0]) / jnp.maximum(count - 1, 1)
             running_mean.value = (1.0 - m) * running_mean.value + m * mean
-            running_var.value = (1.0 - m) * running_var.value + m * (sq_dev_sum / (count - 1))
+            running_var.value = (1.0 - m) * running_var.value + m * var
         return y
-
-    def _grouped(self, train_fn, x, scale, bias, mask):
-        """Batch norm of each group of ``group_size`` items (the unmasked ones of each with
-        a mask); returns the output, the first group's mean and sum of squared deviations
-        [C], and its values per channel."""
-        size, batch = self.group_size, x.shape[0]
-        if self.axis_name is not None:
-            raise ValueError("BatchNorm group_size > 0 computes per-device statistics; it "
-                             f"cannot be combined with axis_name={self.axis_name!r}")
-        if batch % size:
-            raise ValueError(f"BatchNorm group_size {size} does not divide the batch of "
-                             f"{batch} items")
-        groups = x.reshape(batch // size, size, *x.shape[1:])
-        if math.prod(groups.shape[1:-1]) < 2:
-            raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel "
-                             f"and group, got groups of shape {groups.shape[1:]}")
-        if mask is None:
-            y, mean, sq_dev_sum = jax.vmap(
-                lambda g: train_fn(g, scale, bias, self.epsilon, None, jnp.dtype(self.dtype))
-            )(groups)
-            count = math.prod(groups.shape[1:-1])
-        else:
-            weights = mask.astype(jnp.float32).reshape(batch // size, size)
-            y, mean, sq_dev_sum, counts = jax.vmap(
-                lambda g, w: batch_norm_train_masked(g, w, scale, bias, self.epsilon, None,
-                                                     jnp.dtype(self.dtype), with_count=True)
-            )(groups, weights)
-            count = counts[0]
-        return y.reshape(x.shape), mean[0], sq_dev_sum[0], count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,98 +287,6 @@ class BatchNormSettings:
                          momentum=self.momentum, dtype=dtype, group_size=self.group_size,
                          name=name)
 
-
-def _global_count(shape, axis_name) -> int:
-    """Values per channel of x [..., C] over all devices of `axis_name` (a Python int:
-    psum of a Python number is static)."""
-    count = math.prod(shape[:-1])
-    return count if axis_name is None else lax.psum(count, axis_name)
-
-
-def _batch_stats(x, axis_name):
-    """(x as float32, count, mean [C], sum of squared deviations [C]); two passes."""
-    x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    count = _global_count(x.shape, axis_name)
-    mean = psum(jnp.sum(x32, axis=axes), axis_name) / count
-    sq_dev_sum = psum(jnp.sum(jnp.square(x32 - mean), axis=axes), axis_name)
-    return x32, count, mean, sq_dev_sum
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype):
-    """Training-mode batch norm of x [..., C] with batch statistics.
-
-    Returns ``(y, mean, sq_dev_sum)``: the output in ``dtype``, and the batch mean and sum
-    of squared deviations per channel (float32, over all devices of ``axis_name``), which
-    carry no gradient (they feed the running averages). The gradient of ``y`` is written
-    by hand (two reductions in the backward pass instead of the several that autodiff of
-    the two-pass statistics produces); with ``axis_name`` its reductions are summed over
-    the devices, as autodiff of the synchronised statistics would do. Gradients of
-    ``scale`` and ``bias`` are this device's share (the caller sums them over devices).
-    """
-    y, mean, sq_dev_sum, _ = _bn_forward(x, scale, bias, epsilon, axis_name, dtype)
-    return y, mean, sq_dev_sum
-
-
-def batch_norm_train_masked(x, weight, scale, bias, epsilon, axis_name, dtype,
-                            with_count=False):
-    """`batch_norm_train_autodiff` over the items with weight 1 of x [B, ..., C] (weight
-    [B] of 0/1): statistics from those items only, every item normalised with them. Also
-    returns the values per channel counted (traced) when `with_count`, for the running
-    variance. A group without any such item (a partial batch's empty DataParallel replica)
-    is normalised with its own statistics, so that its outputs, which nothing uses, stay
-    finite through the network (and so do their zero gradients)."""
-    x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    per_item = math.prod(x.shape[1:-1])
-    count = psum(jnp.sum(weight) * per_item, axis_name)
-    empty = count == 0
-    weight = jnp.where(empty, jnp.ones_like(weight), weight)
-    w = weight.reshape((-1,) + (1,) * (x.ndim - 1))
-    used = jnp.where(empty, psum(jnp.float32(x.shape[0] * per_item), axis_name), count)
-    mean = psum(jnp.sum(w * x32, axis=axes), axis_name) / used
-    sq_dev_sum = psum(jnp.sum(w * jnp.square(x32 - mean), axis=axes), axis_name)
-    inv = lax.rsqrt(sq_dev_sum / used + epsilon)
-    y = ((x32 - mean) * (scale * inv) + bias).astype(dtype)
-    out = (y, lax.stop_gradient(mean), lax.stop_gradient(sq_dev_sum))
-    return out + (count,) if with_count else out
-
-
-def batch_norm_train_autodiff(x, scale, bias, epsilon, axis_name, dtype):
-    """`batch_norm_train` without the hand-written VJP: JAX differentiates the forward pass
-    (the psums of the synchronised statistics included). Same values and gradients."""
-    y, mean, sq_dev_sum, _ = _bn_forward(x, scale, bias, epsilon, axis_name, dtype)
-    return y, lax.stop_gradient(mean), lax.stop_gradient(sq_dev_sum)
-
-
-def _bn_forward(x, scale, bias, epsilon, axis_name, dtype):
-    x32, count, mean, sq_dev_sum = _batch_stats(x, axis_name)
-    inv = lax.rsqrt(sq_dev_sum / count + epsilon)
-    y = ((x32 - mean) * (scale * inv) + bias).astype(dtype)
-    return y, mean, sq_dev_sum, inv
-
-
-def _bn_fwd(x, scale, bias, epsilon, axis_name, dtype):
-    y, mean, sq_dev_sum, inv = _bn_forward(x, scale, bias, epsilon, axis_name, dtype)
-    return (y, mean, sq_dev_sum), (x, scale, mean, inv)
-
-
-def _bn_bwd(epsilon, axis_name, dtype, residuals, cotangents):
-    del epsilon, dtype
-    x, scale, mean, inv = residuals
-    dy = cotangents[0].astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    count = _global_count(x.shape, axis_name)
-    centred = x.astype(jnp.float32) - mean
-    # This device's sums; the input gradient needs those of the whole (global) batch.
-    d_bias = jnp.sum(dy, axis=axes)
-    d_scale = jnp.sum(dy * centred, axis=axes) * inv
-    g_bias, g_scale = psum(d_bias, axis_name), psum(d_scale, axis_name)
-    # dx = scale * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = centred * inv.
-    a = scale * inv
-    dx = dy * a - centred * (a * inv * g_scale / count) - a * g_bias / count
-    return dx.astype(x.dtype), d_scale, d_bias
-
-
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+    def statistics(self, x: jnp.ndarray, mask: jnp.ndarray | None) -> Statistics:
+        """`batch_statistics` of x [B, ..., C] as this network's BatchNorm layers compute them."""
+        return batch_statistics(x, mask, self.axis_name, self.group_size)

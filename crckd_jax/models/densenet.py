@@ -27,8 +27,9 @@ Both compute the same function, create the same variables (names, shapes, initia
 streams) and give the same gradients up to float32 summation order (tested), so checkpoints
 and torchvision imports do not depend on the choice. Shared by both: 1x1 convolutions as one
 matrix product (`Conv1x1`; a GEMM is what cuBLAS and XLA's GPU emitters do best as well),
-the transition's pooling before its 1x1 convolution, and BatchNorm's hand-written backward
-pass (`crckd_jax.models.batch_norm`).
+the transition's pooling before its 1x1 convolution, BatchNorm's hand-written backward
+passes and its statistics computed once per part of a dense block
+(`crckd_jax.models.batch_norm`, `_DenseBlock`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from crckd_jax.models.batch_norm import BatchNormSettings
+from crckd_jax.models.batch_norm import BatchNormSettings, concat_statistics
 from crckd_jax.models.kernels import KERNELS, resolve_kernels  # noqa: F401 (re-exported)
 from crckd_jax.models.presets import (DENSENET_PRESETS, DenseNetConfig,  # noqa: F401
                                       densenet_config)
@@ -126,7 +127,10 @@ max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def max_pool_3x3_s2_standard(x):
     """The same pooling as `max_pool_3x3_s2` as one ``reduce_window`` (padding -inf), with
-    JAX's gradient (select-and-scatter: a tied maximum gets the whole gradient)."""
+    JAX's gradient (select-and-scatter: a tied maximum gets the whole gradient). Compiled
+    for an H200 it keeps int32 window indices for the backward pass; `max_pool_3x3_s2` there
+    moves 0.3 GiB less per DenseNet-121 step but keeps 0.17 GiB more temporaries
+    (docs/performance.md), so the GPU keeps this one."""
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -194,6 +198,10 @@ class Conv3x3(nn.Module):
 
 
 class _DenseLayer(nn.Module):
+    """One dense layer: the block's features so far [B, H, W, C] -> its new features
+    [B, H, W, growth_rate]. ``statistics``: the batch statistics of the input in training
+    mode (known from when each part of it was produced), None in eval mode."""
+
     growth_rate: int
     bn_size: int
     dtype: Any
@@ -201,15 +209,24 @@ class _DenseLayer(nn.Module):
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x, train: bool, mask=None):
-        y = nn.relu(self.bn.layer(train, self.dtype, "norm1")(x, mask=mask))
+    def __call__(self, x, statistics, train: bool, mask=None):
+        y = nn.relu(self.bn.layer(train, self.dtype, "norm1")(x, mask=mask,
+                                                              statistics=statistics))
         y = Conv1x1(self.bn_size * self.growth_rate, self.dtype, name="conv1")(y)
         y = nn.relu(self.bn.layer(train, self.dtype, "norm2")(y, mask=mask))
-        y = Conv3x3(self.growth_rate, self.dtype, kernels=self.kernels, name="conv2")(y)
-        return jnp.concatenate([x, y], axis=-1)
+        return Conv3x3(self.growth_rate, self.dtype, kernels=self.kernels, name="conv2")(y)
 
 
 class _DenseBlock(nn.Module):
+    """x [B, H, W, C] -> (the concatenation of x and every layer's new features [B, H, W,
+    C + num_layers * growth_rate], its batch statistics in training mode, else None).
+
+    The statistics of each part are computed once, when it is produced, and every later
+    BatchNorm over the concatenation (the following layers' ``norm1``, the transition's or the
+    final ``norm5``) takes them instead of reading its whole input again: per-channel batch
+    statistics do not depend on the consumer, also per group of items or with a mask.
+    """
+
     num_layers: int
     growth_rate: int
     bn_size: int
@@ -219,12 +236,18 @@ class _DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
+        parts, statistics = [x], [self.bn.statistics(x, mask)] if train else None
         for j in range(self.num_layers):
-            x = _DenseLayer(
+            y = _DenseLayer(
                 self.growth_rate, self.bn_size, self.dtype, self.bn, self.kernels,
                 name=f"denselayer{j + 1}",
-            )(x, train, mask)
-        return x
+            )(jnp.concatenate(parts, axis=-1),
+              concat_statistics(statistics) if train else None, train, mask)
+            parts.append(y)
+            if train:
+                statistics.append(self.bn.statistics(y, mask))
+        return (jnp.concatenate(parts, axis=-1),
+                concat_statistics(statistics) if train else None)
 
 
 class _Transition(nn.Module):
@@ -234,8 +257,8 @@ class _Transition(nn.Module):
     kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x, train: bool, mask=None):
-        x = self.bn.layer(train, self.dtype, "norm")(x, mask=mask)
+    def __call__(self, x, statistics, train: bool, mask=None):
+        x = self.bn.layer(train, self.dtype, "norm")(x, mask=mask, statistics=statistics)
         # torch: conv then pool. Both are linear and act per pixel / per channel, so
         # pooling first gives the same values with a 1x1 convolution on 4x fewer pixels.
         return Conv1x1(self.num_output_features, self.dtype, name="conv")(
@@ -271,18 +294,15 @@ class DenseNetFeatures(nn.Module):
         # The settings of stage i (0: the stem, i: denseblock i and the transition after it).
         stage_bn = lambda i: twice if i < self.double_update_until_block else self.bn
 
-        def norm(y, name, stage):
-            return stage_bn(stage).layer(train, self.dtype, name)(y, mask=mask)
-
         x = nn.Conv(
             cfg.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
             use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv0",
         )(x)
-        x = nn.relu(norm(x, "norm0", 0))
+        x = nn.relu(stage_bn(0).layer(train, self.dtype, "norm0")(x, mask=mask))
         x = max_pool_3x3_s2(x) if kernels == "cpu" else max_pool_3x3_s2_standard(x)
         channels = cfg.num_init_features
         for i, num_layers in enumerate(cfg.block_config):
-            x = _DenseBlock(
+            x, statistics = _DenseBlock(
                 num_layers, cfg.growth_rate, cfg.bn_size, self.dtype, stage_bn(i), kernels,
                 name=f"denseblock{i + 1}",
             )(x, train, mask)
@@ -292,8 +312,9 @@ class DenseNetFeatures(nn.Module):
                 x = _Transition(
                     channels, self.dtype, stage_bn(i + 1), kernels,
                     name=f"transition{i + 1}",
-                )(x, train, mask)
-        return norm(x, "norm5", len(cfg.block_config))
+                )(x, statistics, train, mask)
+        return stage_bn(len(cfg.block_config)).layer(train, self.dtype, "norm5")(
+            x, mask=mask, statistics=statistics)
 
 
 class CRCKDNet(nn.Module):
