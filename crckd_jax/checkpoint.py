@@ -16,14 +16,28 @@ is reported in one line and, when training, moved to
 `<workdir>/damaged_checkpoints/<step>-<time>` (never deleted); the newest checkpoint that
 restores is used instead. A failed write (full disk, ...) raises
 StorageError naming the folder and the last good checkpoint.
+
+Once a step is committed, process 0 writes `checksums.json` into its folder: the size and
+SHA-256 of every file of the step (orbax passes over a file there). A restore, on every
+process, first checks the files against it; a file that differs, is missing or has another
+size makes the checkpoint damaged (as above), naming the file. A checkpoint without the
+record (saved by an earlier version, or the newest one of a run killed before its record
+was written) restores unchecked, with one line saying so.
+Cost: reading and hashing the whole checkpoint once per save, on a background thread of
+process 0 while training goes on, and once more per restore. SHA-256 runs at about
+1.5 GB/s on one core of a Zen 4 EPYC: a few ms for a demo checkpoint (about 1 MB), about
+0.1 s expected for a DenseNet-121 run's state (116 MB).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import time
+from concurrent import futures
 from typing import Any, Callable
 
 import jax
@@ -32,16 +46,84 @@ import orbax.checkpoint as ocp
 from crckd_jax.errors import CheckpointUnavailable, StorageError
 
 DAMAGED_DIR = "damaged_checkpoints"  # next to the checkpoints folder
+CHECKSUMS_FILE = "checksums.json"  # in each step's folder
+CHECKSUMS_FORMAT = "crckd-jax-checksums-1"
 
 
 @dataclasses.dataclass
 class Restored:
-    """What a checkpoint holds."""
+    """What a checkpoint holds; `checked`: its files matched its checksums."""
 
     step: int
     state: Any
     data: dict
     meta: dict
+    checked: bool = False
+
+
+class ChecksumMismatch(Exception):
+    """A checkpoint's file no longer matches the checksums recorded when it was saved."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _step_files(step_dir: str) -> list[str]:
+    """The files of a step's folder (relative paths, sorted), its checksums record aside."""
+    found = []
+    for root, _, names in os.walk(step_dir):
+        found += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+    return sorted(p for p in found if not p.startswith(CHECKSUMS_FILE))
+
+
+def write_checksums(step_dir: str) -> None:
+    """Writes `step_dir/checksums.json` (atomically): the size and SHA-256 of every file of
+    the committed step."""
+    files = {}
+    for name in _step_files(step_dir):
+        path = os.path.join(step_dir, name)
+        files[name] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    record = os.path.join(step_dir, CHECKSUMS_FILE)
+    with open(record + ".tmp", "w") as f:
+        json.dump({"format": CHECKSUMS_FORMAT, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(record + ".tmp", record)
+
+
+def verify_checksums(step_dir: str) -> bool:
+    """True when every file recorded in `step_dir/checksums.json` has its size and SHA-256;
+    False when the step has no record; ChecksumMismatch naming the first file that
+    differs (or a record that does not read)."""
+    try:
+        with open(os.path.join(step_dir, CHECKSUMS_FILE)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return False
+    try:
+        record = json.loads(text)
+        if record.get("format") != CHECKSUMS_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}")
+        expected = {name: (int(e["size"]), str(e["sha256"]))
+                    for name, e in record["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ChecksumMismatch(f"{CHECKSUMS_FILE} does not read ({type(e).__name__}: "
+                               f"{e})") from None
+    for name, (size, sha256) in expected.items():
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            raise ChecksumMismatch(f"{name} is missing")
+        if os.path.getsize(path) != size:
+            raise ChecksumMismatch(f"{name} has {os.path.getsize(path)} bytes, "
+                                   f"{size} when saved")
+        if _sha256(path) != sha256:
+            raise ChecksumMismatch(f"{name} has another SHA-256 than when saved")
+    return True
 
 
 def _remove_leftovers(directory: str) -> list[str]:
@@ -89,6 +171,7 @@ class Checkpointer:
         `save`: highest `val_bacc`, the earliest `epoch` among equals (orbax `best_fn`)."""
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
+        self.asynchronous = asynchronous
         self.removed_leftovers = [] if read_only else _remove_leftovers(self.directory)
         self.failure: str | None = None
         ranking = dict(best_fn=_best_validation, best_mode="max",
@@ -108,9 +191,15 @@ class Checkpointer:
                                f"{e.strerror or e}") from None
         self._last_good: int | None = self.manager.latest_step()
         self._pending: int | None = None
+        self._hasher = futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256")
+        self._hashing: tuple[int, futures.Future] | None = None
+        self._verified: dict[int, bool] = {}  # step -> verify_checksums' result
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def _storage_error(self, what: str, e: BaseException) -> StorageError:
         reason = getattr(e, "strerror", None) or str(e)
@@ -124,7 +213,9 @@ class Checkpointer:
         """Starts an asynchronous save of `step` (device arrays are copied before return).
         A failed write (of this save or of the previous one, which completes first) raises
         StorageError. `metrics` ranks the checkpoints of a `best` Checkpointer."""
+        self._finish_checksums()  # this save may remove the step being hashed
         previous = self._pending
+        self._verified.pop(step, None)
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
@@ -132,8 +223,36 @@ class Checkpointer:
         except OSError as e:
             raise self._storage_error(f"saving checkpoint step {step}", e) from None
         if previous is not None:  # committed before this save could start
-            self._last_good = previous
-        self._pending = step
+            self._committed(previous)
+        if self.asynchronous:
+            self._pending = step
+        else:
+            self._committed(step)
+
+    def _committed(self, step: int) -> None:
+        """`step` is committed: the last good one; process 0 starts hashing its files.
+
+        Digests are computed only here, once orbax has renamed the step's folder into
+        place: right after a synchronous save, or for an asynchronous one at the next
+        save, `wait` or `close` (orbax finishes the previous save before those return).
+        Hashing runs on a background thread so that training goes on meanwhile; the next
+        save, `wait` and `close` wait for it, before orbax may remove that step."""
+        if step not in self.manager.all_steps():
+            return  # its save failed, or `keep` / `best` dropped it at once
+        self._last_good = step
+        if jax.process_index() == 0:
+            self._hashing = (step, self._hasher.submit(write_checksums, self.step_dir(step)))
+
+    def _finish_checksums(self) -> None:
+        """Waits for the checksums being written; StorageError when writing them failed."""
+        if self._hashing is None:
+            return
+        (step, hashing), self._hashing = self._hashing, None
+        try:
+            hashing.result()
+        except OSError as e:
+            raise self._storage_error(f"writing the checksums of checkpoint step {step}",
+                                      e) from None
 
     def restore_newest_good(self, target_state: Any, log: Callable[[str], None] = print,
                             move_damaged: bool = True) -> "Restored | None":
@@ -155,6 +274,10 @@ class Checkpointer:
                 self._report_damaged(bad, reason, log, move_damaged)
             if failed and move_damaged and not self.read_only:
                 self.manager.reload()
+            if not restored.checked:
+                log(f"warning: checkpoint step {step} ({self.step_dir(step)}) has no "
+                    f"checksums ({CHECKSUMS_FILE}: saved by an earlier version, or its run "
+                    "was killed before writing them); restored without checking its files")
             return restored
         if failed:
             self.failure = f"step {failed[0][0]}: {failed[0][1]}"
@@ -162,7 +285,7 @@ class Checkpointer:
 
     def _report_damaged(self, step: int, reason: str, log: Callable[[str], None],
                         move: bool) -> None:
-        where = os.path.join(self.directory, str(step))
+        where = self.step_dir(step)
         if not move or self.read_only:
             log(f"warning: checkpoint step {step} ({where}) cannot be restored ({reason}); "
                 "using an earlier one")
@@ -179,12 +302,14 @@ class Checkpointer:
 
     def single_device_target(self) -> Any:
         """The saved state's structure, shapes and dtypes (from the newest checkpoint whose
-        metadata reads: a damaged newer one is passed over), laid on the first local device:
-        a restore target that needs neither the run's config nor its devices."""
+        files match their checksums and whose metadata reads: a damaged newer one is passed
+        over), laid on the first local device: a restore target that needs neither the
+        run's config nor its devices."""
         device = jax.local_devices()[0]
         failure = None
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                self._verify(step)
                 metadata = self.manager.item_metadata(step)["state"]
             except Exception as e:  # noqa: BLE001 - any failure means: not readable
                 failure = failure or f"step {step}: {type(e).__name__}: {str(e)[:300]}"
@@ -197,25 +322,42 @@ class Checkpointer:
                                     f"({failure or 'none saved'})")
 
     def restore(self, target_state: Any, step: int | None = None) -> Restored:
-        """The checkpoint `step` (default: latest), its state laid out like `target_state`."""
+        """The checkpoint `step` (default: latest), its state laid out like `target_state`,
+        once its files match their checksums (ChecksumMismatch when one does not)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        checked = self._verify(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         self._last_good = step
-        return Restored(step, restored["state"], restored["data"], restored["meta"])
+        return Restored(step, restored["state"], restored["data"], restored["meta"],
+                        checked)
+
+    def _verify(self, step: int) -> bool:
+        """`verify_checksums` of `step`, read once per Checkpointer (a damaged step's
+        failure is not remembered)."""
+        if step not in self._verified:
+            self._verified[step] = verify_checksums(self.step_dir(step))
+        return self._verified[step]
 
     def wait(self) -> None:
-        """Waits until the pending save is committed (StorageError when it failed)."""
+        """Waits until the pending save is committed and its checksums written (StorageError
+        when either failed)."""
         pending = self._pending
         try:
             self.manager.wait_until_finished()
         except OSError as e:
             raise self._storage_error(f"saving checkpoint step {pending}", e) from None
         if pending is not None:
-            self._last_good, self._pending = pending, None
+            self._pending = None
+            self._committed(pending)
+        self._finish_checksums()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self._hasher.shutdown()
+            self.manager.close()

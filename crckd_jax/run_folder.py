@@ -2,7 +2,8 @@
 
     W/run.lock                  the lock of the run writing W (`runlock`)
     W/config.json               the settings the run was started with
-    W/checkpoints/<step>/       orbax checkpoints (`checkpoint.Checkpointer`)
+    W/checkpoints/<step>/       orbax checkpoints (`checkpoint.Checkpointer`), each with
+                                checksums.json (its files' sizes and SHA-256)
     W/best_checkpoint/<step>/   the best validation epoch's checkpoint
     W/metrics.jsonl, W/tensorboard/, W/summary.json, W/report/
     W/export/                   `--mode export`; W/eval.json, W/eval_input.json,
