@@ -162,6 +162,25 @@ def restore_read_only(directory: str, target: Callable[["Checkpointer"], Any], w
     return restored
 
 
+def saved_config(directory: str) -> tuple[int, dict] | None:
+    """(step, the run's settings dict) as stored in the newest checkpoint of `directory`
+    whose metadata reads (every checkpoint keeps the config it was saved with); None when
+    there is none."""
+    checkpoints = Checkpointer(directory, read_only=True)
+    try:
+        for step in sorted(checkpoints.manager.all_steps(), reverse=True):
+            try:
+                meta = checkpoints.manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+            except Exception:  # noqa: BLE001 - an unreadable one: try the one before
+                continue
+            if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+                return step, meta["config"]
+    finally:
+        checkpoints.close()
+    return None
+
+
 class Checkpointer:
     """An orbax CheckpointManager for one run directory."""
 

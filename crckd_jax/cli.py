@@ -12,6 +12,8 @@
   eval     evaluate the latest checkpoint of W on the test (and validation) split, or with
            `eval.input` on a labelled folder or CSV (the training data is not read)
   cv       train every fold of `data.folds` in W/fold_<k>, then W/cv_summary.{json,md}
+  table    the ablation table: every rung of `table.rungs` x seed of `table.seeds` x fold of
+           `data.folds` in W/<rung>/seed_<s>/fold_<k>, then W/table.{md,csv,json,png}
   predict  write W/predictions.csv for the images of `predict.input` (the training data is
            not read)
   export   write W/export/: the student's (`export.teacher`: and the teacher's) weights,
@@ -236,7 +238,7 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
         if not workdir.strip():
             raise errors.ConfigError(f"--workdir is {workdir!r}: expected a folder")
         settings = config_lib.to_settings(config)
-        if mode in ("train", "cv"):
+        if mode in ("train", "cv", "table"):
             config_lib.require_initialisation(settings)
         distributed.initialize_distributed(coordinator_address, num_processes, process_id)
         modes.run(mode, settings, RunFolder(workdir), allow_config_change)

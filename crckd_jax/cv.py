@@ -75,12 +75,18 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
 def _run_fold(settings: Settings, folder: RunFolder, fold: int, log: Callable[[str], None],
               allow_config_change: bool) -> dict:
     """Fold `fold`'s summary: read when the fold is done, else trained (or resumed)."""
-    fold_folder = folder.fold(fold)
-    done = fold_folder.summary
+    return run_unit(settings.with_fold(fold), folder.fold(fold), f"fold {fold}", log,
+                    allow_config_change)
+
+
+def run_unit(settings: Settings, folder: RunFolder, name: str, log: Callable[[str], None],
+             allow_config_change: bool) -> dict:
+    """The summary of one training run of a cross-validation or a table (`name` in the log):
+    read from `folder` when its summary.json exists, else trained or resumed there."""
+    done = folder.summary
     if os.path.exists(done):
-        log(f"fold {fold}: done earlier ({done})")
+        log(f"{name}: done earlier ({done})")
         with open(done) as f:
             return json.load(f)
-    log(f"fold {fold}: training in {fold_folder.root}")
-    return train_and_evaluate(settings.with_fold(fold), fold_folder, log=log,
-                              allow_config_change=allow_config_change)
+    log(f"{name}: training in {folder.root}")
+    return train_and_evaluate(settings, folder, log=log, allow_config_change=allow_config_change)

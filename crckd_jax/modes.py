@@ -1,6 +1,6 @@
 """What each `--mode` does with a run's settings and its run folder.
 
-prepare, train and cv write the run folder and hold its lock (process 0); eval, predict and
+prepare, train, cv and table write the run folder and hold its lock (process 0); eval, predict and
 export read a trained run and write only their own results.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
 
-MODES = ("prepare", "train", "eval", "cv", "predict", "export")
+MODES = ("prepare", "train", "eval", "cv", "table", "predict", "export")
 
 
 def run(mode: str, settings: Settings, folder: RunFolder,
@@ -18,7 +18,7 @@ def run(mode: str, settings: Settings, folder: RunFolder,
     # Imported here so that a bad flag or config fails before JAX starts.
     import jax
 
-    from crckd_jax import cv, evaluate, inference, predict, train
+    from crckd_jax import cv, evaluate, inference, predict, table, train
     from crckd_jax.data import prepare
 
     if mode == "eval" and settings.eval.input:
@@ -38,5 +38,7 @@ def run(mode: str, settings: Settings, folder: RunFolder,
             elif mode == "train":
                 train.train_and_evaluate(settings, folder,
                                          allow_config_change=allow_config_change)
-            else:
+            elif mode == "cv":
                 cv.run_cv(settings, folder, allow_config_change=allow_config_change)
+            else:
+                table.run_table(settings, folder, allow_config_change=allow_config_change)

@@ -34,7 +34,7 @@ RESUME_FREE_KEYS = frozenset({
     "data.read_threads", "data.prefetch_batches", "data.device_prefetch", "data.worker_count",
     "data.build_threads", "data.folds",
     "predict.input", "predict.image_column", "eval.input", "eval.image_column",
-    "eval.label_column", "export.teacher", "export.checkpoint",
+    "eval.label_column", "export.teacher", "export.checkpoint", "table.rungs", "table.seeds",
 })
 
 CONFIG_FILE = "config.json"
@@ -111,23 +111,39 @@ class RunFolder:
 
     def write_json(self, name: str, value: Any, sort_keys: bool = False) -> str:
         """Writes `value` to `<root>/<name>` atomically; StorageError naming the file."""
+        return self.write_text(name, json.dumps(value, indent=1, sort_keys=sort_keys) + "\n")
+
+    def write_text(self, name: str, text: str) -> str:
+        """Writes `text` to `<root>/<name>` atomically (a complete file or the previous
+        one); StorageError naming the file."""
         path = self.path(name)
-        return _storage(lambda: _write_json(path, value, sort_keys), path)
+        return _storage(lambda: _write_atomically(path, text), path)
 
     def check_resumable(self, settings: Settings, allow: bool,
                         log: Callable[[str], None]) -> None:
         """ConfigChanged when the folder has checkpoints and either no config.json (nothing
         to check the settings against) or one whose computation-changing keys (all but
         RESUME_FREE_KEYS) differ from `settings`, listing each key with its old and new
-        value; with `allow`, a warning instead."""
+        value; with `allow`, a warning instead. Without config.json the config stored in
+        the newest readable checkpoint is the reference, with a warning."""
         if not self.has_checkpoints():
             return
-        old = self.read_config()
+        old, source = self.read_config(), self.config_file
+        if old is None:
+            from crckd_jax.checkpoint import saved_config  # orbax: only when needed
+
+            stored = saved_config(self.checkpoints)
+            if stored is not None:
+                step, old = stored
+                source = f"the config stored in checkpoint step {step}"
+                log(f"warning: {self.config_file} is missing; the settings are checked "
+                    f"against {source}")
         if old is None:
             if not allow:
                 raise ConfigChanged(
-                    f"{self.root} holds checkpoints but no {CONFIG_FILE}, so the settings "
-                    "cannot be checked against the run's: put the run's config.json back, "
+                    f"{self.root} holds checkpoints but no {CONFIG_FILE}, and none of them "
+                    "has a readable stored config, so the settings cannot be checked against "
+                    "the run's: put the run's config.json back, "
                     "use a new --workdir, or pass --allow_config_change to resume with "
                     "these settings")
             log(f"warning: resuming without the run's {CONFIG_FILE} (--allow_config_change)")
@@ -144,16 +160,15 @@ class RunFolder:
             return
         raise ConfigChanged(
             f"the config differs from the one this run was started with "
-            f"({self.config_file}) in {len(changes)} key(s) that change the computation: "
+            f"({source}) in {len(changes)} key(s) that change the computation: "
             f"{listing}. Use the run's config, a new --workdir, or pass "
             "--allow_config_change to go on with the new values")
 
 
-def _write_json(path: str, value: Any, sort_keys: bool) -> str:
+def _write_atomically(path: str, text: str) -> str:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=sort_keys)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
     return path
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import ml_collections
 
 from crckd_jax.models.presets import DENSENET_PRESETS
+from crckd_jax.protocols import ABLATIONS
 
 # The values of the choice settings that other modules branch on.
 SOURCES = ("synthetic", "ham10000", "isic2018", "aptos", "csv")
@@ -265,6 +266,29 @@ class ExportSettings:
 
 
 
+_RUNGS = Rule(str, lambda v: bool(v) and all(p.strip() in ABLATIONS for p in v.split(",")),
+               "comma-separated ablations of " + ", ".join(ABLATIONS))
+_SEED_LIST = Rule(str, lambda v: all(p.strip().isdigit() for p in v.split(",")) if v else True,
+                  'comma-separated seeds such as "0,1", or ""')
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSettings:
+    """`--mode table`: the paper's table, rungs x folds x seeds (`table.*`)."""
+
+    rungs: str = _s("baseline,mt,mt_ccd,crckd", _RUNGS,
+        "--mode table: the rows, paper ablations (their loss weights replace loss.*)")
+    seeds: str = _s("", _SEED_LIST,
+        '--mode table: comma-separated seeds trained per rung and fold; "" = seed')
+
+    def rung_list(self) -> list[str]:
+        return [p.strip() for p in self.rungs.split(",")]
+
+    def seed_list(self, default: int) -> list[int]:
+        """`seeds` as a list ("" = [default], the run's seed)."""
+        return [int(p) for p in self.seeds.split(",") if p.strip()] or [default]
+
+
 def _section(cls: type) -> Any:
     return dataclasses.field(default_factory=cls)
 
@@ -284,6 +308,7 @@ class Settings:
     predict: PredictSettings = _section(PredictSettings)
     eval: EvalSettings = _section(EvalSettings)
     export: ExportSettings = _section(ExportSettings)
+    table: TableSettings = _section(TableSettings)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":

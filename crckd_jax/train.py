@@ -27,6 +27,7 @@ from crckd_jax.metrics import format_metrics
 from crckd_jax.objective import LOSS_KEYS, epoch_of_step
 from crckd_jax.preemption import StopRequest
 from crckd_jax.run_folder import SUMMARY_FILE, RunFolder
+from crckd_jax.separation import class_separation
 from crckd_jax.settings import Settings
 from crckd_jax.summary import summarise
 from crckd_jax.trainer import build_trainer
@@ -235,6 +236,8 @@ def _finish(trainer, state, evaluation, folder, logger, log):
         summary["teacher"] = summarise(records, "teacher")
     if evaluation is None:  # the run was complete before this call
         evaluation = trainer.evaluate(state, "test")
+    # the final student's test embeddings: how well they separate the classes
+    summary["embedding"] = class_separation(evaluation["features"], evaluation["labels"])
     if jax.process_index() == 0:
         folder.write_json(SUMMARY_FILE, summary)
         if trainer.run.settings.train.write_report:

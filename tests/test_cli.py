@@ -49,7 +49,9 @@ def test_help_lists_modes_and_flags(command, tmp_path):
     assert done.returncode == 0, done.stderr
     for text in ("Command line of crckd-jax", "predict  write W/predictions.csv",
                  "--config: Config file (path.py[:arg]) or packaged config name[:arg]: aptos,",
-                 "--workdir: Folder for data", "--mode: <prepare|train|eval|cv|predict|export>",
+                 "--workdir: Folder for data",
+                 "--mode: <prepare|train|eval|cv|table|predict|export>",
+                 "table    the ablation table",
                  "--num_processes"):
         assert text in done.stdout, (text, done.stdout)
 

@@ -112,8 +112,9 @@ def test_config_changes_ignore_the_free_keys(tmp_path):
 
 
 def test_resume_without_the_runs_config_is_refused(tmp_path):
-    """Checkpoints without config.json: nothing to check the settings against, so resuming
-    needs --allow_config_change; a key one config lacks prints as (absent)."""
+    """Checkpoints without config.json, none with a readable stored config: nothing to check
+    the settings against, so resuming needs --allow_config_change; a key one config lacks
+    prints as (absent)."""
     started_run(tmp_path)
     folder, logs = RunFolder(str(tmp_path)), []
     (tmp_path / "config.json").unlink()
@@ -132,6 +133,30 @@ def started_run(workdir):
     """A workdir as `train` leaves it: config.json and a checkpoint folder."""
     RunFolder(str(workdir)).write_config(to_settings(tiny()))
     (workdir / "checkpoints" / "2").mkdir(parents=True)
+
+
+def test_resume_without_config_json_checks_the_config_stored_in_the_checkpoint(tmp_path):
+    """config.json lost, the checkpoints kept: the config each checkpoint stores is the
+    reference (the newest readable one), so the same settings resume and changed ones are
+    refused, naming the checkpoint."""
+    from crckd_jax.checkpoint import Checkpointer
+
+    settings = to_settings(tiny())
+    checkpoints = Checkpointer(str(tmp_path / "checkpoints"), asynchronous=False)
+    for step in (1, 2):
+        checkpoints.save(step, {"w": np.full(3, step, np.float32)}, {"pos": step},
+                         {"epoch": step, "config": settings.to_dict()})
+    checkpoints.close()
+    folder, logs = RunFolder(str(tmp_path)), []
+    folder.check_resumable(settings, allow=False, log=logs.append)
+    assert logs == [f"warning: {folder.config_file} is missing; the settings are checked "
+                    "against the config stored in checkpoint step 2"]
+    changed = tiny()
+    with changed.unlocked():
+        changed.optim.max_lr = 1e-3
+    with pytest.raises(errors.ConfigChanged, match=r"\(the config stored in checkpoint step 2\) "
+                       r"in 1 key\(s\) that change the computation: optim.max_lr: 0.0003 -> "):
+        folder.check_resumable(to_settings(changed), allow=False, log=logs.append)
 
 
 def test_resume_with_a_changed_config_stops_before_restoring(tmp_path, capsys):

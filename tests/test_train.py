@@ -68,8 +68,11 @@ def trained(tmp_path_factory):
 def test_train_writes_every_artefact(trained):
     workdir, done = trained
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary) == {"final", "mean_last_11", "best_val"}
+    assert set(summary) == {"final", "mean_last_11", "best_val", "embedding"}
     assert summary["best_val"] is None
+    assert set(summary["embedding"]) == {"cos_own_centroid", "cos_other_centroids",
+                                         "silhouette"}
+    assert -1 <= summary["embedding"]["silhouette"] <= 1
     assert set(summary["final"]) == {"acc", "bacc", "prec", "rec", "f1", "auc_ovr", "auc_ovo",
                                      "spec", "kappa"}
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -228,6 +231,49 @@ def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, trained):
     assert result["final"]["bacc"] == pytest.approx(
         {"mean": np.mean(pair), "std": np.std(pair)}, rel=1e-12)
     assert "| bacc |" in (tmp_path / "cv_summary.md").read_text()
+
+
+def test_table_trains_rungs_by_folds_and_writes_the_table(tmp_path, trained):
+    """--mode table: a unit already done (crckd, fold 0: the trained run's summary) is read,
+    the others are trained with their rung's loss weights, seed and fold; every cell is the
+    mean and std of its units' summaries; a second run trains nothing."""
+    done_summary = json.loads((trained[0] / "summary.json").read_text())
+    seed = json.loads((trained[0] / "config.json").read_text())["seed"]
+    placed = tmp_path / "crckd" / f"seed_{seed}" / "fold_0"
+    placed.mkdir(parents=True)
+    (placed / "summary.json").write_text(json.dumps(done_summary))
+    flags = ("--mode", "table", "--config.table.rungs=baseline,crckd",
+             "--config.data.num_folds=2", NO_REPORT)
+    done = launch(tmp_path, *flags)
+    assert f"crckd seed {seed} fold 0: done earlier" in done.stdout
+    for rung, fold in (("baseline", 0), ("baseline", 1), ("crckd", 1)):
+        assert f"{rung} seed {seed} fold {fold}: training" in done.stdout
+        config = json.loads((tmp_path / rung / f"seed_{seed}" / f"fold_{fold}" / "config.json")
+                            .read_text())
+        assert config["data"]["fold"] == fold and config["seed"] == seed
+        assert config["loss"]["ccd_weight"] == (0.0 if rung == "baseline" else 0.1)
+        assert config["loss"]["consistency"] == (0.0 if rung == "baseline" else 1.0)
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["rungs"] == ["baseline", "crckd"] and table["folds"] == [0, 1]
+    units = {rung: [json.loads((tmp_path / rung / f"seed_{seed}" / f"fold_{k}" / "summary.json")
+                               .read_text()) for k in (0, 1)] for rung in table["rungs"]}
+    for rung, summaries in units.items():
+        row = table["rows"][rung]
+        for view, key in (("final", "bacc"), ("mean_last_11", "auc_ovr")):
+            pair = [s[view][key] for s in summaries]
+            assert row[view][key] == pytest.approx(
+                {"mean": np.mean(pair), "std": np.std(pair), "n": 2}, rel=1e-12)
+        pair = [s["embedding"]["silhouette"] for s in summaries if "embedding" in s]
+        assert row["embedding"]["silhouette"]["n"] == len(pair) >= 1
+        assert row["embedding"]["silhouette"]["mean"] == pytest.approx(np.mean(pair))
+    text = (tmp_path / "table.md").read_text()
+    assert "| baseline | " in text and "| crckd | " in text and "(table.png)" in text
+    assert "cos_own_centroid" in text
+    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    assert len(rows) == 2 * (2 * 9 + 3)
+    assert (tmp_path / "table.png").stat().st_size > 10_000
+    again = launch(tmp_path, *flags)
+    assert "training" not in again.stdout and again.stdout.count("done earlier") == 4
 
 
 def test_non_finite_loss_stops_with_step_and_terms(tmp_path):
