@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from concurrent import futures
@@ -124,6 +125,29 @@ def verify_checksums(step_dir: str) -> bool:
         if _sha256(path) != sha256:
             raise ChecksumMismatch(f"{name} has another SHA-256 than when saved")
     return True
+
+
+# TensorStore (orbax's array writer) reports a failed write as a ValueError whose text holds
+# the path, the OS error and the whole store spec.
+_TENSORSTORE_WRITE = re.compile(r'Failed (?:writing|to write)[^"]*"([^"]+)"?.*?([A-Z][a-z][^\[\]]*?) '
+                                r"\[os_error_code='?(\d+)")
+
+
+def _write_failure(e: BaseException) -> tuple[str, str | None]:
+    """(reason, path or None) of a failed write: an OSError's, or a TensorStore error's."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e), e.filename
+    match = _TENSORSTORE_WRITE.search(str(e))
+    if match:
+        return os.strerror(int(match.group(3))), match.group(1)
+    return str(e)[:300], None
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError, or TensorStore's RESOURCE_EXHAUSTED (a full disk) or OS-error write
+    failure (a ValueError)."""
+    return isinstance(e, OSError) or (isinstance(e, ValueError) and (
+        "RESOURCE_EXHAUSTED" in str(e) or "[os_error_code=" in str(e)))
 
 
 def _remove_leftovers(directory: str) -> list[str]:
@@ -221,8 +245,8 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def _storage_error(self, what: str, e: BaseException) -> StorageError:
-        reason = getattr(e, "strerror", None) or str(e)
-        path = getattr(e, "filename", None) or self.directory
+        reason, path = _write_failure(e)
+        path = path or self.directory
         kept = (f"the last good checkpoint is step {self._last_good} in {self.directory}"
                 if self._last_good is not None else "no checkpoint was committed before")
         return StorageError(f"{what} failed: {reason} ({path}); {kept}")
@@ -239,7 +263,9 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                 meta=ocp.args.JsonSave(meta)), metrics=metrics)
-        except OSError as e:
+        except Exception as e:
+            if not _is_write_failure(e):
+                raise
             raise self._storage_error(f"saving checkpoint step {step}", e) from None
         if previous is not None:  # committed before this save could start
             self._committed(previous)
@@ -367,7 +393,9 @@ class Checkpointer:
         pending = self._pending
         try:
             self.manager.wait_until_finished()
-        except OSError as e:
+        except Exception as e:
+            if not _is_write_failure(e):
+                raise
             raise self._storage_error(f"saving checkpoint step {pending}", e) from None
         if pending is not None:
             self._pending = None

@@ -40,6 +40,7 @@ import errno
 import os
 import re
 import sys
+import threading
 import traceback
 
 from absl import app, flags, logging
@@ -258,12 +259,72 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     tracebacks = show_tracebacks()
-    logging.set_verbosity(logging.ERROR)
+    # Libraries' error logs (orbax logs each failed background write with its traceback)
+    # only in the traceback mode: otherwise the failure's one error line says it.
+    logging.set_verbosity(logging.ERROR if tracebacks else logging.FATAL)
+    if not tracebacks:
+        sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
     source = config_flags.get_config_filename(flags.FLAGS["config"])
     run_config_file = source.split(":", 1)[1] if source.startswith(_RUN_CONFIG + ":") else None
-    execute(_MODE.value, _CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
-            _NUM_PROCESSES.value, _PROCESS_ID.value, _ALLOW_CONFIG_CHANGE.value, tracebacks,
-            run_config_file)
+    try:
+        execute(_MODE.value, _CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
+                _NUM_PROCESSES.value, _PROCESS_ID.value, _ALLOW_CONFIG_CHANGE.value, tracebacks,
+                run_config_file)
+    except SystemExit as e:
+        if e.code and not tracebacks:
+            _silence_stderr()
+        raise
+
+
+class _WithoutClosedLoopTracebacks:
+    """sys.stderr without the tracebacks of RuntimeError('Event loop is closed'): after a
+    failed asynchronous checkpoint write, callbacks of orbax's writes still reach its
+    closed event loops, and each printed its traceback (thousands of lines in one run)
+    before the failure's error line. Everything else passes through as written."""
+
+    _START = "Traceback (most recent call last):"
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._held: list[str] | None = None  # the lines of a traceback being read
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._line(line + "\n")
+            if self._held is None and not self._START.startswith(self._partial.strip()):
+                self._stream.write(self._partial)  # a progress bar's line, at once
+                self._partial = ""
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self._held is None:
+            if line.startswith(self._START):
+                self._held = [line]
+            else:
+                self._stream.write(line)
+            return
+        self._held.append(line)
+        if not line.startswith((" ", "\t", self._START)):  # the exception's own line
+            held, self._held = self._held, None
+            if "Event loop is closed" not in line:
+                self._stream.write("".join(held))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stderr() -> None:
+    """Sends what is still written to stderr to /dev/null: after a failure's error line,
+    library threads that are still shutting down (orbax's event loops after a failed
+    save: "Event loop is closed") print tracebacks while the interpreter exits."""
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _show_in_help() -> None:

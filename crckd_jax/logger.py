@@ -97,4 +97,8 @@ class MetricLogger:
         """Stops the TensorBoard writer's thread (idempotent: every exit path calls it)."""
         if self._tb is not None:
             tb, self._tb = self._tb, None
-            tb.close()
+            try:
+                tb.close()  # flushes the queued events
+            except OSError as e:
+                raise StorageError(f"cannot write {self.tensorboard_dir}: {e.strerror or e}"
+                                   ) from None

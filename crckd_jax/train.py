@@ -106,13 +106,23 @@ def train_and_evaluate(settings: Settings, folder: RunFolder,
             if not failed:
                 raise
         finally:
-            if batches is not None:
-                batches.close()
-            if logger is not None:
-                logger.close()
-            checkpoints.close()
-            if best is not None:
-                best.close()
+            closers = [getattr(opened, "close", None)
+                       for opened in (batches, logger, checkpoints, best)]
+            _close_all(closers, failed)
+
+
+def _close_all(closers: list, failed: bool) -> None:
+    """Calls every closer (None ones skipped). The first one's error is raised after all
+    ran, unless the run has `failed` already: then that failure is the one to report (on a
+    full disk, closing the TensorBoard writer or the checkpoints fails again)."""
+    first = None
+    for close in filter(None, closers):
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - re-raised below unless the run failed
+            first = first or e
+    if first is not None and not failed:
+        raise first
 
 
 def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, best=None):

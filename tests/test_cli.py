@@ -274,3 +274,27 @@ def test_a_config_file_that_does_not_load_is_one_error_line(tmp_path):
                        str(tmp_path / "w"))
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().splitlines() == [message]
+
+
+def test_stderr_drops_only_the_tracebacks_of_closed_event_loops():
+    """The command line's stderr: orbax's "Event loop is closed" tracebacks are dropped,
+    other tracebacks, lines and a progress bar's partial lines pass through as written."""
+    import io
+
+    from crckd_jax.cli import _WithoutClosedLoopTracebacks
+
+    out = io.StringIO()
+    stream = _WithoutClosedLoopTracebacks(out)
+    closed = ("Traceback (most recent call last):\n"
+              '  File "base_events.py", line 837, in call_soon_threadsafe\n'
+              "    self._check_closed()\n"
+              "RuntimeError: Event loop is closed\n")
+    other = ("Traceback (most recent call last):\n"
+             '  File "x.py", line 1, in <module>\n'
+             "ValueError: bad\n")
+    stream.write("\r 50%|#####     | 3/6")
+    assert out.getvalue() == "\r 50%|#####     | 3/6"  # not held back
+    for part in (closed[:40], closed[40:], other, "error: the disk is full\n"):
+        stream.write(part)
+    stream.write(closed)
+    assert out.getvalue() == "\r 50%|#####     | 3/6" + other + "error: the disk is full\n"

@@ -305,3 +305,39 @@ def test_a_changed_source_is_prepared_again_not_reused(tmp_path):
     summary = json.loads((tmp_path / "w" / "data_summary.json").read_text())
     assert summary["class_counts"] == [3, 5]  # img/0.png relabelled
     assert sum(line.startswith("preparing the data set:") for line in logs) == 3
+
+
+def test_runs_sharing_a_tfds_dir_build_one_at_a_time(tmp_path):
+    """Two runs with one `data.tfds_dir`: while one holds the folder's build lock the other
+    waits (saying so), then finds the data set built and reuses it; both prepare the same
+    data set directory."""
+    import fcntl
+    import threading
+
+    own = tmp_path / "own"
+    rows = [(f"img/{i}.png", ["benign", "malignant"][i % 2]) for i in range(8)]
+    for path, _ in rows:
+        _odd_image(str(own / path), len(path))
+    with open(own / "meta.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "diagnosis")] + rows)
+    config = _config("ham10000", dir=str(own), csv_file="meta.csv", image_column="file",
+                     label_column="diagnosis", tfds_dir=str(tmp_path / "tfds"))
+    config.data.source = "csv"
+    settings = to_settings(config)
+    os.makedirs(tmp_path / "tfds")
+    logs, results = [], {}
+    with open(tmp_path / "tfds" / builders.PREPARE_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run is building
+        second = threading.Thread(target=lambda: results.update(
+            w2=prepare.prepare(settings, str(tmp_path / "w2"), log=logs.append)))
+        second.start()
+        second.join(timeout=3)
+        assert second.is_alive() and not results  # waiting for the lock
+        assert any("waiting for another run preparing a data set" in line for line in logs)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    second.join(timeout=120)
+    assert not second.is_alive() and results["w2"]["class_counts"] == [4, 4]
+    results["w1"] = prepare.prepare(settings, str(tmp_path / "w1"), log=logs.append)
+    assert results["w1"] == results["w2"]
+    built = list((tmp_path / "tfds").glob("crckd_*/*/*/dataset_info.json"))
+    assert len(built) == 1

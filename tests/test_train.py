@@ -2,6 +2,7 @@
 cross-validation, evaluation, prediction, the NaN guard and config errors."""
 
 import csv
+import errno
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from crckd_jax import errors
 from crckd_jax.config import to_settings
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
@@ -117,9 +119,13 @@ def test_eval_and_predict_use_the_checkpoint(trained):
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path):
+    """SIGKILL after the first checkpoint: the TensorBoard events logged so far are on disk
+    (flushed at every record), and the resumed run ends bit-identical to the uninterrupted
+    one (a record every step: logging does not change the computation)."""
     straight, _ = trained
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_command(killed, *TRAINED_FLAGS, NO_REPORT), cwd=ROOT,
+    flags = (*TRAINED_FLAGS, NO_REPORT, "--config.train.log_every_steps=1")
+    proc = subprocess.Popen(launch_command(killed, *flags), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "1"
     deadline = time.time() + 300
@@ -130,8 +136,10 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path):
     proc.wait()
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 6, f"killed too late: checkpoints {steps}"
+    events = list((killed / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and any(b"train/loss" in e.read_bytes() for e in events), events
 
-    resumed = launch(killed, *TRAINED_FLAGS, NO_REPORT)
+    resumed = launch(killed, *flags)
     assert "resumed from step" in resumed.stdout
     assert (killed / "summary.json").is_file() and not (killed / "report").exists()
     step_a, state_a, data_a = final_state(straight)
@@ -139,6 +147,67 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(trained, tmp_path):
     assert step_a == step_b == 6 and data_a == data_b
     a, b = leaves(state_a), leaves(state_b)
     assert a.keys() == b.keys() and len(a) > 100
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (mounting needs root; skipped where it is refused), unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory):
+    """Writes `directory`/filler until the file system is full; returns its path."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def test_a_full_disk_mid_run_stops_with_one_line_and_resumes_exactly(trained, small_disk):
+    """The workdir's file system fills up after the first checkpoint: the run stops within
+    10 s with exit 5 and one error line (no traceback) naming what it could not write; the
+    newest complete checkpoint restores; once space is freed the run resumes and ends
+    bit-identical to the uninterrupted one."""
+    straight, _ = trained
+    workdir = small_disk / "run"
+    proc = subprocess.Popen(launch_command(workdir, *TRAINED_FLAGS, NO_REPORT), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = workdir / "checkpoints" / "1"
+    deadline = time.time() + 300
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the disk could be filled"
+    filler = fill(small_disk)
+    full_at = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - full_at < 10 and proc.returncode == errors.EXIT_IO, err[-3000:]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    assert str(workdir) in lines[-1] and "No space left on device" in lines[-1], lines[-1]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 6, f"the disk filled too late: checkpoints {steps}"
+
+    filler.unlink()
+    resumed = launch(workdir, *TRAINED_FLAGS, NO_REPORT)
+    assert "resumed from step" in resumed.stdout
+    step_a, state_a, data_a = final_state(straight)
+    step_b, state_b, data_b = final_state(workdir)
+    assert step_a == step_b == 6 and data_a == data_b
+    a, b = leaves(state_a), leaves(state_b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -194,9 +195,33 @@ _CLASSES = {
 }
 
 
-def build(config: SourceConfig, root: str, data_dir: str) -> str:
-    """Prepares `root` into `data_dir` unless already done; returns the data set's directory
-    (readable with `tfds.builder_from_directory`)."""
+PREPARE_LOCK = ".crckd-prepare.lock"  # in the TFDS folder: one build at a time
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, log):
+    """Holds an exclusive lock on `data_dir`/PREPARE_LOCK (an advisory `flock`, released
+    when the process ends however it ends): runs sharing one `data.tfds_dir` build one at a
+    time, and a later one finds the data set finished and reuses it instead of writing the
+    same folder at the same time."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, PREPARE_LOCK)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run preparing a data set in {data_dir} ({path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build(config: SourceConfig, root: str, data_dir: str, log=print) -> str:
+    """Prepares `root` into `data_dir` unless already done, one run at a time per
+    `data_dir`; returns the data set's directory (readable with
+    `tfds.builder_from_directory`)."""
     tfds.disable_progress_bar()
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # TFDS warns about every custom config
@@ -204,7 +229,7 @@ def build(config: SourceConfig, root: str, data_dir: str) -> str:
         builder = _CLASSES[config.layout](
             data_dir=data_dir, config=config, file_format="array_record"
         )
-        with _uncompressed_records():
+        with _build_lock(data_dir, log), _uncompressed_records():
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=root))
     finally:

@@ -121,7 +121,7 @@ def prepare(
     os.makedirs(paths["data"], exist_ok=True)
     data = settings.data
     root, store, builder_config, listing = _source(data, paths)
-    dataset_dir = builders.build(builder_config, root, data.tfds_dir or paths["tfds"])
+    dataset_dir = builders.build(builder_config, root, data.tfds_dir or paths["tfds"], log)
     item_ids, group_ids, labels = _metadata(dataset_dir)
     class_names = listing.class_names
 
