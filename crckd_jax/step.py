@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from crckd_jax import augment, losses, teacher
-from crckd_jax.collectives import of_first_device, psum
+from crckd_jax.collectives import of_first_device, psum, psum_flat
 from crckd_jax.distillation import ContrastConfig, ccd_crp
 from crckd_jax.models.densenet import CRCKDNet
 from crckd_jax.models.networks import Networks
@@ -163,7 +163,7 @@ def train_step(
         return total, (terms | extras, updated["batch_stats"], memory)
 
     grads, (terms, batch_stats, memory) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = psum(grads, axis)
+    grads = psum_flat(grads, axis)
     if axis is not None:
         # Per-device BatchNorm statistics (unless the model synchronises them) leave
         # per-device running statistics; their mean (or the first device's) keeps the
