@@ -221,6 +221,30 @@ def test_a_signal_between_cv_folds_stops_before_the_next(tmp_path, monkeypatch):
     assert trained == [0] and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_signal_between_table_units_stops_before_the_next(tmp_path, monkeypatch):
+    """`--mode table`: SIGTERM as a unit ends stops the table with Preempted before the next
+    unit; no table file is written."""
+    from crckd_jax import cv
+
+    trained = []
+
+    def unit_run(settings, folder, log, allow_config_change):
+        trained.append((settings.loss.ccd_weight, settings.data.fold))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(cv, "train_and_evaluate", unit_run)
+    from crckd_jax import table
+
+    config = tiny_config()
+    with config.unlocked():
+        config.table.rungs, config.data.num_folds = "baseline,crckd", 2
+
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM before baseline seed \d+ fold 1: "):
+        table.run_table(to_settings(config), RunFolder(str(tmp_path)), log=lambda _: None)
+    assert trained == [(0.0, 0)] and not (tmp_path / "table.json").exists()
+
+
 def ocp_args():
     import orbax.checkpoint as ocp
 
