@@ -5,7 +5,8 @@ Every unit (a rung's loss weights, one seed, one test fold) trains in
 resumable unit by unit and after a signal; a unit whose `summary.json` exists is done and
 only read. At the end, per rung over all its units (population std, ddof 0):
 
-* `W/table.json`: every cell (mean, std, n) and the units behind each row;
+* `W/table.json`: every cell (mean, std, n) and the units behind each row (folders
+  relative to `W`);
 * `W/table.csv`: one line per rung, view and metric;
 * `W/table.md`: the paper's layout (rungs as rows, the metrics as columns, mean +- std),
   for the `final` and `mean_last_11` views, the embeddings' class separation (final student
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable
 
 import jax
@@ -112,7 +114,8 @@ def aggregate(summaries: dict[Unit, dict], folder: RunFolder) -> dict:
     for rung in rungs:
         mine = {u: s for u, s in summaries.items() if u.rung == rung}
         row = {"units": [{"seed": u.seed, "fold": u.fold,
-                          "folder": u.folder(folder).root} for u in mine]}
+                          "folder": os.path.relpath(u.folder(folder).root, folder.root)}
+                         for u in mine]}
         for view in TABLE_VIEWS:
             row[view] = {k: _cell([(s.get(view) or {}).get(k) for s in mine.values()])
                          for k in METRIC_KEYS}

@@ -324,6 +324,8 @@ def test_table_trains_rungs_by_folds_and_writes_the_table(tmp_path, trained):
         assert config["loss"]["consistency"] == (0.0 if rung == "baseline" else 1.0)
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["rungs"] == ["baseline", "crckd"] and table["folds"] == [0, 1]
+    assert table["rows"]["crckd"]["units"][0] == {"seed": seed, "fold": 0,
+                                                  "folder": f"crckd/seed_{seed}/fold_0"}
     units = {rung: [json.loads((tmp_path / rung / f"seed_{seed}" / f"fold_{k}" / "summary.json")
                                .read_text()) for k in (0, 1)] for rung in table["rungs"]}
     for rung, summaries in units.items():
