@@ -280,38 +280,38 @@ class _WithoutClosedLoopTracebacks:
     """sys.stderr without the tracebacks of RuntimeError('Event loop is closed'): after a
     failed asynchronous checkpoint write, callbacks of orbax's writes still reach its
     closed event loops, and each printed its traceback (thousands of lines in one run)
-    before the failure's error line. Everything else passes through as written."""
+    before the failure's error line. Several threads print them at once, their pieces
+    interleaved, so a line is dropped when it holds nothing but pieces of such tracebacks;
+    everything else passes through as written (a progress bar's line at once)."""
 
-    _START = "Traceback (most recent call last):"
+    _PIECES = re.compile(
+        r"Traceback \(most recent call last\):"
+        r'|File "[^"]*asyncio/base_events\.py", line \d+, in (?:call_soon_threadsafe|_check_closed)'
+        r"|self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)"
+        r"|RuntimeError|Event loop is closed|:")
+    _STARTS = ("Traceback (most recent call last):", 'File "', "self._check_closed()",
+               "raise RuntimeError('Event loop is closed')", "RuntimeError",
+               "Event loop is closed", ":")
 
     def __init__(self, stream):
         self._stream = stream
-        self._held: list[str] | None = None  # the lines of a traceback being read
         self._partial = ""
         self._lock = threading.Lock()
+
+    def _only_pieces(self, text: str) -> bool:
+        return not self._PIECES.sub("", text).strip()
 
     def write(self, text: str) -> int:
         with self._lock:
             *lines, self._partial = (self._partial + text).split("\n")
             for line in lines:
-                self._line(line + "\n")
-            if self._held is None and not self._START.startswith(self._partial.strip()):
-                self._stream.write(self._partial)  # a progress bar's line, at once
+                if not (line.strip() and self._only_pieces(line)):
+                    self._stream.write(line + "\n")
+            rest = self._PIECES.sub("", self._partial).strip()
+            if self._partial.strip() and not any(p.startswith(rest) for p in self._STARTS):
+                self._stream.write(self._partial)  # e.g. a progress bar's line, at once
                 self._partial = ""
         return len(text)
-
-    def _line(self, line: str) -> None:
-        if self._held is None:
-            if line.startswith(self._START):
-                self._held = [line]
-            else:
-                self._stream.write(line)
-            return
-        self._held.append(line)
-        if not line.startswith((" ", "\t", self._START)):  # the exception's own line
-            held, self._held = self._held, None
-            if "Event loop is closed" not in line:
-                self._stream.write("".join(held))
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

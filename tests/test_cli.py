@@ -278,23 +278,23 @@ def test_a_config_file_that_does_not_load_is_one_error_line(tmp_path):
 
 def test_stderr_drops_only_the_tracebacks_of_closed_event_loops():
     """The command line's stderr: orbax's "Event loop is closed" tracebacks are dropped,
-    other tracebacks, lines and a progress bar's partial lines pass through as written."""
+    also when several threads' pieces interleave; other lines, a progress bar's partial
+    line and another exception's frames pass through as written."""
     import io
 
     from crckd_jax.cli import _WithoutClosedLoopTracebacks
 
     out = io.StringIO()
     stream = _WithoutClosedLoopTracebacks(out)
-    closed = ("Traceback (most recent call last):\n"
-              '  File "base_events.py", line 837, in call_soon_threadsafe\n'
-              "    self._check_closed()\n"
-              "RuntimeError: Event loop is closed\n")
-    other = ("Traceback (most recent call last):\n"
-             '  File "x.py", line 1, in <module>\n'
-             "ValueError: bad\n")
-    stream.write("\r 50%|#####     | 3/6")
-    assert out.getvalue() == "\r 50%|#####     | 3/6"  # not held back
-    for part in (closed[:40], closed[40:], other, "error: the disk is full\n"):
-        stream.write(part)
-    stream.write(closed)
-    assert out.getvalue() == "\r 50%|#####     | 3/6" + other + "error: the disk is full\n"
+    frame = '  File "/usr/lib/python3.12/asyncio/base_events.py", line 837, in call_soon_threadsafe\n'
+    stream.write("\r 50%|#####     | 3/6 [00:04<00:03]")
+    assert out.getvalue() == "\r 50%|#####     | 3/6 [00:04<00:03]"  # not held back
+    for piece in ("Traceback (most recent call last):\n", frame, "    self._check_closed()",
+                  "    raise RuntimeError('Event loop is closed')", "Traceback (most recent "
+                  "call last):\n", "RuntimeError", ": ", "Event loop is closed", "\n", frame,
+                  "RuntimeError: Event loop is closed\n", '  File "x.py", line 1, in f\n',
+                  "ValueError: bad\n", "error: the disk is full", "\n"):
+        stream.write(piece)
+    assert out.getvalue() == ("\r 50%|#####     | 3/6 [00:04<00:03]"
+                              '  File "x.py", line 1, in f\nValueError: bad\n'
+                              "error: the disk is full\n")
