@@ -3,7 +3,7 @@ would launch on it per step, measured without the accelerator.
 
     python benchmarks/deviceless.py --target h200 [--program train_step,eval_step]
         [--model densenet121] [--image-size 224] [--batch-size 64] [--dtype bfloat16]
-        [--memory bank] [--kernels auto|cpu|standard] [--hlo-dir DIR]
+        [--memory bank] [--kernels auto|cpu|standard] [--folds K] [--hlo-dir DIR]
 
 The program is the one the trainer runs: `crckd_jax.builder.build_run` (the call
 `Trainer.build` makes), compiled through its `DataParallel` for the target's devices.
@@ -11,13 +11,15 @@ Targets `h100` and `h200` need the CUDA plugin (`pip install ".[cuda13]"`, about
 wheels; no GPU or driver): XLA compiles for the GPU described by the target's device info,
 without autotuning (kernel choices may differ somewhat from a real device; fusions and
 buffers are XLA's). `cpu` compiles for this machine (a check of the report itself).
+`--folds K` compiles the train step of K folds trained side by side as one program: the
+step `jax.vmap`ped over states, batches and class weights stacked on a leading fold axis.
 
 Per program: kernels per step by kind, bytes moved per step (XLA's cost analysis where it
 answers, else operands plus results of every kernel, an upper bound; the line says which),
 beside it the tighter estimate with the operands a fusion only slices counted as far as it
 reads them (`hlo_report`), temporaries, the floor time of the bytes at the target's memory
 bandwidth, the compile time. The last line per program: `RESULT target=<t> program=<p>
-kernels=<n> hbm_gib=<x> sliced_gib=<x> temp_gib=<y> floor_ms=<z> compile_s=<s>` (and more
+folds=<k> kernels=<n> hbm_gib=<x> sliced_gib=<x> temp_gib=<y> floor_ms=<z> compile_s=<s>` (and more
 fields)
 """
 
@@ -99,8 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--kernels", choices=("auto", "cpu", "standard"), default="auto",
                    help="the model's layer implementations ('auto': by the target)")
     p.add_argument("--top", type=int, default=15, help="kinds of kernels listed")
+    p.add_argument("--folds", type=int, default=1,
+                   help="train step: K folds side by side, vmapped over a leading fold axis")
     p.add_argument("--hlo-dir", default=None, help="write each optimized program here")
     args = p.parse_args(argv)
+    if args.folds < 1 or args.folds > 1 and args.parallel == "pmap":
+        p.error("--folds takes a positive count, and more than 1 only with shard_map")
     args.programs = [x.strip() for x in args.program.split(",") if x.strip()]
     unknown = [x for x in args.programs if x not in PROGRAMS]
     if unknown:
@@ -145,25 +151,32 @@ def build(args, devices):
     return builder.build_run(settings, data, kernels=args.kernels, devices=devices)
 
 
-def lower(run, program: str):
-    """The jitted program of `run` lowered for abstract inputs (nothing is allocated)."""
+def lower(run, program: str, folds: int = 1):
+    """The jitted program of `run` lowered for abstract inputs (nothing is allocated); with
+    `folds` > 1 the train step of that many folds, stacked on a leading axis."""
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    state = run.abstract_state()
-    if run.parallel.backend == "pmap":  # one copy of the state per device
-        n = run.parallel.num_devices
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), state)
-    batch = run.abstract_batch()
-    if program == "train_step":
-        return run.train_step.lower(state, batch)
-    return run.eval_step[False].lower(state, {"image": batch["image"]})
+    state, batch, class_weight = run.abstract_train_inputs()
+    if program == "eval_step":
+        return run.eval_step[False].lower(state, {"image": batch["image"]})
+    if folds == 1:
+        return run.train_step.lower(state, batch, class_weight)
+
+    def stacked(x):  # the fold axis first, unsharded; the rest as one fold's
+        spec = PartitionSpec(None, *x.sharding.spec)
+        return jax.ShapeDtypeStruct((folds, *x.shape), x.dtype,
+                                    sharding=NamedSharding(x.sharding.mesh, spec))
+
+    inputs = jax.tree.map(stacked, (state, batch, class_weight))
+    return jax.jit(jax.vmap(run.train_step), donate_argnums=0).lower(*inputs)
 
 
 def report(args, target: Target, run, program: str) -> dict:
     """Compiles `program` and prints its kernels, bytes, collectives and RESULT line."""
     import hlo_report
 
-    lowered = lower(run, program)
+    lowered = lower(run, program, args.folds if program == "train_step" else 1)
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -190,7 +203,9 @@ def report(args, target: Target, run, program: str) -> dict:
     hbm_ms = hbm / target.bandwidth * 1e3 if target.bandwidth else float("nan")
     floor_ms = max(hbm_ms, link_ms)
     allreduce = stats.collective_bytes_by_kind.get("all-reduce", 0)
-    print(f"\n{program} for {target.name} {target.topology} ({n} chips, "
+    folds = args.folds if program == "train_step" else 1
+    print(f"\n{program}{f' of {folds} folds side by side' if folds > 1 else ''} for "
+          f"{target.name} {target.topology} ({n} chips, "
           f"{args.parallel}): {stats.num_kernels} kernels per step, {hbm / _GIB:.2f} GiB "
           f"moved per chip ({estimator}; {stats.sliced_bytes / _GIB:.2f} GiB with sliced "
           f"operands counted as read), {temp / _GIB:.2f} GiB of temporaries, "
@@ -202,14 +217,14 @@ def report(args, target: Target, run, program: str) -> dict:
     for kind, count in stats.collectives.items():
         print(f"  collective {kind}: {count} ops, "
               f"{stats.collective_bytes_by_kind[kind] / _GIB:.3f} GiB per chip")
-    result = {"target": args.target, "program": program, "compiled": 1,
+    result = {"target": args.target, "program": program, "folds": folds, "compiled": 1,
               "kernels": stats.num_kernels, "hbm_gib": hbm / _GIB,
               "sliced_gib": stats.sliced_bytes / _GIB, "temp_gib": temp / _GIB,
               "per_chip_gib": per_chip / _GIB, "collectives": sum(stats.collectives.values()),
               "allreduce_gib": allreduce / _GIB,
               "allgather_gib": stats.collective_bytes_by_kind.get("all-gather", 0) / _GIB,
               "floor_ms": floor_ms, "compile_s": compile_s}
-    print(f"RESULT target={args.target} program={program} compiled=1 "
+    print(f"RESULT target={args.target} program={program} folds={folds} compiled=1 "
           f"kernels={stats.num_kernels} hbm_gib={hbm / _GIB:.2f} "
           f"sliced_gib={stats.sliced_bytes / _GIB:.2f} temp_gib={temp / _GIB:.2f} "
           f"per_chip_gib={per_chip / _GIB:.2f} collectives={result['collectives']} "

@@ -371,7 +371,8 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
     jax.block_until_ready(batches)
 
     t0 = time.perf_counter()
-    lowered = step.lower(state, batches[0])
+    weight = built.step_class_weight
+    lowered = step.lower(state, batches[0], weight)
     trace_s = time.perf_counter() - t0
     choice = None if variant.xla == "default" else {"CRCKD_XLA_OPTIONS": variant.xla}
     options = xla_options.compiler_options(environ=choice)
@@ -404,7 +405,7 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
         for _ in range(num_steps):
             batch = batches[progress["done"] % len(batches)]
             t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, batch, weight)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
             progress["done"] += 1

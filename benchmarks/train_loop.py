@@ -70,7 +70,7 @@ def make_settings(args, augment_on: str):
     return config_lib.to_settings(c)
 
 
-def trivial_step(state, batch):
+def trivial_step(state, batch, class_weight):
     """Reads every image of the batch (so it must have arrived) and counts the step."""
     images = batch["image"] if "image" in batch else batch["image_student"]
     value = jnp.mean(images.astype(jnp.float32))
@@ -85,12 +85,12 @@ class Timed:
     def __init__(self, step_fn):
         self.step_fn, self.calls, self.start = step_fn, 0, None
 
-    def __call__(self, state, batch):
+    def __call__(self, state, batch, class_weight):
         self.calls += 1
         if self.calls == 2:
             jax.block_until_ready(state)
             self.start = (time.perf_counter(), time.process_time())
-        return self.step_fn(state, batch)
+        return self.step_fn(state, batch, class_weight)
 
 
 class StopClock:
@@ -147,7 +147,8 @@ def old_loop(trainer, dataset, log_every):
         if step == 2:
             wall0, cpu0 = time.perf_counter(), time.process_time()
         batch = next(iterator)
-        state, terms = trainer.run.train_step(state, trainer.run.parallel.put_batch(batch))
+        state, terms = trainer.run.train_step(state, trainer.run.parallel.put_batch(batch),
+                                              trainer.run.step_class_weight)
         terms = {k: v.item() for k, v in trainer.run.parallel.get_outputs(terms).items()}
         if not all(math.isfinite(terms[k]) for k in LOSS_KEYS):
             raise RuntimeError(f"non-finite loss at step {step}")
@@ -161,11 +162,12 @@ def step_alone(trainer, dataset, steps):
     untimed call; returns (wall s, cpu s)."""
     batch = trainer.run.parallel.put_batch(next(iter(dataset)))
     state = trainer.run.parallel.put_state(trainer.run.initial_state)
-    state, metrics = trainer.run.train_step(state, batch)
+    weight = trainer.run.step_class_weight
+    state, metrics = trainer.run.train_step(state, batch, weight)
     jax.block_until_ready(state)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        state, metrics = trainer.run.train_step(state, batch)
+        state, metrics = trainer.run.train_step(state, batch, weight)
     jax.block_until_ready((state, metrics))
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
@@ -184,7 +186,8 @@ def trivial_rows(args, data_dir, tmp):
         config = make_settings(args, augment_on)
         trainer = build_trainer(config, data_dir, log=lambda _: None)
         trainer = dataclasses.replace(trainer, run=dataclasses.replace(
-            trainer.run, train_step=trainer.run.parallel.compile(trivial_step)))
+            trainer.run, train_step=trainer.run.parallel.compile(trivial_step,
+                                                                replicated_args=1)))
         if loop == "new":  # the trivial step's own cost, to subtract from the loop rows
             wall, cpu = step_alone(trainer, trainer.train_dataset(), args.steps)
             results["trivial step alone"] = report("trivial step alone", args.steps,

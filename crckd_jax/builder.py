@@ -40,11 +40,16 @@ class DataDescription:
 
     class_names: the C classes, in label order. train_labels: int [N] the class of every
     training item of the fold, in data set index order (the bank memory has one row per
-    item; class counts and the epoch length follow from it).
+    item; class counts and the epoch length follow from it). memory_rows,
+    memory_class_rows: the bank memory's rows and per-class sampling bound, at least N and
+    the largest class count (0: exactly those); the largest over the data set's folds
+    give every fold the same shapes, hence one compiled step.
     """
 
     class_names: tuple[str, ...]
     train_labels: np.ndarray
+    memory_rows: int = 0
+    memory_class_rows: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -66,9 +71,11 @@ class DataDescription:
 class Run:
     """The built run of one fold: networks, optimizer, state and compiled steps.
 
-    train_step(state, batch) -> (state, metrics incl. 'learning_rate'), compiled for every
-    device (`DataParallel`); eval_step[use_teacher](state, {'image'}) -> per-example
-    'probs' [B, C], 'features' [B, F].
+    train_step(state, batch, class_weight) -> (state, metrics incl. 'learning_rate'),
+    compiled for every device (`DataParallel`), called with `step_class_weight`;
+    eval_step[use_teacher](state, {'image'}) -> per-example 'probs' [B, C], 'features'
+    [B, F]. class_weight: [C] float32, the fold's class weights (an input of the step, so
+    that the folds of a data set share its executable).
     """
 
     settings: Settings
@@ -81,6 +88,12 @@ class Run:
     create_state: Callable[[], TrainState]  # a fresh random state, in one compiled call
     train_step: Callable
     eval_step: dict[bool, Callable]
+    class_weight: np.ndarray
+
+    @functools.cached_property
+    def step_class_weight(self) -> jax.Array:
+        """`class_weight` on the devices, in the layout `train_step` takes (put once)."""
+        return self.parallel.put_state(self.class_weight)
 
     @functools.cached_property
     def initial_state(self) -> TrainState:
@@ -115,6 +128,16 @@ class Run:
         target), traced from the initialisation, not computed."""
         return self.parallel.abstract_state(jax.eval_shape(self.create_state))
 
+    def abstract_train_inputs(self) -> tuple:
+        """(state, batch, class_weight) as shapes, dtypes and shardings: what lowering
+        `train_step` without any array needs (the state per device under `pmap`)."""
+        state, weight = self.abstract_state(), self.parallel.abstract_state(self.class_weight)
+        if self.parallel.backend == "pmap":  # one copy per device
+            n = self.parallel.num_devices
+            state, weight = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), (state, weight))
+        return state, self.abstract_batch(), weight
+
 
 def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto",
               devices=None) -> Run:
@@ -145,18 +168,19 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
                                         capacity=memory.queue_size, dim=memory.embed_dim)
     else:
         make_memory = functools.partial(BankMemory.create, train_labels=data.train_labels,
-                                        num_classes=data.num_classes, dim=memory.embed_dim)
+                                        num_classes=data.num_classes, dim=memory.embed_dim,
+                                        rows=data.memory_rows,
+                                        max_class_count=data.memory_class_rows)
     create_state = functools.partial(create_train_state, jax.random.key(settings.seed),
                                      networks, optimizer, make_memory, (size, size, 3))
     step_config = StepConfig.from_settings(settings, steps_per_epoch=steps_per_epoch,
                                            axis_name=AXIS)
-    train_fn = make_train_step(networks, optimizer, losses.class_weights(data.class_counts),
-                               step_config)
+    train_fn = make_train_step(networks, optimizer, step_config)
     precision = train.matmul_precision
 
-    def train_with_lr(state, batch):
+    def train_with_lr(state, batch, class_weight):
         with matmul_precision(precision):
-            new_state, out = train_fn(state, batch)
+            new_state, out = train_fn(state, batch, class_weight)
         return new_state, {**out, "learning_rate": current_learning_rate(new_state.opt_state)}
 
     def eval_fn(state, batch, use_teacher):
@@ -167,8 +191,10 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
         teacher: parallel.compile(functools.partial(eval_fn, use_teacher=teacher),
                                   donate_state=False, sharded_outputs=True)
         for teacher in (False, True)}
+    class_weight = np.asarray(losses.class_weights(data.class_counts), np.float32)
     return Run(settings, data, networks, optimizer, parallel, steps_per_epoch, total_steps,
-               create_state, parallel.compile(train_with_lr), compiled_eval)
+               create_state, parallel.compile(train_with_lr, replicated_args=1),
+               compiled_eval, class_weight)
 
 
 def check_before_data(settings: Settings, num_devices: int | None = None) -> None:

@@ -4,6 +4,8 @@ Fold k trains in `<workdir>/fold_<k>/` on the data set prepared once in `<workdi
 whose `summary.json` exists is done and is not run again; an interrupted fold resumes from
 its checkpoints. `cv_summary.json` and `cv_summary.md` hold the mean and standard deviation
 (population, ddof 0) of every metric across folds, for each view of `summary.summarise`.
+The folds run one compiled train step (built again for each fold, found in the persistent
+compilation cache): nothing fold-dependent is a constant of it (`builder.DataDescription`).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def ccd_crp(
     rows_s, rows_t = memory.rows()
     u_s = contrast_scores(rows_t, embed_s, contrast_idx, config.temperature)
     u_t = contrast_scores(rows_s, embed_t, contrast_idx, config.temperature)
-    n = memory.num_rows
+    n = memory.num_items
     out_s, z_s = normalise_scores(u_s, memory.z_student, n, config.z_momentum, axis_name,
                                   mask)
     out_t, z_t = normalise_scores(u_t, memory.z_teacher, n, config.z_momentum, axis_name,

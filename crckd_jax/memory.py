@@ -7,18 +7,23 @@ rows are grouped by class. The interface every kind provides:
 * `sample_contrast(keys, labels, index, P, K)` -> [B, P + K] row ids, positives first;
 * `update(e_s, e_t, labels, index, momentum)` -> the memory after writing a batch;
 * `centroids()` -> (student [C, d], teacher [C, d]): per class mean of ReLU(rows);
-* `z_student`, `z_teacher`: the NCE normalisation constants (< 0 means "not set yet").
+* `z_student`, `z_teacher`: the NCE normalisation constants (< 0 means "not set yet");
+* `num_items`: the number of rows holding an item (the NCE's data set size).
 
 `bank` is the reference memory: one row per training item, momentum update with row
-renormalisation. `queue` keeps a FIFO of the last Q embeddings per class, so its size does
-not depend on the data set. Sampling, gather and update are vectorised; per-example random
-keys (derived from the data set index, see `step.py`) make the draws independent of how a
-global batch is split across devices.
+renormalisation. Its tables may have more rows than the fold has items (`rows=`): the
+padding is never drawn, written or averaged, and the draws of the real rows do not depend
+on it (threefry's draws of a longer vector begin with those of the shorter one), so every
+fold of a data set can run one program with the shapes of its largest fold. `queue` keeps
+a FIFO of the last Q embeddings per class, so its size does not depend on the data set.
+Sampling, gather and update are vectorised; per-example random keys (derived from the data
+set index, see `step.py`) make the draws independent of how a global batch is split across
+devices.
 
-Sampling rule (the reference's, for a batch item of class c with n_c rows, M rows in all):
+Sampling rule (the reference's, for a batch item of class c with n_c rows, N items in all):
 P positives drawn from the n_c rows of class c without replacement, and with replacement
-when n_c < P; K negatives drawn from the M - n_c rows of the other classes without
-replacement, and with replacement when K > M - n_c (at the paper's K = 4096 and N = 2929
+when n_c < P; K negatives drawn from the N - n_c rows of the other classes without
+replacement, and with replacement when K > N - n_c (at the paper's K = 4096 and N = 2929
 negatives always repeat). The bank then overwrites column 0 with the item's own row.
 """
 
@@ -54,12 +59,14 @@ def _sample_positions(key, count, max_count, num):
     return jnp.where(count >= num, distinct, with_replacement)
 
 
-def _sample_contrast_rows(key, start, count, num_rows, max_count, sorted_rows, P, K):
-    """One item's [P + K] row ids; its class occupies positions [start, start + count)."""
+def _sample_contrast_rows(key, start, count, num_items, num_rows, max_count, sorted_rows,
+                          P, K):
+    """One item's [P + K] row ids; its class occupies positions [start, start + count) of
+    the first `num_items` (traced) of `sorted_rows` [num_rows]."""
     k_pos, k_neg = jax.random.split(key)
     positives = start + _sample_positions(k_pos, count, max_count, P)
-    # Negatives: positions among the M - count rows of other classes, then skip the class.
-    others = _sample_positions(k_neg, num_rows - count, num_rows, K)
+    # Negatives: positions among the N - count items of other classes, then skip the class.
+    others = _sample_positions(k_neg, num_items - count, num_rows, K)
     negatives = jnp.where(others >= start, others + count, others)
     return sorted_rows[jnp.concatenate([positives, negatives])]
 
@@ -93,6 +100,10 @@ class QueueMemory(struct.PyTreeNode):
     def num_rows(self) -> int:
         return self.student.shape[0] * self.student.shape[1]
 
+    @property
+    def num_items(self) -> int:
+        return self.num_rows
+
     def rows(self) -> tuple[jax.Array, jax.Array]:
         dim = self.student.shape[-1]
         return self.student.reshape(-1, dim), self.teacher.reshape(-1, dim)
@@ -102,7 +113,7 @@ class QueueMemory(struct.PyTreeNode):
         del index  # a queue holds no per-item row
         capacity = self.student.shape[1]
         sample = lambda k, c: _sample_contrast_rows(
-            k, c * capacity, capacity, self.num_rows, capacity,
+            k, c * capacity, capacity, self.num_rows, self.num_rows, capacity,
             jnp.arange(self.num_rows), num_positives, num_negatives)
         return jax.vmap(sample)(keys, labels)
 
@@ -135,15 +146,18 @@ class QueueMemory(struct.PyTreeNode):
 class BankMemory(struct.PyTreeNode):
     """The reference memory bank: one student and one teacher row per training item.
 
-    student, teacher: [N, d] (the reference's memory_v1, memory_v2); labels [N] int32;
-    sorted_rows [N]: row ids ordered by class; class_start, class_count [C] int32 locate
-    each class in sorted_rows. max_class_count is static (it sizes the sampling noise).
+    student, teacher: [M, d] (the reference's memory_v1, memory_v2), row i the training
+    item of index i for i < N = num_items (int32 scalar), M - N rows of padding after
+    them; labels [M] int32 (C on padding); sorted_rows [M]: row ids ordered by class,
+    padding last; class_start, class_count [C] int32 locate each class in sorted_rows.
+    max_class_count is static (it sizes the sampling noise; at least every class's count).
     """
 
     student: jax.Array
     teacher: jax.Array
     z_student: jax.Array
     z_teacher: jax.Array
+    num_items: jax.Array
     labels: jax.Array
     sorted_rows: jax.Array
     class_start: jax.Array
@@ -151,12 +165,20 @@ class BankMemory(struct.PyTreeNode):
     max_class_count: int = struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, key: jax.Array, train_labels, num_classes: int, dim: int) -> "BankMemory":
-        """train_labels [N]: the class of every training item (data set index -> class)."""
+    def create(cls, key: jax.Array, train_labels, num_classes: int, dim: int,
+               rows: int = 0, max_class_count: int = 0) -> "BankMemory":
+        """train_labels [N]: the class of every training item (data set index -> class).
+        rows, max_class_count: the table's rows and the sampling bound of a class, at least
+        N and the largest class count (0: exactly those), e.g. the largest over the folds
+        of a data set so that all its folds share one compiled step."""
         import numpy as np  # host-side tables, built once
 
         labels = np.asarray(train_labels, np.int64)
         counts = np.bincount(labels, minlength=num_classes)
+        if rows and rows < labels.shape[0] or max_class_count and max_class_count < counts.max():
+            raise ValueError(f"bank memory of {rows} rows and at most {max_class_count} per "
+                             f"class cannot hold {labels.shape[0]} items, {counts.max()} in "
+                             "the largest class")
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
             raise ValueError(f"train_labels must lie in [0, {num_classes}), got "
                              f"[{labels.min()}, {labels.max()}]")
@@ -164,17 +186,20 @@ class BankMemory(struct.PyTreeNode):
         if empty.size:
             raise ValueError(f"bank memory: classes {empty.tolist()} have no training item")
         k_s, k_t = jax.random.split(key)
-        shape = (labels.shape[0], dim)
+        shape = (max(rows, labels.shape[0]), dim)
+        padded = np.full(shape[0], num_classes, np.int64)
+        padded[:labels.shape[0]] = labels
         return cls(
             student=uniform_rows(k_s, shape),
             teacher=uniform_rows(k_t, shape),
             z_student=jnp.float32(-1.0),
             z_teacher=jnp.float32(-1.0),
-            labels=jnp.asarray(labels, jnp.int32),
-            sorted_rows=jnp.asarray(np.argsort(labels, kind="stable"), jnp.int32),
+            num_items=jnp.int32(labels.shape[0]),
+            labels=jnp.asarray(padded, jnp.int32),
+            sorted_rows=jnp.asarray(np.argsort(padded, kind="stable"), jnp.int32),
             class_start=jnp.asarray(np.cumsum(counts) - counts, jnp.int32),
             class_count=jnp.asarray(counts, jnp.int32),
-            max_class_count=int(counts.max()),
+            max_class_count=max(max_class_count, int(counts.max())),
         )
 
     @property
@@ -187,7 +212,7 @@ class BankMemory(struct.PyTreeNode):
     def sample_contrast(self, keys, labels, index, num_positives, num_negatives):
         """keys [B] PRNG keys, labels, index [B] -> [B, P + K]; column 0 = the item's row."""
         sample = lambda k, c: _sample_contrast_rows(
-            k, self.class_start[c], self.class_count[c], self.num_rows,
+            k, self.class_start[c], self.class_count[c], self.num_items, self.num_rows,
             self.max_class_count, self.sorted_rows, num_positives, num_negatives)
         idx = jax.vmap(sample)(keys, labels)
         return with_anchor_column(idx, index)

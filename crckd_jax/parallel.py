@@ -78,7 +78,11 @@ class DataParallel:
         return len(self.local_devices)
 
     def compile(self, step_fn: Callable, *, donate_state: bool = True,
-                sharded_outputs: bool = False) -> Callable:
+                sharded_outputs: bool = False, replicated_args: int = 0) -> Callable:
+        """`step_fn(state, batch, *replicated)` compiled for every device: the state and
+        `replicated_args` further arguments in the state's layout (`put_state`), the batch
+        split over the devices; outputs replicated, or split like the batch with
+        `sharded_outputs`."""
         donate = (0,) if donate_state else ()
         if self.backend == "pmap":
             # All devices of all processes: the named axis (and its collectives) spans them;
@@ -87,7 +91,8 @@ class DataParallel:
                             donate_argnums=donate)
         # check_vma=False: gradients are summed explicitly with psum inside the step
         # (with the check on, grad of replicated parameters would add an implicit sum).
-        mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+        in_specs = (P(), P(AXIS), *[P()] * replicated_args)
+        mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=in_specs,
                                out_specs=P(AXIS) if sharded_outputs else P(),
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=donate)

@@ -1,12 +1,15 @@
 """The CRCKD train step and eval step: pure functions, written once per device.
 
-`train_step(state, batch) -> (state, metrics)` runs the student forward and backward, the
-teacher forward, memory sampling, scoring and update, the four losses, the optimizer and
-the EMA. With `axis_name` set, it uses named-axis collectives so the same code runs under
-`shard_map` or `pmap`: every loss term is computed as this device's contribution to the
-loss of the GLOBAL batch (so gradients are summed with `psum`), Z and the class weights'
-denominator come from all devices, and the memory is updated with the all-gathered batch.
-With `axis_name=None` the collectives vanish and the step is the reference computation.
+`train_step(state, batch, class_weight) -> (state, metrics)` runs the student forward
+and backward, the teacher forward, memory sampling, scoring and update, the four losses,
+the optimizer and the EMA. With `axis_name` set, it uses named-axis collectives so the
+same code runs under `shard_map` or `pmap`: every loss term is computed as this device's
+contribution to the loss of the GLOBAL batch (so gradients are summed with `psum`), Z and
+the class weights' denominator come from all devices, and the memory is updated with the
+all-gathered batch. With `axis_name=None` the collectives vanish and the step is the
+reference computation. The class weights ([C] float32, `losses.class_weights` of the
+fold's class counts) are an argument, not a constant, so every fold of a data set runs
+the same compiled program.
 
 Batch (per device): image uint8 [B, H, W, 3] (the step makes the student's and the
 teacher's augmented views from it, `crckd_jax.augment`), or image_student, image_teacher
@@ -113,10 +116,10 @@ def _teacher_forward(model: CRCKDNet, state, images, config, mask):
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    class_weight: jax.Array,
     *,
     networks: Networks,
     optimizer: optax.GradientTransformation,
-    class_weight: jax.Array,
     config: StepConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one (per-device) batch; see the module docstring."""
@@ -207,8 +210,8 @@ def classify(model: CRCKDNet, variables: dict, images: jax.Array) -> dict[str, j
     return {"probs": jax.nn.softmax(out["logits"]), "features": out["feature"]}
 
 
-def make_train_step(networks: Networks, optimizer, class_weight, config: StepConfig):
-    """The per-device train step with everything static bound: (state, batch) -> ..."""
+def make_train_step(networks: Networks, optimizer, config: StepConfig):
+    """The per-device train step with everything static bound:
+    (state, batch, class_weight) -> (state, metrics)."""
     return functools.partial(train_step, networks=networks, optimizer=optimizer,
-                             class_weight=jnp.asarray(class_weight, jnp.float32),
                              config=config)

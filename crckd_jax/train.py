@@ -150,7 +150,7 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
     try:  # the bar ends its line before any error is printed
         for step in range(start + 1, total + 1):
             batch = next(batches)
-            state, terms = run.train_step(state, batch)
+            state, terms = run.train_step(state, batch, run.step_class_weight)
             pending.append((step, terms))
             bar.update(1)
             epoch = epoch_of_step(step, per_epoch)

@@ -51,7 +51,8 @@ class Trainer:
 
     @classmethod
     def build(cls, settings: Settings, data: prepare.FoldData) -> "Trainer":
-        description = DataDescription(tuple(data.class_names), data.train_labels)
+        description = DataDescription(tuple(data.class_names), data.train_labels,
+                                      *data.largest_fold)
         return cls(builder.build_run(settings, description), data)
 
     def train_dataset(self) -> grain.IterDataset:

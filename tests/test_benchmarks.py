@@ -281,12 +281,14 @@ def test_the_step_benchmark_times_the_program_the_trainer_runs(monkeypatch):
     step_time.setup_jax(args, variant, labels, batches)
     (settings, data), kwargs, benchmark = built[0]
     assert kwargs == {"kernels": "auto"}
-    fold = SimpleNamespace(class_names=data.class_names, train_labels=data.train_labels)
+    fold = SimpleNamespace(class_names=data.class_names, train_labels=data.train_labels,
+                           largest_fold=(0, 0))
     trained = trainer.Trainer.build(settings, fold)
     assert len(built) == 2 and built[1][2] is trained.run
     batch = benchmark.parallel.put_batch(
         {k: v for k, v in batches[0].items() if k not in ("image_student", "image_teacher")})
-    program = lambda run: run.train_step.lower(run.abstract_state(), batch).as_text()  # noqa: E731
+    program = lambda run: run.train_step.lower(  # noqa: E731
+        run.abstract_state(), batch, run.step_class_weight).as_text()
     assert program(trained.run) == program(benchmark)
 
 
@@ -359,6 +361,20 @@ def test_deviceless_report_compiles_the_trainers_programs(capsys):
     train, evaluation = results
     assert train["kernels"] > evaluation["kernels"] > 10
     assert train["hbm_gib"] > evaluation["hbm_gib"] > 0
+
+
+def test_deviceless_report_of_folds_side_by_side(capsys):
+    """`--folds 2`: the train step of two folds stacked on a leading axis compiles as one
+    program that moves about twice the bytes of one fold's."""
+    import deviceless
+
+    flags = ["--target", "cpu", "--model", "densenet_tiny", "--image-size", "32",
+             "--batch-size", "4", "--num-items", "40", "--num-positives", "2",
+             "--num-negatives", "8", "--embed-dim", "16"]
+    (one,), (two,) = deviceless.main(flags), deviceless.main([*flags, "--folds", "2"])
+    assert (one["folds"], two["folds"]) == (1, 2)
+    assert 1.8 * one["hbm_gib"] < two["hbm_gib"] < 2.2 * one["hbm_gib"]
+    assert "train_step of 2 folds side by side" in capsys.readouterr().out
 
 
 @pytest.mark.slow

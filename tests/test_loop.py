@@ -115,8 +115,8 @@ def test_non_finite_loss_between_reads_stops_before_the_next_checkpoint(
     def poison_step_3(step_fn):
         calls = []
 
-        def poisoned(state, batch):
-            state, metrics = step_fn(state, batch)
+        def poisoned(state, batch, class_weight):
+            state, metrics = step_fn(state, batch, class_weight)
             calls.append(1)
             if len(calls) == 3:
                 metrics = {**metrics, "crp": metrics["crp"] * jnp.nan}
@@ -156,11 +156,11 @@ def sigterm_in_step(n: int):
     def wrap(step_fn):
         calls = []
 
-        def step(state, batch):
+        def step(state, batch, class_weight):
             calls.append(1)
             if len(calls) == n:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return step_fn(state, batch)
+            return step_fn(state, batch, class_weight)
         return step
     return wrap
 
@@ -260,7 +260,7 @@ def test_matmul_precision_reaches_every_convolution_and_dot(data_dir, precision,
     state = trainer.run.parallel.put_state(trainer.run.initial_state)
     batch = trainer.run.parallel.put_batch(next(iter(trainer.train_dataset())))
     eval_batch = {"image": batch["image"]}
-    for step, args in ((trainer.run.train_step, (state, batch)),
+    for step, args in ((trainer.run.train_step, (state, batch, trainer.run.step_class_weight)),
                        (trainer.run.eval_step[False], (state, eval_batch))):
         text = step.lower(*args).as_text()
         ops = text.count("stablehlo.convolution") + text.count("stablehlo.dot_general")

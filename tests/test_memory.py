@@ -106,6 +106,39 @@ def test_bank_size_is_n_by_d_twice():
     assert memory.student.shape == memory.teacher.shape == (len(BANK_LABELS), 8)
 
 
+@pytest.mark.parametrize("num_negatives", [6, 40])  # without and with replacement
+def test_a_padded_bank_draws_writes_and_averages_as_the_unpadded_one(num_negatives):
+    """Rows beyond the fold's items (another fold's larger training part) are never drawn,
+    written or averaged, and the real rows' draws and values are those of a bank without
+    them: one program serves every fold, and each fold trains as it would alone."""
+    plain = BankMemory.create(KEY, BANK_LABELS, 3, 8)
+    padded = BankMemory.create(KEY, BANK_LABELS, 3, 8, rows=30, max_class_count=20)
+    n = len(BANK_LABELS)
+    assert padded.student.shape == (30, 8) and int(padded.num_items) == n
+    np.testing.assert_array_equal(np.asarray(padded.student)[:n], np.asarray(plain.student))
+    index = np.array([3, 7, 11, 0])
+    args = (keys(4), jnp.asarray(BANK_LABELS[index]), jnp.asarray(index), P, num_negatives)
+    drawn = np.asarray(padded.sample_contrast(*args))
+    np.testing.assert_array_equal(drawn, np.asarray(plain.sample_contrast(*args)))
+    assert drawn.max() < n
+    e_s, e_t = jnp.asarray(unit_rows(4, 8, 1)), jnp.asarray(unit_rows(4, 8, 2))
+    update = lambda m: m.update(e_s, e_t, None, jnp.asarray(index), 0.5)  # noqa: E731
+    written, expected = update(padded), update(plain)
+    np.testing.assert_array_equal(np.asarray(written.student)[:n], np.asarray(expected.student))
+    np.testing.assert_array_equal(np.asarray(written.student)[n:], np.asarray(padded.student)[n:])
+    for got, want in zip(written.centroids(), expected.centroids()):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    u = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (4, 6)), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(normalise_scores(u, jnp.float32(-1), padded.num_items, 0.0)[1]),
+        np.asarray(normalise_scores(u, jnp.float32(-1), plain.num_items, 0.0)[1]))
+
+
+def test_a_bank_smaller_than_its_items_is_refused():
+    with pytest.raises(ValueError, match="cannot hold 18 items"):
+        BankMemory.create(KEY, BANK_LABELS, 3, 8, rows=10)
+
+
 def test_queue_sampling_rows_by_class():
     memory = QueueMemory.create(KEY, 3, capacity=5, dim=8)
     labels = jnp.array([0, 1, 2, 2])

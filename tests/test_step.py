@@ -41,7 +41,8 @@ def build(kind, seed=0, preset="paper"):
     state = create_train_state(jax.random.key(seed), networks, optimizer, make_memory(kind),
                                (SIZE, SIZE, 3))
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
-    step = jax.jit(make_train_step(networks, optimizer, class_weight, config))
+    step = jax.jit(functools.partial(make_train_step(networks, optimizer, config),
+                                     class_weight=class_weight))
     return model, state, step
 
 
@@ -171,8 +172,8 @@ def test_densenet121_224_batch8_one_step():
     state = create_train_state(
         jax.random.key(0), networks, optimizer,
         lambda k: BankMemory.create(k, labels, 7, 128), (224, 224, 3))
-    step = jax.jit(make_train_step(networks, optimizer,
-                                   losses.class_weights(np.bincount(labels)), config),
+    step = jax.jit(functools.partial(make_train_step(networks, optimizer, config),
+                                     class_weight=losses.class_weights(np.bincount(labels))),
                    donate_argnums=0)
     rng = np.random.default_rng(0)
     index = rng.choice(2929, 8, replace=False).astype(np.int32)
@@ -231,7 +232,8 @@ def build_with(kind, group_size, divisor=BATCH):
     state = create_train_state(jax.random.key(0), networks, optimizer, make_memory(kind),
                                (SIZE, SIZE, 3))
     class_weight = losses.class_weights(np.bincount(TRAIN_LABELS))
-    return state, jax.jit(make_train_step(networks, optimizer, class_weight, config))
+    return state, jax.jit(functools.partial(make_train_step(networks, optimizer, config),
+                                            class_weight=class_weight))
 
 
 def padded(b, layout):

@@ -302,6 +302,29 @@ def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, trained):
     assert "| bacc |" in (tmp_path / "cv_summary.md").read_text()
 
 
+def compiled_train_steps(cache) -> int:
+    """How many train-step executables `cache` (a persistent compilation cache) holds."""
+    return len(list(pathlib.Path(cache).glob("jit_train_with_lr-*")))
+
+
+def test_cv_compiles_one_train_step_for_folds_of_different_sizes(tmp_path):
+    """The bank memory takes the shape of the data set's largest training part and the
+    class weights are an input of the step: 2 folds of 3 (93 and 94 training items,
+    different class counts) run one executable, read from the cache by the second fold."""
+    cache = tmp_path / "xla"
+    done = launch(tmp_path / "w", "--mode", "cv", "--config.data.num_folds=3",
+                  "--config.data.folds=0,2", "--config.memory.kind=bank",
+                  f"--config.train.compilation_cache_dir={cache}", NO_REPORT)
+    assert "fold 2: training" in done.stdout
+    sizes = [f["train"] for f in json.loads((tmp_path / "w" / "data_summary.json")
+                                            .read_text())["folds"]]
+    assert sizes[0] != sizes[2], sizes  # the folds differ, so the padding is exercised
+    rows = {k: final_state(tmp_path / "w" / f"fold_{k}")[1]["memory"]["student"].shape[0]
+            for k in (0, 2)}
+    assert rows == {0: max(sizes), 2: max(sizes)}
+    assert compiled_train_steps(cache) == 1
+
+
 def test_table_trains_rungs_by_folds_and_writes_the_table(tmp_path, trained):
     """--mode table: a unit already done (crckd, fold 0: the trained run's summary) is read,
     the others are trained with their rung's loss weights, seed and fold; every cell is the
@@ -311,9 +334,12 @@ def test_table_trains_rungs_by_folds_and_writes_the_table(tmp_path, trained):
     placed = tmp_path / "crckd" / f"seed_{seed}" / "fold_0"
     placed.mkdir(parents=True)
     (placed / "summary.json").write_text(json.dumps(done_summary))
+    cache = tmp_path / "xla"
     flags = ("--mode", "table", "--config.table.rungs=baseline,crckd",
-             "--config.data.num_folds=2", NO_REPORT)
+             "--config.data.num_folds=2", f"--config.train.compilation_cache_dir={cache}",
+             NO_REPORT)
     done = launch(tmp_path, *flags)
+    assert compiled_train_steps(cache) == 2  # one per rung, whatever the folds
     assert f"crckd seed {seed} fold 0: done earlier" in done.stdout
     for rung, fold in (("baseline", 0), ("baseline", 1), ("crckd", 1)):
         assert f"{rung} seed {seed} fold {fold}: training" in done.stdout

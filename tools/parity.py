@@ -442,7 +442,8 @@ def _train_steps(d: Arrays) -> dict[str, np.ndarray]:
                   "contrast_idx": np.asarray(with_anchor_column(
                       jnp.asarray(take("contrast_idx")), index)),
                   "mask": rows >= 0}
-        state, metrics = run.train_step(state, run.parallel.put_batch(inputs))
+        state, metrics = run.train_step(state, run.parallel.put_batch(inputs),
+                                        run.step_class_weight)
         metrics = run.parallel.get_outputs(metrics)
         for term in ("ce", "mt", "ccd", "crp", "loss"):
             per_step[f"step_{term}"].append(metrics[term])

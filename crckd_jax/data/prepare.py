@@ -198,6 +198,9 @@ class FoldData:
     source: Sequence[dict]  # tfds ArrayRecordDataSource: image uint8 [S, S, 3], label, ids
     fold: splits.Fold
     class_names: tuple[str, ...]
+    # (training items, items of the largest class) of the largest training part over the
+    # data set's folds: the shapes every fold's bank memory takes (0: this fold's own).
+    largest_fold: tuple[int, int] = (0, 0)
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -220,8 +223,22 @@ def load(workdir: str, fold: int) -> FoldData:
     with open(paths["dataset"]) as f:
         info = json.load(f)
     source = tfds.builder_from_directory(info["dataset_dir"]).as_data_source(split="train")
+    num_classes = len(info["class_names"])
+    folds = [splits.read_fold(paths["folds"], k) for k in _fold_numbers(paths["folds"], fold)]
     return FoldData(
         source=source,
-        fold=splits.read_fold(paths["folds"], fold),
+        fold=next(f for f in folds if f.fold == fold),
         class_names=tuple(info["class_names"]),
+        largest_fold=(max(len(f.train_labels) for f in folds),
+                      max(int(np.bincount(f.train_labels, minlength=num_classes).max(initial=0))
+                          for f in folds)),
     )
+
+
+def _fold_numbers(directory: str, fold: int) -> list[int]:
+    """The folds written in `directory` (`fold_<k>.csv`), and `fold` (whose file, if it is
+    missing, `splits.read_fold` names)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    found = {int(n[5:-4]) for n in names
+             if n.startswith("fold_") and n.endswith(".csv") and n[5:-4].isdigit()}
+    return sorted(found | {fold})
