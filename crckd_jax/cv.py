@@ -58,7 +58,7 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
     summaries = {}
     with StopRequest() as stop:  # a signal between two folds' runs stops before the next
         for fold in settings.data.folds_to_run():
-            if stop.signal_name:
+            if stop.requested():
                 raise Preempted(f"stopped by {stop.signal_name} before fold {fold}: the folds "
                                 f"before it are done; run the same command again to go on")
             summaries[fold] = _run_fold(settings, folder, fold, log, allow_config_change)
@@ -68,7 +68,7 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
             with open(folder.path("cv_summary.md"), "w") as f:
                 f.write(markdown(result))
             log(markdown(result))
-    if stop.signal_name:
+    if stop.requested():
         raise Preempted(f"stopped by {stop.signal_name} after the last fold: every fold and "
                         f"the summary across them are saved in {folder.root}")
     return result

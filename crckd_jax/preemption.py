@@ -1,16 +1,21 @@
 """Stopping a training run cleanly on SIGTERM or SIGINT (preemption, Ctrl-C, `scancel`).
 
-A signal only sets a flag; the loop asks `StopRequest.reached(step)` once per step (a host
-check, no device sync). With one process the loop stops at the step it is in. With several
-processes they must stop at the same step: SIGTERM goes to JAX's preemption service (the
-coordination service propagates the notice to every process, which agree on a step:
+A signal only sets a flag; the loop asks `StopRequest.requested()` once per step (a host
+check, no device sync), and `--mode cv` and `--mode table` ask it between two runs. With one
+process the loop stops at the step it is in. With several processes they must stop at the
+same point: SIGTERM goes to JAX's preemption service (the coordination service propagates
+the notice to every process, which agree on a point:
 `multihost_utils.reached_preemption_sync_point`), and SIGINT is turned into a SIGTERM of the
-process for the same path. The loop then checks the pending metrics, saves a checkpoint at
-that step, waits until it is committed and raises `Preempted` (exit status 75).
+process for the same path. Every process asks at the same points (each step, each boundary
+between runs), so they agree on the same one, also when the notice arrives after a run's
+last step: the next boundary stops them all. The loop then checks the pending metrics,
+saves a checkpoint at that step, waits until it is committed and raises `Preempted` (exit
+status 75).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -18,6 +23,17 @@ import threading
 import jax
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+# JAX's preemption sync manager is one per process and agrees with the other processes on a
+# number of its calls, which must grow with every call: the questions of all StopRequests of
+# the process (every fold of a cv, every unit of a table) are numbered together.
+_sync_questions = itertools.count(1)
+
+
+def _agreed_across_processes() -> bool:
+    """Whether a stop must be agreed by several processes through JAX's preemption
+    service."""
+    return jax.process_count() > 1 and _preemption_service()
 
 
 def _preemption_service() -> bool:
@@ -35,7 +51,8 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
         self._previous: dict = {}
-        self._multi = jax.process_count() > 1 and _preemption_service()
+        self._agreed = False  # several processes: all agreed to stop
+        self._multi = _agreed_across_processes()
 
     def _handler(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
@@ -55,13 +72,16 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def reached(self, step: int) -> bool:
-        """Whether to stop after `step` (then every process stops after the same step)."""
-        if self._multi:
+    def requested(self) -> bool:
+        """Whether to stop here. With several processes every one must ask at the same
+        points; they all get True from the same one on."""
+        if not self._multi:
+            return self.signal_name is not None
+        if not self._agreed:
             from jax.experimental import multihost_utils
 
-            if multihost_utils.reached_preemption_sync_point(step):
+            self._agreed = multihost_utils.reached_preemption_sync_point(
+                next(_sync_questions))
+            if self._agreed:
                 self.signal_name = self.signal_name or "SIGTERM"
-                return True
-            return False
-        return self.signal_name is not None
+        return self._agreed

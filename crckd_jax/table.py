@@ -73,7 +73,7 @@ def run_table(settings: Settings, folder: RunFolder, log: Callable[[str], None] 
     with StopRequest() as stop:  # a signal between two units stops before the next
         for unit in units(settings):
             name = f"{unit.rung} seed {unit.seed} fold {unit.fold}"
-            if stop.signal_name:
+            if stop.requested():
                 raise Preempted(f"stopped by {stop.signal_name} before {name}: the units "
                                 "before it are done; run the same command again to go on")
             summaries[unit] = run_unit(unit.settings(settings), unit.folder(folder), name, log,
@@ -81,7 +81,7 @@ def run_table(settings: Settings, folder: RunFolder, log: Callable[[str], None] 
         table = aggregate(summaries, folder)
         if jax.process_index() == 0:
             write(table, summaries, folder, log)
-    if stop.signal_name:
+    if stop.requested():
         raise Preempted(f"stopped by {stop.signal_name} after the last unit: every unit and "
                         f"the table are saved in {folder.root}")
     return table

@@ -91,7 +91,7 @@ def train_and_evaluate(settings: Settings, folder: RunFolder,
                 best.wait()
             summary = _finish(trainer, state, last_test, folder, logger, log)
         failed = False
-        if stop.signal_name:  # arrived while the finished run was evaluated and reported
+        if stop.requested():  # arrived while the finished run was evaluated and reported
             raise Preempted(
                 f"stopped by {stop.signal_name} after the run ended: its checkpoint and "
                 f"summary are saved in {folder.root}; nothing further is run")
@@ -155,7 +155,7 @@ def _train_loop(trainer, state, batches, start, checkpoints, logger, stop=None, 
             bar.update(1)
             epoch = epoch_of_step(step, per_epoch)
             epoch_end = step % per_epoch == 0
-            stopping = stop is not None and stop.reached(step)
+            stopping = stop is not None and stop.requested()
             log_now = step % settings.train.log_every_steps == 0 or epoch_end
             save_now = epoch_end or (every and step % every == 0) or stopping
             if log_now or save_now:

@@ -245,6 +245,51 @@ def test_a_signal_between_table_units_stops_before_the_next(tmp_path, monkeypatc
     assert trained == [(0.0, 0)] and not (tmp_path / "table.json").exists()
 
 
+class SyncPoints:
+    """JAX's preemption sync manager as one of several processes sees it: its questions
+    are numbered (each one more than the last); once a notice arrives, the point agreed by
+    all is the number after the highest asked (here: this process's last)."""
+
+    def __init__(self):
+        self.asked, self.point = [], None
+
+    def notice(self):
+        self.point = (self.asked[-1] if self.asked else 0) + 1
+
+    def __call__(self, number: int) -> bool:
+        assert not self.asked or number == self.asked[-1] + 1, (self.asked, number)
+        self.asked.append(number)
+        return number == self.point
+
+
+def test_several_processes_stop_together_at_the_boundary_after_a_late_notice(
+        tmp_path, monkeypatch):
+    """Several processes: a preemption notice arriving after a fold's last step (during its
+    evaluation) is agreed at the next boundary, before fold 1, by every process alike; the
+    questions of the fold's loop and of the boundaries are numbered together, as JAX's
+    sync manager requires."""
+    from jax.experimental import multihost_utils
+
+    from crckd_jax import cv, preemption
+
+    points = SyncPoints()
+    monkeypatch.setattr(preemption, "_agreed_across_processes", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", points)
+    trained = []
+
+    def fold_run(settings, folder, log, allow_config_change):
+        trained.append(settings.data.fold)
+        with StopRequest() as stop:  # the fold's loop asks once per step
+            assert not any(stop.requested() for _ in range(3))
+        points.notice()  # after the last step
+        return {}
+
+    monkeypatch.setattr(cv, "train_and_evaluate", fold_run)
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM before fold 1: the folds before "):
+        cv.run_cv(to_settings(tiny_config()), RunFolder(str(tmp_path)), log=lambda _: None)
+    assert trained == [0] and len(points.asked) == 5 and points.asked[-1] == points.point
+
+
 def ocp_args():
     import orbax.checkpoint as ocp
 
