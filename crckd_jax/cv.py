@@ -55,30 +55,41 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
            allow_config_change: bool = False) -> dict:
     """Trains the folds of `data.folds` in `folder.fold(k)` and writes the summary across
     them; `settings` pass `config.require_initialisation`."""
-    summaries = {}
-    with StopRequest() as stop:  # a signal between two folds' runs stops before the next
-        for fold in settings.data.folds_to_run():
-            if stop.requested():
-                raise Preempted(f"stopped by {stop.signal_name} before fold {fold}: the folds "
-                                f"before it are done; run the same command again to go on")
-            summaries[fold] = _run_fold(settings, folder, fold, log, allow_config_change)
+    folds = {k: (f"fold {k}", settings.with_fold(k), folder.fold(k))
+             for k in settings.data.folds_to_run()}
+
+    def summarise(summaries: dict[int, dict]) -> dict:
         result = aggregate(summaries)
         if jax.process_index() == 0:
             folder.write_json("cv_summary.json", result)
-            with open(folder.path("cv_summary.md"), "w") as f:
-                f.write(markdown(result))
+            folder.write_text("cv_summary.md", markdown(result))
             log(markdown(result))
-    if stop.requested():
-        raise Preempted(f"stopped by {stop.signal_name} after the last fold: every fold and "
-                        f"the summary across them are saved in {folder.root}")
-    return result
+        return result
+
+    return run_units(folds, summarise, kind="fold", outcome="the summary across them",
+                     folder=folder, log=log, allow_config_change=allow_config_change)
 
 
-def _run_fold(settings: Settings, folder: RunFolder, fold: int, log: Callable[[str], None],
+def run_units(units: dict, finish: Callable[[dict], dict], *, kind: str, outcome: str,
+              folder: RunFolder, log: Callable[[str], None],
               allow_config_change: bool) -> dict:
-    """Fold `fold`'s summary: read when the fold is done, else trained (or resumed)."""
-    return run_unit(settings.with_fold(fold), folder.fold(fold), f"fold {fold}", log,
-                    allow_config_change)
+    """Trains (or reads, `run_unit`) the units {key: (name, settings, folder)} in order,
+    then returns `finish({key: summary})`. A signal stops before the next unit (Preempted
+    naming it) or, once the last one has ended, after `finish`; `kind` ('fold', 'unit') and
+    `outcome` (what `finish` writes) word the message."""
+    summaries = {}
+    with StopRequest() as stop:  # a signal between two runs stops before the next
+        for key, (name, unit_settings, unit_folder) in units.items():
+            if stop.requested():
+                raise Preempted(f"stopped by {stop.signal_name} before {name}: the {kind}s "
+                                "before it are done; run the same command again to go on")
+            summaries[key] = run_unit(unit_settings, unit_folder, name, log,
+                                      allow_config_change)
+        result = finish(summaries)
+    if stop.requested():
+        raise Preempted(f"stopped by {stop.signal_name} after the last {kind}: every {kind} "
+                        f"and {outcome} are saved in {folder.root}")
+    return result
 
 
 def run_unit(settings: Settings, folder: RunFolder, name: str, log: Callable[[str], None],

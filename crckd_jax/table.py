@@ -25,10 +25,8 @@ import jax
 import numpy as np
 
 from crckd_jax import protocols
-from crckd_jax.cv import run_unit
-from crckd_jax.errors import Preempted
+from crckd_jax.cv import run_units
 from crckd_jax.metrics import METRIC_KEYS
-from crckd_jax.preemption import StopRequest
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.separation import SEPARATION_KEYS
 from crckd_jax.settings import Settings
@@ -69,22 +67,17 @@ def run_table(settings: Settings, folder: RunFolder, log: Callable[[str], None] 
               allow_config_change: bool = False) -> dict:
     """Trains (or reads) every unit, then writes the table files; returns table.json's
     content. `settings` pass `config.require_initialisation`."""
-    summaries = {}
-    with StopRequest() as stop:  # a signal between two units stops before the next
-        for unit in units(settings):
-            name = f"{unit.rung} seed {unit.seed} fold {unit.fold}"
-            if stop.requested():
-                raise Preempted(f"stopped by {stop.signal_name} before {name}: the units "
-                                "before it are done; run the same command again to go on")
-            summaries[unit] = run_unit(unit.settings(settings), unit.folder(folder), name, log,
-                                       allow_config_change)
+    runs = {unit: (f"{unit.rung} seed {unit.seed} fold {unit.fold}",
+                   unit.settings(settings), unit.folder(folder)) for unit in units(settings)}
+
+    def tabulate(summaries: dict[Unit, dict]) -> dict:
         table = aggregate(summaries, folder)
         if jax.process_index() == 0:
             write(table, summaries, folder, log)
-    if stop.requested():
-        raise Preempted(f"stopped by {stop.signal_name} after the last unit: every unit and "
-                        f"the table are saved in {folder.root}")
-    return table
+        return table
+
+    return run_units(runs, tabulate, kind="unit", outcome="the table", folder=folder, log=log,
+                     allow_config_change=allow_config_change)
 
 
 def _finite(values: list) -> list[float]:

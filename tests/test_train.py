@@ -371,6 +371,15 @@ def test_table_trains_rungs_by_folds_and_writes_the_table(tmp_path, trained):
     assert (tmp_path / "table.png").stat().st_size > 10_000
     again = launch(tmp_path, *flags)
     assert "training" not in again.stdout and again.stdout.count("done earlier") == 4
+    # A cell's unit equals the same run trained alone with `--mode train`.
+    unit = tmp_path / "baseline" / f"seed_{seed}" / "fold_1"
+    loss = json.loads((unit / "config.json").read_text())["loss"]
+    launch(tmp_path / "alone", "--config.data.num_folds=2", "--config.data.fold=1",
+           f"--config.seed={seed}", *(f"--config.loss.{k}={loss[k]}"
+                                      for k in ("consistency", "ccd_weight", "crp_weight")),
+           NO_REPORT)
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert alone == json.loads((unit / "summary.json").read_text())
 
 
 def test_non_finite_loss_stops_with_step_and_terms(tmp_path):
