@@ -377,6 +377,19 @@ def test_deviceless_report_of_folds_side_by_side(capsys):
     assert "train_step of 2 folds side by side" in capsys.readouterr().out
 
 
+def test_fold_stack_benchmark_runs_both_programs(capsys):
+    """`fold_stack.py` trains one fold's step and the stacked step of 2 folds and ends with
+    its RESULT line (the figures themselves are not checked: no timed test)."""
+    import fold_stack
+
+    result = fold_stack.main([
+        "--model", "densenet_tiny", "--image-size", "32", "--batch-size", "4", "--folds", "2",
+        "--num-items", "40", "--num-positives", "2", "--num-negatives", "8",
+        "--embed-dim", "16", "--steps", "1", "--rounds", "1"])
+    assert result["folds"] == 2 and result["one_img_s"] > 0 and result["stacked_img_s"] > 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("RESULT one_img_s=")
+
+
 @pytest.mark.slow
 def test_the_train_step_compiles_for_a_multi_host_tpu_slice_with_few_collectives():
     """The trainer's train step compiled for a TPU v5e-16 (4x4: 16 chips on 4 hosts) without
