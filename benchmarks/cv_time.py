@@ -7,13 +7,16 @@ own:
    compiles (cold), the second reads every executable from the cache (warm: the wall time
    of one fold without its compiles, the baseline);
 2. `--mode cv` over the k folds in one start (cold);
-3. with `--table`, `--mode table` over every rung of `table.rungs` and the k folds (cold).
+3. with `--side-by-side K`, `--mode cv` again with `parallel.folds_side_by_side=K` (cold);
+4. with `--table`, `--mode table` over every rung of `table.rungs` and the k folds (cold).
 
-It prints the wall times, cv / (k x warm fold) and how many train-step executables each
-start wrote to its cache (JAX writes one entry per compiled executable; the train step's
-are named `jit_train_with_lr-*`).
+It prints the wall times, cv / (k x warm fold), side by side / one by one, and how many
+train-step executables each start wrote to its cache (JAX writes one entry per compiled
+executable; the train step's are named `jit_train_with_lr-*`, the side-by-side step's
+`jit_train_side_by_side-*`).
 
     python benchmarks/cv_time.py [--config configs/demo.py] [--epochs 8] [--table]
+        [--side-by-side 5]
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def train_step_entries(cache: pathlib.Path) -> int:
     """Train-step executables in the persistent compilation cache `cache`."""
-    return len(list(cache.glob("jit_train_with_lr-*"))) if cache.exists() else 0
+    return sum(len(list(cache.glob(f"{name}-*")))
+               for name in ("jit_train_with_lr", "jit_train_side_by_side"))
 
 
 def launch(args, workdir: pathlib.Path, cache: pathlib.Path, *flags: str) -> float:
@@ -53,6 +57,8 @@ def main(argv=None) -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))
     p.add_argument("--epochs", type=int, default=8, help="train.epochs of every run")
     p.add_argument("--table", action="store_true", help="also run --mode table")
+    p.add_argument("--side-by-side", type=int, default=0,
+                   help="also run --mode cv with this many folds side by side")
     p.add_argument("--workdir", default=None, help="default: a temporary folder")
     args = p.parse_args(argv)
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="cv_time_"))
@@ -70,6 +76,13 @@ def main(argv=None) -> None:
           f"({fold_compiles} train step compiled)")
     print(f"--mode cv: {cv:.1f} s, {train_step_entries(root / 'cache_cv')} train step(s) "
           f"compiled; cv / ({folds} x warm fold) = {cv / (folds * warm):.3f}")
+    if args.side_by_side:
+        flag = f"--config.parallel.folds_side_by_side={args.side_by_side}"
+        together = launch(args, root / "cv_side_by_side", root / "cache_side_by_side",
+                          "--mode", "cv", flag)
+        print(f"--mode cv, {args.side_by_side} folds side by side: {together:.1f} s, "
+              f"{train_step_entries(root / 'cache_side_by_side')} train step(s) compiled; "
+              f"side by side / one by one = {together / cv:.3f}")
     if args.table:
         table = launch(args, root / "table", root / "cache_table", "--mode", "table")
         units = len(list((root / "table").glob("*/seed_*/fold_*/summary.json")))

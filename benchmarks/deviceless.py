@@ -11,8 +11,9 @@ Targets `h100` and `h200` need the CUDA plugin (`pip install ".[cuda13]"`, about
 wheels; no GPU or driver): XLA compiles for the GPU described by the target's device info,
 without autotuning (kernel choices may differ somewhat from a real device; fusions and
 buffers are XLA's). `cpu` compiles for this machine (a check of the report itself).
-`--folds K` compiles the train step of K folds trained side by side as one program: the
-step `jax.vmap`ped over states, batches and class weights stacked on a leading fold axis.
+`--folds K` compiles the train step of K folds trained side by side as one program, as
+`parallel.folds_side_by_side=K` trains them (`Run.folds_train_step`: the step `jax.vmap`ped
+over states and class weights stacked on a leading fold axis and the K folds' batches).
 
 Per program: kernels per step by kind, bytes moved per step (XLA's cost analysis where it
 answers, else operands plus results of every kernel, an upper bound; the line says which),
@@ -102,11 +103,11 @@ def parse_args(argv=None):
                    help="the model's layer implementations ('auto': by the target)")
     p.add_argument("--top", type=int, default=15, help="kinds of kernels listed")
     p.add_argument("--folds", type=int, default=1,
-                   help="train step: K folds side by side, vmapped over a leading fold axis")
+                   help="train step: K folds side by side (parallel.folds_side_by_side)")
     p.add_argument("--hlo-dir", default=None, help="write each optimized program here")
     args = p.parse_args(argv)
-    if args.folds < 1 or args.folds > 1 and args.parallel == "pmap":
-        p.error("--folds takes a positive count, and more than 1 only with shard_map")
+    if args.folds < 1:
+        p.error("--folds takes a positive count")
     args.programs = [x.strip() for x in args.program.split(",") if x.strip()]
     unknown = [x for x in args.programs if x not in PROGRAMS]
     if unknown:
@@ -153,9 +154,8 @@ def build(args, devices):
 
 def lower(run, program: str, folds: int = 1):
     """The jitted program of `run` lowered for abstract inputs (nothing is allocated); with
-    `folds` > 1 the train step of that many folds, stacked on a leading axis."""
+    `folds` > 1 the train step of that many folds side by side (`Run.folds_train_step`)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     state, batch, class_weight = run.abstract_train_inputs()
     if program == "eval_step":
@@ -163,13 +163,13 @@ def lower(run, program: str, folds: int = 1):
     if folds == 1:
         return run.train_step.lower(state, batch, class_weight)
 
-    def stacked(x):  # the fold axis first, unsharded; the rest as one fold's
-        spec = PartitionSpec(None, *x.sharding.spec)
-        return jax.ShapeDtypeStruct((folds, *x.shape), x.dtype,
-                                    sharding=NamedSharding(x.sharding.mesh, spec))
+    def stacked(x):  # the fold axis first (after pmap's device axis), laid out as one fold's
+        if run.parallel.backend == "pmap":
+            return jax.ShapeDtypeStruct((x.shape[0], folds, *x.shape[1:]), x.dtype)
+        return jax.ShapeDtypeStruct((folds, *x.shape), x.dtype, sharding=x.sharding)
 
-    inputs = jax.tree.map(stacked, (state, batch, class_weight))
-    return jax.jit(jax.vmap(run.train_step), donate_argnums=0).lower(*inputs)
+    state, class_weight = jax.tree.map(stacked, (state, class_weight))
+    return run.folds_train_step.lower(state, (batch,) * folds, class_weight)
 
 
 def report(args, target: Target, run, program: str) -> dict:

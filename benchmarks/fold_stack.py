@@ -4,9 +4,9 @@ fold axis) against one fold's step, on this machine.
     python benchmarks/fold_stack.py [--model densenet_small] [--image-size 64]
         [--batch-size 16] [--folds 5] [--memory queue] [--steps 5] [--rounds 3]
 
-Both programs are the trainer's step (`builder.build_run`, the device augmentation from
-uint8 images); the stacked one takes K copies of the state, K batches and K class-weight
-vectors. After compiling both, they are timed in interleaved rounds (--steps steps of one,
+Both programs are the trainer's (`builder.build_run`, the device augmentation from uint8
+images): `Run.train_step` and `Run.folds_train_step`, which `parallel.folds_side_by_side=K`
+trains with (K copies of the state and K class-weight vectors stacked, K batches). After compiling both, they are timed in interleaved rounds (--steps steps of one,
 then of the other), so both see the same machine load. images/s counts every fold's batch.
 The last line: `RESULT one_img_s=<x> stacked_img_s=<y> ratio=<y/x> folds=<K>`.
 """
@@ -47,10 +47,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from crckd_jax import builder, xla_options
-    from crckd_jax.parallel import AXIS
     from step_time import benchmark_settings, class_counts
 
     xla_options.configure()
@@ -71,13 +68,9 @@ def main(argv=None) -> dict:
     one = {"state": run.parallel.put_state(run.initial_state),
            "batch": run.parallel.put_batch(host_batch()),
            "step": run.train_step, "weight": run.step_class_weight}
-    # Placed as the stacked step returns them (replicated state; batch split on its second
-    # axis), so that its second call does not compile again.
-    batches = jax.tree.map(stack, *[host_batch() for _ in range(k)])
     stacked = {"state": run.parallel.put_state(jax.tree.map(stack, *[run.initial_state] * k)),
-               "batch": jax.device_put(batches, NamedSharding(run.parallel.mesh,
-                                                              PartitionSpec(None, AXIS))),
-               "step": jax.jit(jax.vmap(run.train_step), donate_argnums=0),
+               "batch": tuple(run.parallel.put_batch(host_batch()) for _ in range(k)),
+               "step": run.folds_train_step,
                "weight": run.parallel.put_state(stack(*[run.class_weight] * k))}
     for part in (one, stacked):  # compile and warm up
         t0 = time.perf_counter()

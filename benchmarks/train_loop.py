@@ -109,6 +109,9 @@ class StopClock:
     def latest_step(self):
         return None
 
+    def wait(self):
+        pass
+
 
 def in_memory(dataset, steps):
     """`steps` + 1 copies of the dataset's first batch, as a grain dataset (no read threads)."""
@@ -127,9 +130,11 @@ def new_loop(trainer, dataset, workdir):
     logger = MetricLogger(workdir)
     evaluate, train._evaluate_epoch = train._evaluate_epoch, lambda *a: (None, None)
     batches = trainer.run.parallel.prefetch(dataset, trainer.run.settings.data.device_prefetch)
+    fold = train._Fold("", trainer.run.settings, None, trainer, clock, None, logger=logger,
+                       batches=batches)
     try:
-        state = trainer.run.parallel.put_state(trainer.run.initial_state)
-        train._train_loop(trainer, state, batches, 0, clock, logger)
+        lanes = train._Lanes([fold])
+        train._train_loop(lanes, lanes.initial_state(), 0)
     finally:
         batches.close()
         train._evaluate_epoch = evaluate

@@ -73,6 +73,9 @@ class Run:
 
     train_step(state, batch, class_weight) -> (state, metrics incl. 'learning_rate'),
     compiled for every device (`DataParallel`), called with `step_class_weight`;
+    folds_train_step(states, batches, class_weights): K folds' steps as one program, the
+    states and class weights stacked on a leading fold axis [K, ...], `batches` a tuple of
+    K batches, metrics [K] (`jax.vmap` of the same per-device step);
     eval_step[use_teacher](state, {'image'}) -> per-example 'probs' [B, C], 'features'
     [B, F]. class_weight: [C] float32, the fold's class weights (an input of the step, so
     that the folds of a data set share its executable).
@@ -87,6 +90,7 @@ class Run:
     total_steps: int
     create_state: Callable[[], TrainState]  # a fresh random state, in one compiled call
     train_step: Callable
+    folds_train_step: Callable
     eval_step: dict[bool, Callable]
     class_weight: np.ndarray
 
@@ -183,6 +187,10 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
             new_state, out = train_fn(state, batch, class_weight)
         return new_state, {**out, "learning_rate": current_learning_rate(new_state.opt_state)}
 
+    def train_side_by_side(states, batches, class_weights):
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        return jax.vmap(train_with_lr)(states, stacked, class_weights)
+
     def eval_fn(state, batch, use_teacher):
         with matmul_precision(precision):
             return eval_step(state, batch, model=networks.network, use_teacher=use_teacher)
@@ -194,7 +202,8 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
     class_weight = np.asarray(losses.class_weights(data.class_counts), np.float32)
     return Run(settings, data, networks, optimizer, parallel, steps_per_epoch, total_steps,
                create_state, parallel.compile(train_with_lr, replicated_args=1),
-               compiled_eval, class_weight)
+               parallel.compile(train_side_by_side, replicated_args=1), compiled_eval,
+               class_weight)
 
 
 def check_before_data(settings: Settings, num_devices: int | None = None) -> None:

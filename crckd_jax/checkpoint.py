@@ -328,6 +328,28 @@ class Checkpointer:
             self.failure = f"step {failed[0][0]}: {failed[0][1]}"
         return None
 
+    def go_back_to(self, step: int, target_state: Any, log: Callable[[str], None],
+                   why: str) -> "Restored | None":
+        """Checkpoint `step` restored (None for step 0: the start) and every newer one moved
+        aside by process 0 (to `DAMAGED_DIR`, logged with `why`), so that the run goes on
+        from `step`. CheckpointUnavailable when `step` is not there."""
+        if step and step not in self.manager.all_steps():
+            raise CheckpointUnavailable(
+                f"checkpoint step {step} is not in {self.directory} (it holds "
+                f"{self.manager.all_steps()}), so this run cannot go on from it ({why})")
+        restored = self.restore(target_state, step) if step else None
+        for newer in sorted(s for s in self.manager.all_steps() if s > step):
+            log(f"warning: checkpoint step {newer} of {self.directory} goes beyond step "
+                f"{step} ({why}): moved to {self._move_aside(newer)}; going on from step "
+                f"{step}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("crckd_jax:checkpoints moved aside")
+        self.manager.reload()
+        self._last_good = step or None
+        return restored
+
     def _report_damaged(self, step: int, reason: str, log: Callable[[str], None],
                         move: bool) -> None:
         where = self.step_dir(step)
@@ -338,12 +360,18 @@ class Checkpointer:
             log(f"warning: checkpoint step {step} cannot be restored ({reason}); process 0 "
                 "moves it aside")
         else:
-            aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
-                                 f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.move(where, aside)
             log(f"warning: checkpoint step {step} cannot be restored ({reason}); moved to "
-                f"{aside}, using an earlier one")
+                f"{self._move_aside(step)}, using an earlier one")
+
+    def _move_aside(self, step: int) -> str:
+        """Moves checkpoint `step` to `DAMAGED_DIR` beside the checkpoints folder (process 0
+        only; the others return where it goes); returns its new path."""
+        aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
+                             f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(self.step_dir(step), aside)
+        return aside
 
     def single_device_target(self) -> Any:
         """The saved state's structure, shapes and dtypes (from the newest checkpoint whose

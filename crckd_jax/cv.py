@@ -6,6 +6,8 @@ its checkpoints. `cv_summary.json` and `cv_summary.md` hold the mean and standar
 (population, ddof 0) of every metric across folds, for each view of `summary.summarise`.
 The folds run one compiled train step (built again for each fold, found in the persistent
 compilation cache): nothing fold-dependent is a constant of it (`builder.DataDescription`).
+With `parallel.folds_side_by_side=K`, K folds at a time train as one program
+(`train.train_folds`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from crckd_jax.preemption import StopRequest
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
 from crckd_jax.summary import SUMMARY_VIEWS
-from crckd_jax.train import train_and_evaluate
+from crckd_jax.train import train_folds
 
 
 def aggregate(summaries: dict[int, dict]) -> dict:
@@ -73,33 +75,51 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
 def run_units(units: dict, finish: Callable[[dict], dict], *, kind: str, outcome: str,
               folder: RunFolder, log: Callable[[str], None],
               allow_config_change: bool) -> dict:
-    """Trains (or reads, `run_unit`) the units {key: (name, settings, folder)} in order,
-    then returns `finish({key: summary})`. A signal stops before the next unit (Preempted
-    naming it) or, once the last one has ended, after `finish`; `kind` ('fold', 'unit') and
-    `outcome` (what `finish` writes) word the message."""
+    """Trains (or reads, when its summary.json exists) the units {key: (name, settings,
+    folder)} in order, then returns `finish({key: summary})`. Units left to train whose
+    settings differ only in the fold train side by side, `parallel.folds_side_by_side` at a
+    time (`train.train_folds`). A signal stops before the next group (Preempted naming its
+    first unit) or, once the last one has ended, after `finish`; `kind` ('fold', 'unit')
+    and `outcome` (what `finish` writes) word the message."""
     summaries = {}
-    with StopRequest() as stop:  # a signal between two runs stops before the next
-        for key, (name, unit_settings, unit_folder) in units.items():
+    with StopRequest() as stop:  # a signal between two groups stops before the next
+        for group in _groups(units, summaries, log):
+            name = units[group[0]][0]
             if stop.requested():
                 raise Preempted(f"stopped by {stop.signal_name} before {name}: the {kind}s "
                                 "before it are done; run the same command again to go on")
-            summaries[key] = run_unit(unit_settings, unit_folder, name, log,
-                                      allow_config_change)
-        result = finish(summaries)
+            names = " and ".join(units[key][0] for key in group)
+            where = ", ".join(units[key][2].root for key in group)
+            log(f"{names}: training in {where}" + (" (side by side)" if len(group) > 1
+                                                   else ""))
+            trained = train_folds([units[key][1:] for key in group], log=log,
+                                  allow_config_change=allow_config_change)
+            summaries.update(zip(group, trained))
+        result = finish({key: summaries[key] for key in units})
     if stop.requested():
         raise Preempted(f"stopped by {stop.signal_name} after the last {kind}: every {kind} "
                         f"and {outcome} are saved in {folder.root}")
     return result
 
 
-def run_unit(settings: Settings, folder: RunFolder, name: str, log: Callable[[str], None],
-             allow_config_change: bool) -> dict:
-    """The summary of one training run of a cross-validation or a table (`name` in the log):
-    read from `folder` when its summary.json exists, else trained or resumed there."""
-    done = folder.summary
-    if os.path.exists(done):
-        log(f"{name}: done earlier ({done})")
-        with open(done) as f:
-            return json.load(f)
-    log(f"{name}: training in {folder.root}")
-    return train_and_evaluate(settings, folder, log=log, allow_config_change=allow_config_change)
+def _groups(units: dict, summaries: dict, log: Callable[[str], None]):
+    """The keys of the units left to train, in groups trained side by side: consecutive
+    units whose settings are equal but for the fold, up to `parallel.folds_side_by_side`
+    of them. A unit whose summary.json exists is read into `summaries` instead."""
+    group, program = [], None
+    for key, (name, settings, unit_folder) in units.items():
+        done = unit_folder.summary
+        if os.path.exists(done):
+            log(f"{name}: done earlier ({done})")
+            with open(done) as f:
+                summaries[key] = json.load(f)
+            continue
+        same = settings.with_fold(0)
+        if group and (same != program
+                      or len(group) == settings.parallel.folds_side_by_side):
+            yield group
+            group = []
+        group.append(key)
+        program = same
+    if group:
+        yield group

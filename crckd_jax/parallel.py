@@ -97,6 +97,13 @@ class DataParallel:
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=donate)
 
+    def compile_state_fn(self, fn: Callable) -> Callable:
+        """`fn(state) -> pytree of states` (no collectives) compiled for the state's layout:
+        replicated arrays in and out (`shard_map`), or once per device (`pmap`)."""
+        if self.backend == "pmap":
+            return jax.pmap(fn, axis_name=AXIS, devices=list(self.mesh.devices.flat))
+        return jax.jit(fn, out_shardings=self.replicated)
+
     # --- state -----------------------------------------------------------------------
 
     def _replicate(self, x: Any) -> jax.Array:

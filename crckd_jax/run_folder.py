@@ -85,7 +85,7 @@ class RunFolder:
 
     def fold(self, k: int) -> "RunFolder":
         """The run folder of cv fold `k` (its data: this folder's)."""
-        return RunFolder(self.path(f"fold_{k}"), data_dir=self.root)
+        return RunFolder(self.path(f"fold_{k}"), data_dir=self.data_dir)
 
     def lock(self, mode: str, enabled: bool = True) -> WorkdirLock:
         """The lock held while `mode` writes this folder (`enabled`: process 0)."""

@@ -191,6 +191,9 @@ class ParallelSettings:
         "data-parallel compiler: shard_map (jit) | pmap")
     sync_batch_norm: bool = _s(False, _BOOL,
         "BatchNorm statistics over all devices (not per device)")
+    folds_side_by_side: int = _s(1, _int(1),
+        "--mode cv and table: this many folds of a rung trained as one program (states "
+        "stacked on a fold axis, jax.vmap); 1 = one fold after another")
 
 
 @dataclasses.dataclass(frozen=True)

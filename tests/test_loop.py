@@ -73,17 +73,18 @@ def run_loop(config, data_dir, workdir, monkeypatch, wrap_step=None, stop=None):
     reads = []
     check = train._check_finite
     monkeypatch.setattr(train, "_check_finite",
-                        lambda t, pending, c: reads.append([s for s, _ in pending])
-                        or check(t, pending, c))
+                        lambda lanes, pending: reads.append([s for s, _ in pending])
+                        or check(lanes, pending))
     checkpoints = Checkpointer(str(workdir / "checkpoints"), asynchronous=False)
-    logger = MetricLogger(str(workdir))
-    state = trainer.run.parallel.put_state(trainer.run.initial_state)
-    batches = trainer.train_batches()
+    fold = train._Fold("", trainer.run.settings, RunFolder(str(workdir), data_dir), trainer,
+                       checkpoints, None, logger=MetricLogger(str(workdir)),
+                       batches=trainer.train_batches())
     try:
-        train._train_loop(trainer, state, batches, 0, checkpoints, logger, stop)
+        lanes = train._Lanes([fold])
+        train._train_loop(lanes, lanes.initial_state(), 0, stop)
     finally:
-        batches.close()
-        logger.close()
+        fold.batches.close()
+        fold.logger.close()
         checkpoints.close()
     return trainer, reads, checkpoints
 
@@ -175,8 +176,8 @@ def test_sigterm_stops_after_the_current_step_with_its_checkpoint(data_dir, tmp_
     with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 2 of 8: checkpoint "
                                         r"step 2 saved in .*run the same command again"):
         with StopRequest() as stop:
-            monkeypatch.setattr(train, "_check_finite", lambda t, p, c: reads.append(
-                [s for s, _ in p]) or check(t, p, c))
+            monkeypatch.setattr(train, "_check_finite", lambda lanes, p: reads.append(
+                [s for s, _ in p]) or check(lanes, p))
             run_loop(tiny_config(), data_dir, tmp_path, monkeypatch,
                      wrap_step=sigterm_in_step(2), stop=stop)
     assert signal.getsignal(signal.SIGTERM) is before
@@ -209,12 +210,12 @@ def test_a_signal_between_cv_folds_stops_before_the_next(tmp_path, monkeypatch):
 
     trained = []
 
-    def fold_run(settings, folder, log, allow_config_change):
-        trained.append(settings.data.fold)
+    def fold_run(runs, log, allow_config_change):
+        trained.extend(settings.data.fold for settings, _ in runs)
         os.kill(os.getpid(), signal.SIGTERM)
-        return {}
+        return [{}] * len(runs)
 
-    monkeypatch.setattr(cv, "train_and_evaluate", fold_run)
+    monkeypatch.setattr(cv, "train_folds", fold_run)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted, match=r"stopped by SIGTERM before fold 1: the folds before "):
         cv.run_cv(to_settings(tiny_config()), RunFolder(str(tmp_path)), log=lambda _: None)
@@ -228,12 +229,12 @@ def test_a_signal_between_table_units_stops_before_the_next(tmp_path, monkeypatc
 
     trained = []
 
-    def unit_run(settings, folder, log, allow_config_change):
-        trained.append((settings.loss.ccd_weight, settings.data.fold))
+    def unit_run(runs, log, allow_config_change):
+        trained.extend((settings.loss.ccd_weight, settings.data.fold) for settings, _ in runs)
         os.kill(os.getpid(), signal.SIGTERM)
-        return {}
+        return [{}] * len(runs)
 
-    monkeypatch.setattr(cv, "train_and_evaluate", unit_run)
+    monkeypatch.setattr(cv, "train_folds", unit_run)
     from crckd_jax import table
 
     config = tiny_config()
@@ -277,14 +278,14 @@ def test_several_processes_stop_together_at_the_boundary_after_a_late_notice(
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", points)
     trained = []
 
-    def fold_run(settings, folder, log, allow_config_change):
-        trained.append(settings.data.fold)
+    def fold_run(runs, log, allow_config_change):
+        trained.extend(settings.data.fold for settings, _ in runs)
         with StopRequest() as stop:  # the fold's loop asks once per step
             assert not any(stop.requested() for _ in range(3))
         points.notice()  # after the last step
-        return {}
+        return [{}] * len(runs)
 
-    monkeypatch.setattr(cv, "train_and_evaluate", fold_run)
+    monkeypatch.setattr(cv, "train_folds", fold_run)
     with pytest.raises(Preempted, match=r"stopped by SIGTERM before fold 1: the folds before "):
         cv.run_cv(to_settings(tiny_config()), RunFolder(str(tmp_path)), log=lambda _: None)
     assert trained == [0] and len(points.asked) == 5 and points.asked[-1] == points.point

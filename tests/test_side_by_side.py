@@ -1,0 +1,228 @@
+"""Folds of one rung trained side by side (`parallel.folds_side_by_side`, `train.train_folds`)
+on `configs/demo.py:tiny`: each fold as if trained alone (within float32 rounding), an
+exact resume after a stop, and a fold left one checkpoint ahead brought back to the
+others."""
+
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from crckd_jax import cv, train
+from crckd_jax.checkpoint import Checkpointer
+from crckd_jax.configs import demo
+from crckd_jax.config import to_settings
+from crckd_jax.errors import Preempted
+from crckd_jax.logger import read_records
+from crckd_jax.objective import LOSS_KEYS
+from crckd_jax.run_folder import RunFolder
+from crckd_jax.trainer import load_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FOLDS = (0, 1)
+
+
+def tiny_settings(side_by_side: int, **train_keys):
+    """The tiny demo, 2 folds, 2 epochs of 5 steps, every step logged."""
+    config = demo.get_config("tiny")
+    with config.unlocked():
+        config.data.num_folds = 2
+        config.parallel.folds_side_by_side = side_by_side
+        config.train.update({"steps_per_epoch": 5, "epochs": 2, "log_every_steps": 1,
+                             "checkpoint_every_steps": 0, "write_report": False,
+                             **train_keys})
+    return to_settings(config)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    load_data(tiny_settings(1), str(path), log=lambda _: None)
+    return str(path)
+
+
+def runs(settings, root, data_dir):
+    return [(settings.with_fold(k), RunFolder(str(root / f"fold_{k}"), data_dir))
+            for k in FOLDS]
+
+
+def final_state(folder: pathlib.Path):
+    checkpoints = Checkpointer(str(folder / "checkpoints"), read_only=True)
+    step = checkpoints.latest_step()
+    state = jax.device_get(checkpoints.restore(checkpoints.single_device_target()).state)
+    checkpoints.close()
+    return step, {jax.tree_util.keystr(p): np.asarray(leaf)
+                  for p, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def train_losses(folder: pathlib.Path):
+    return [r for r in read_records(str(folder / "metrics.jsonl")) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def alone_and_together(tmp_path_factory, data_dir):
+    """Both folds trained one after the other (`--mode cv`'s default) and side by side."""
+    root = tmp_path_factory.mktemp("folds")
+    for side_by_side in (1, 2):
+        settings = tiny_settings(side_by_side)
+        cv.run_cv(settings, RunFolder(str(root / f"by_{side_by_side}"), data_dir),
+                  log=lambda _: None)
+    return root / "by_1", root / "by_2"
+
+
+@pytest.mark.parametrize("fold", FOLDS)
+def test_a_fold_trained_side_by_side_is_the_fold_trained_alone(alone_and_together, fold):
+    """The same computation in one program over a stacked fold axis: XLA's CPU backend
+    compiles the batched convolutions and reductions with another summation order, so the
+    two agree to float32 rounding, not bit for bit. The 10 steps' losses within rtol 1e-5
+    (the parity tolerance); the parameters after them where their values are not near 0
+    (relative 1e-3: Adam's first steps divide by the root of tiny second moments, which
+    turns rounding in a gradient into visible steps of a few parameters)."""
+    alone, together = (root / f"fold_{fold}" for root in alone_and_together)
+    a, b = train_losses(alone), train_losses(together)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        for key in (*LOSS_KEYS, "learning_rate"):
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"step {ra['step']} {key}")
+    (step_a, state_a), (step_b, state_b) = final_state(alone), final_state(together)
+    assert step_a == step_b == 10 and state_a.keys() == state_b.keys() and len(state_a) > 100
+    for key in state_a:
+        if state_a[key].dtype.kind != "f":  # steps, labels, memory positions, RNG
+            np.testing.assert_array_equal(state_b[key], state_a[key], err_msg=key)
+            continue
+        big = np.abs(state_a[key]) > 1e-2
+        np.testing.assert_allclose(state_b[key][big], state_a[key][big], rtol=1e-3,
+                                   err_msg=key)
+    summary_a, summary_b = (json.loads((p / "summary.json").read_text())
+                            for p in (alone, together))
+    assert summary_a.keys() == summary_b.keys() and summary_b["final"]
+    assert (alone.parent / "cv_summary.json").is_file()
+    assert (together.parent / "cv_summary.json").is_file()
+
+
+def stop_at_step(monkeypatch, n: int) -> None:
+    """SIGTERM to this process during the n-th step of the side-by-side loop."""
+    advance = train._Lanes.advance
+    calls = []
+
+    def advancing(self, state):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return advance(self, state)
+
+    monkeypatch.setattr(train._Lanes, "advance", advancing)
+
+
+def test_side_by_side_resumes_exactly_even_with_a_fold_a_checkpoint_ahead(
+        alone_and_together, data_dir, tmp_path, monkeypatch):
+    """SIGTERM in step 3 saves both folds' step 3 and stops; fold 0's step 3 is then
+    removed (as if killed between the two folds' saves), so fold 1 is a checkpoint ahead:
+    the resumed call moves fold 1's step 3 aside, goes on from step 2 for both, and ends
+    with the states and records of the uninterrupted side-by-side run."""
+    settings = tiny_settings(2, checkpoint_every_steps=1)
+    stop_at_step(monkeypatch, 3)
+    with pytest.raises(Preempted, match=r"after step 3 of 10: checkpoint step 3 saved in "):
+        train.train_folds(runs(settings, tmp_path, data_dir), log=lambda _: None)
+    monkeypatch.undo()
+    saved = {k: Checkpointer(str(tmp_path / f"fold_{k}" / "checkpoints"), read_only=True)
+             for k in FOLDS}
+    assert [saved[k].manager.all_steps() for k in FOLDS] == [[1, 2, 3]] * 2
+    for checkpoints in saved.values():
+        checkpoints.close()
+    import shutil
+
+    shutil.rmtree(tmp_path / "fold_0" / "checkpoints" / "3")
+    logs = []
+    train.train_folds(runs(settings, tmp_path, data_dir), log=logs.append)
+    text = "\n".join(logs)
+    assert "checkpoint step 3 of " in text and "going on from step 2" in text, text
+    assert "fold 0: resumed from step 2" in text and "fold 1: resumed from step 2" in text
+    moved = list((tmp_path / "fold_1" / "damaged_checkpoints").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["3"]
+    uninterrupted = alone_and_together[1]
+    for k in FOLDS:
+        (step_a, a), (step_b, b) = (final_state(uninterrupted / f"fold_{k}"),
+                                    final_state(tmp_path / f"fold_{k}"))
+        assert step_a == step_b == 10 and a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(b[key], a[key], err_msg=f"fold {k} {key}")
+        want, got = (train_losses(p / f"fold_{k}") for p in (uninterrupted, tmp_path))
+        assert [r["step"] for r in got] == list(range(1, 11))  # none twice, none missing
+        for ra, rb in zip(want, got):
+            assert {key: v for key, v in ra.items() if key not in ("images_per_s",
+                                                                   "process_cpu_s")} == \
+                {key: v for key, v in rb.items() if key not in ("images_per_s",
+                                                                "process_cpu_s")}
+
+
+def test_units_are_grouped_by_rung_up_to_the_setting(tmp_path):
+    """`--mode table` (and cv): the units left to train go side by side when their settings
+    differ only in the fold, `parallel.folds_side_by_side` at a time; a done unit is read."""
+    from crckd_jax import table
+
+    settings = tiny_settings(2)
+    settings = settings.__class__.from_dict({
+        **settings.to_dict(), "table": {"rungs": "baseline,crckd", "seeds": ""},
+        "data": {**settings.to_dict()["data"], "num_folds": 3}})
+    folder = RunFolder(str(tmp_path))
+    units = {unit: (f"{unit.rung} fold {unit.fold}", unit.settings(settings),
+                    unit.folder(folder)) for unit in table.units(settings)}
+    done = [u for u in units if u.rung == "baseline" and u.fold == 1][0]
+    os.makedirs(units[done][2].root)
+    pathlib.Path(units[done][2].summary).write_text('{"final": null}')
+    summaries, logs = {}, []
+    groups = [[(u.rung, u.fold) for u in group]
+              for group in cv._groups(units, summaries, logs.append)]
+    assert groups == [[("baseline", 0), ("baseline", 2)], [("crckd", 0), ("crckd", 1)],
+                      [("crckd", 2)]]
+    assert summaries == {done: {"final": None}} and "baseline fold 1: done earlier" in logs[0]
+
+
+def test_cv_side_by_side_compiles_one_stacked_step(tmp_path):
+    """`--mode cv` with 2 folds of 3 side by side (93 and 94 training items: the bank
+    memory padded to the larger) compiles one stacked train step and no single-fold one
+    (counted in the run's own persistent compilation cache)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "--config",
+         str(ROOT / "configs" / "demo.py") + ":tiny", "--workdir", str(tmp_path / "w"),
+         "--mode", "cv", "--config.data.num_folds=3", "--config.data.folds=0,2",
+         "--config.memory.kind=bank", "--config.parallel.folds_side_by_side=2",
+         "--config.train.write_report=false", f"--config.train.compilation_cache_dir={cache}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "fold 0 and fold 2: training in" in done.stdout and "(side by side)" in done.stdout
+    assert len(list(cache.glob("jit_train_side_by_side-*"))) == 1
+    assert not list(cache.glob("jit_train_with_lr-*"))
+    for k in (0, 2):
+        config = json.loads((tmp_path / "w" / f"fold_{k}" / "config.json").read_text())
+        assert config["parallel"]["folds_side_by_side"] == 2 and config["data"]["fold"] == k
+    assert json.loads((tmp_path / "w" / "cv_summary.json").read_text())["folds"] == [0, 2]
+
+
+def test_folds_of_different_epoch_lengths_train_in_groups_of_equal_length():
+    """Folds whose training parts give different steps per epoch cannot share a step: they
+    form groups of equal length, in order, and the log says so."""
+    from types import SimpleNamespace
+
+    def fold(name, per_epoch):
+        run = SimpleNamespace(steps_per_epoch=per_epoch, total_steps=2 * per_epoch)
+        return SimpleNamespace(name=name, trainer=SimpleNamespace(run=run))
+
+    folds = [fold("fold 0", 46), fold("fold 1", 45), fold("fold 2", 46)]
+    logs = []
+    groups = train._equal_length_groups(folds, logs.append)
+    assert [[f.name for f in group] for group in groups] == [["fold 0", "fold 2"], ["fold 1"]]
+    assert logs == ["the folds differ in steps per epoch, so they train in groups of equal "
+                    "length: fold 0, fold 2: 46 steps per epoch; fold 1: 45 steps per epoch"]
+    assert train._equal_length_groups(folds[::2], logs.append) == [folds[::2]]
+    assert len(logs) == 1
