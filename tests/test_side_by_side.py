@@ -226,3 +226,42 @@ def test_folds_of_different_epoch_lengths_train_in_groups_of_equal_length():
                     "length: fold 0, fold 2: 46 steps per epoch; fold 1: 45 steps per epoch"]
     assert train._equal_length_groups(folds[::2], logs.append) == [folds[::2]]
     assert len(logs) == 1
+
+
+@pytest.mark.slow
+def test_side_by_side_on_two_devices_equals_one_device(tmp_path):
+    """2 folds side by side on 2 fake CPU devices (shard_map and pmap, BatchNorm statistics
+    synchronised) against the same on 1 device, 3 steps: losses within rtol 1e-5 and the
+    parameters within the 1-vs-N tolerance of tests/test_parallel.py (1e-3 of
+    max(max |b|, 1e-2) per leaf)."""
+    import subprocess
+    import sys
+
+    def cv_run(name, devices, backend):
+        env = dict(os.environ,
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "launch.py"), "--config",
+             str(ROOT / "configs" / "demo.py") + ":tiny", "--workdir", str(tmp_path / name),
+             "--mode", "cv", "--config.data.num_folds=2",
+             "--config.parallel.folds_side_by_side=2", f"--config.parallel.backend={backend}",
+             "--config.parallel.sync_batch_norm=true", "--config.train.batch_size=8",
+             "--config.train.epochs=1", "--config.train.steps_per_epoch=3",
+             "--config.train.log_every_steps=1", "--config.train.write_report=false"],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return tmp_path / name
+
+    one = cv_run("one", 1, "shard_map")
+    for name, backend in (("two_shard_map", "shard_map"), ("two_pmap", "pmap")):
+        two = cv_run(name, 2, backend)
+        for k in FOLDS:
+            for ra, rb in zip(train_losses(one / f"fold_{k}"), train_losses(two / f"fold_{k}")):
+                for key in LOSS_KEYS:
+                    np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7)
+            (_, a), (_, b) = final_state(one / f"fold_{k}"), final_state(two / f"fold_{k}")
+            for key in a:
+                if "params" in key:
+                    scale = max(np.abs(a[key]).max(initial=0), 1e-2)
+                    assert np.abs(b[key] - a[key]).max(initial=0) <= 1e-3 * scale, (name, k,
+                                                                                     key)
