@@ -8,7 +8,9 @@ own:
    of one fold without its compiles, the baseline);
 2. `--mode cv` over the k folds in one start (cold);
 3. with `--side-by-side K`, `--mode cv` again with `parallel.folds_side_by_side=K` (cold);
-4. with `--table`, `--mode table` over every rung of `table.rungs` and the k folds (cold).
+4. with `--share N`, `--mode cv --share_workdir` in N processes started together (cold, one
+   cache);
+5. with `--table`, `--mode table` over every rung of `table.rungs` and the k folds (cold).
 
 It prints the wall times, cv / (k x warm fold), side by side / one by one, and how many
 train-step executables each start wrote to its cache (JAX writes one entry per compiled
@@ -16,7 +18,7 @@ executable; the train step's are named `jit_train_with_lr-*`, the side-by-side s
 `jit_train_side_by_side-*`).
 
     python benchmarks/cv_time.py [--config configs/demo.py] [--epochs 8] [--table]
-        [--side-by-side 5]
+        [--side-by-side 5] [--share 2]
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def train_step_entries(cache: pathlib.Path) -> int:
                for name in ("jit_train_with_lr", "jit_train_side_by_side"))
 
 
-def launch(args, workdir: pathlib.Path, cache: pathlib.Path, *flags: str) -> float:
-    """Wall seconds of one `launch.py` start (raises if it fails)."""
+def launch(args, workdir: pathlib.Path, cache: pathlib.Path, *flags: str,
+           processes: int = 1) -> float:
+    """Wall seconds of `processes` `launch.py` starts at once (raises if one fails)."""
     command = [sys.executable, str(ROOT / "launch.py"), "--config", args.config,
                "--workdir", str(workdir), f"--config.train.epochs={args.epochs}",
                f"--config.train.compilation_cache_dir={cache}",
@@ -46,9 +49,12 @@ def launch(args, workdir: pathlib.Path, cache: pathlib.Path, *flags: str) -> flo
                f"--config.data.tfds_dir={workdir.parent / 'tfds'}",
                "--config.train.write_report=false", *flags]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    started = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT) for _ in range(processes)]
+    for process in started:
+        _, err = process.communicate()
+        if process.returncode:
+            sys.exit(f"error: {' '.join(command)} failed:\n{err[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -59,6 +65,8 @@ def main(argv=None) -> None:
     p.add_argument("--table", action="store_true", help="also run --mode table")
     p.add_argument("--side-by-side", type=int, default=0,
                    help="also run --mode cv with this many folds side by side")
+    p.add_argument("--share", type=int, default=0,
+                   help="also run --mode cv in this many processes sharing the workdir")
     p.add_argument("--workdir", default=None, help="default: a temporary folder")
     args = p.parse_args(argv)
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="cv_time_"))
@@ -83,6 +91,12 @@ def main(argv=None) -> None:
         print(f"--mode cv, {args.side_by_side} folds side by side: {together:.1f} s, "
               f"{train_step_entries(root / 'cache_side_by_side')} train step(s) compiled; "
               f"side by side / one by one = {together / cv:.3f}")
+    if args.share:
+        shared = launch(args, root / "cv_shared", root / "cache_shared", "--mode", "cv",
+                        "--share_workdir", processes=args.share)
+        print(f"--mode cv, {args.share} processes sharing the workdir: {shared:.1f} s, "
+              f"{train_step_entries(root / 'cache_shared')} train step(s) compiled; "
+              f"shared / one process = {shared / cv:.3f}")
     if args.table:
         table = launch(args, root / "table", root / "cache_table", "--mode", "table")
         units = len(list((root / "table").glob("*/seed_*/fold_*/summary.json")))

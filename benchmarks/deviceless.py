@@ -54,7 +54,8 @@ _GPU_INFO = (
 class Target:
     """An accelerator to compile for. platform: 'cuda', 'tpu' or 'cpu'; topology: the
     plugin's topology name; bandwidth: memory bytes/s per chip; memory: bytes per chip;
-    link: bytes/s per chip between chips (one direction; 0 for one chip), as published."""
+    link: bytes/s per chip between chips (one direction; 0 for one chip); flops: dense
+    bfloat16 FLOP/s per chip (0: unknown), as published."""
 
     name: str
     platform: str
@@ -62,22 +63,26 @@ class Target:
     bandwidth: float
     memory: float
     link: float = 0.0
+    flops: float = 0.0
 
 
 _GIB = 2**30
+_H100_BF16 = 989e12  # H100 and H200 SXM: dense bfloat16 tensor-core peak
 TARGETS = {
-    "h100": Target("NVIDIA H100 80GB HBM3", "cuda", "1x1x1", 3.35232e12, 84_929_347_584),
-    "h200": Target("NVIDIA H200", "cuda", "1x1x1", 4.8e12, 150_000_000_000),
+    "h100": Target("NVIDIA H100 80GB HBM3", "cuda", "1x1x1", 3.35232e12, 84_929_347_584,
+                   flops=_H100_BF16),
+    "h200": Target("NVIDIA H200", "cuda", "1x1x1", 4.8e12, 150_000_000_000,
+                   flops=_H100_BF16),
     # one node of 8 H100 (NVLink 4: 450 GB/s per GPU and direction); two such nodes, joined
     # by one 400 Gb/s NIC per GPU
     "h100x8": Target("NVIDIA H100 80GB HBM3", "cuda", "1x1x8", 3.35232e12, 84_929_347_584,
-                     450e9),
+                     450e9, _H100_BF16),
     "h100x16": Target("NVIDIA H100 80GB HBM3", "cuda", "1x2x8", 3.35232e12, 84_929_347_584,
-                      50e9),
-    # TPU v5e-16 (4x4: 16 chips, 4 hosts): 819 GB/s HBM, 16 GiB, ICI 1,600 Gb/s per chip;
-    # v5p-8 (2x2x1: 4 chips): 2,765 GB/s, 95 GiB, ICI 4,800 Gb/s
-    "tpu-v5e-16": Target("TPU v5e", "tpu", "v5e:4x4", 819e9, 16 * _GIB, 200e9),
-    "tpu-v5p-8": Target("TPU v5p", "tpu", "v5p:2x2x1", 2765e9, 95 * _GIB, 600e9),
+                      50e9, _H100_BF16),
+    # TPU v5e-16 (4x4: 16 chips, 4 hosts): 819 GB/s HBM, 16 GiB, ICI 1,600 Gb/s per chip,
+    # 197 bf16 TFLOP/s; v5p-8 (2x2x1: 4 chips): 2,765 GB/s, 95 GiB, ICI 4,800 Gb/s, 459
+    "tpu-v5e-16": Target("TPU v5e", "tpu", "v5e:4x4", 819e9, 16 * _GIB, 200e9, 197e12),
+    "tpu-v5p-8": Target("TPU v5p", "tpu", "v5p:2x2x1", 2765e9, 95 * _GIB, 600e9, 459e12),
     "cpu": Target("this machine's CPU", "cpu", "", 0.0, 0),
 }
 PROGRAMS = ("train_step", "eval_step")
@@ -201,7 +206,9 @@ def report(args, target: Target, run, program: str) -> dict:
                   + stats.collective_bytes_by_kind.get("all-gather", 0)) * (n - 1) / n
     link_ms = link_bytes / target.link * 1e3 if target.link and n > 1 else 0.0
     hbm_ms = hbm / target.bandwidth * 1e3 if target.bandwidth else float("nan")
-    floor_ms = max(hbm_ms, link_ms)
+    flop = cost.get("flops") or 0.0  # XLA's count per chip and step, where it answers
+    compute_ms = flop / target.flops * 1e3 if flop and target.flops else 0.0
+    floor_ms = max(hbm_ms, link_ms, compute_ms)
     allreduce = stats.collective_bytes_by_kind.get("all-reduce", 0)
     folds = args.folds if program == "train_step" else 1
     print(f"\n{program}{f' of {folds} folds side by side' if folds > 1 else ''} for "
@@ -211,7 +218,9 @@ def report(args, target: Target, run, program: str) -> dict:
           f"operands counted as read), {temp / _GIB:.2f} GiB of temporaries, "
           f"{per_chip / _GIB:.2f} GiB per chip (arguments, temporaries, outputs), compiled "
           f"in {compile_s:.1f} s; floor {floor_ms:.1f} ms (memory {hbm_ms:.1f} ms, links "
-          f"{link_ms:.1f} ms)")
+          f"{link_ms:.1f} ms, arithmetic {compute_ms:.1f} ms"
+          + (f": {flop / 1e12:.2f} TFLOP per chip by XLA's cost analysis" if flop else "")
+          + ")")
     for kind, count in stats.kernels.most_common(args.top):
         print(f"  {count:6d}  {kind}")
     for kind, count in stats.collectives.items():
@@ -223,12 +232,14 @@ def report(args, target: Target, run, program: str) -> dict:
               "per_chip_gib": per_chip / _GIB, "collectives": sum(stats.collectives.values()),
               "allreduce_gib": allreduce / _GIB,
               "allgather_gib": stats.collective_bytes_by_kind.get("all-gather", 0) / _GIB,
-              "floor_ms": floor_ms, "compile_s": compile_s}
+              "tflop": flop / 1e12, "compute_ms": compute_ms, "floor_ms": floor_ms,
+              "compile_s": compile_s}
     print(f"RESULT target={args.target} program={program} folds={folds} compiled=1 "
           f"kernels={stats.num_kernels} hbm_gib={hbm / _GIB:.2f} "
           f"sliced_gib={stats.sliced_bytes / _GIB:.2f} temp_gib={temp / _GIB:.2f} "
           f"per_chip_gib={per_chip / _GIB:.2f} collectives={result['collectives']} "
-          f"allreduce_gib={allreduce / _GIB:.3f} floor_ms={floor_ms:.1f} "
+          f"allreduce_gib={allreduce / _GIB:.3f} tflop={flop / 1e12:.2f} "
+          f"compute_ms={compute_ms:.1f} floor_ms={floor_ms:.1f} "
           f"compile_s={compile_s:.0f}", flush=True)
     return result
 

@@ -32,6 +32,9 @@ Several processes (hosts) train together through `jax.distributed`: give every p
 `--coordinator_address HOST:PORT --num_processes N --process_id I` (HOST is process 0's
 machine), or nothing under a launcher JAX recognises (SLURM with several tasks, Open MPI,
 a Cloud TPU VM, or JAX_COORDINATOR_ADDRESS in the environment). See docs/parallel.md.
+
+Independent processes can share the units of one cv or table workdir instead: start each
+(e.g. one per GPU, `CUDA_VISIBLE_DEVICES=i`) with the same command and `--share_workdir`.
 """
 
 from __future__ import annotations
@@ -72,9 +75,14 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "train/cv: resume even when computation-changing config keys differ from the run's "
     "config.json (the changes are listed).")
+_SHARE_WORKDIR = flags.DEFINE_bool(
+    "share_workdir", False,
+    "cv/table: train the workdir's units together with the other processes started with "
+    "this flag on it (e.g. one per GPU); each unit is trained by the process that claims it "
+    "first, the last to finish writes the summary or table.")
 flags.mark_flags_as_required(["workdir"])
-_FLAGS = (_CONFIG, _WORKDIR, _MODE, _ALLOW_CONFIG_CHANGE, _COORDINATOR, _NUM_PROCESSES,
-          _PROCESS_ID)
+_FLAGS = (_CONFIG, _WORKDIR, _MODE, _ALLOW_CONFIG_CHANGE, _SHARE_WORKDIR, _COORDINATOR,
+          _NUM_PROCESSES, _PROCESS_ID)
 _RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_config.py")
 
 
@@ -227,7 +235,7 @@ def show_tracebacks() -> bool:
 def execute(mode: str, config, workdir: str, coordinator_address: str | None = None,
             num_processes: int | None = None, process_id: int | None = None,
             allow_config_change: bool = False, tracebacks: bool | None = None,
-            run_config_file: str | None = None) -> None:
+            run_config_file: str | None = None, share_workdir: bool = False) -> None:
     """Checks `config` (and, to train, its initialisation: `config.require_initialisation`),
     starts `jax.distributed` if asked, runs `mode`. Every failure ends the program with one
     `error: ...` line and the exit status of its kind (crckd_jax/errors.py); with
@@ -241,8 +249,17 @@ def execute(mode: str, config, workdir: str, coordinator_address: str | None = N
         settings = config_lib.to_settings(config)
         if mode in ("train", "cv", "table"):
             config_lib.require_initialisation(settings)
-        distributed.initialize_distributed(coordinator_address, num_processes, process_id)
-        modes.run(mode, settings, RunFolder(workdir), allow_config_change)
+        if share_workdir and mode not in ("cv", "table"):
+            raise errors.ConfigError(
+                f"--share_workdir applies to --mode cv and --mode table, not --mode {mode}")
+        several = distributed.initialize_distributed(coordinator_address, num_processes,
+                                                     process_id)
+        if share_workdir and several:
+            raise errors.ConfigError(
+                "--share_workdir trains each unit in one process: start the sharing "
+                "processes without --num_processes / a multi-process launcher (each may "
+                "use several local devices)")
+        modes.run(mode, settings, RunFolder(workdir), allow_config_change, share_workdir)
     except SystemExit:
         raise
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the command's last word
@@ -269,7 +286,7 @@ def _main(argv: list[str]) -> None:
     try:
         execute(_MODE.value, _CONFIG.value, _WORKDIR.value, _COORDINATOR.value,
                 _NUM_PROCESSES.value, _PROCESS_ID.value, _ALLOW_CONFIG_CHANGE.value, tracebacks,
-                run_config_file)
+                run_config_file, share_workdir=_SHARE_WORKDIR.value)
     except SystemExit as e:
         if e.code and not tracebacks:
             _silence_stderr()

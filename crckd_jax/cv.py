@@ -54,9 +54,10 @@ def markdown(result: dict) -> str:
 
 
 def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = print,
-           allow_config_change: bool = False) -> dict:
+           allow_config_change: bool = False, share: bool = False) -> dict | None:
     """Trains the folds of `data.folds` in `folder.fold(k)` and writes the summary across
-    them; `settings` pass `config.require_initialisation`."""
+    them; `settings` pass `config.require_initialisation`. `share`: with other processes
+    (`run_units`; None when another process is left to write the summary)."""
     folds = {k: (f"fold {k}", settings.with_fold(k), folder.fold(k))
              for k in settings.data.folds_to_run()}
 
@@ -69,32 +70,57 @@ def run_cv(settings: Settings, folder: RunFolder, log: Callable[[str], None] = p
         return result
 
     return run_units(folds, summarise, kind="fold", outcome="the summary across them",
-                     folder=folder, log=log, allow_config_change=allow_config_change)
+                     folder=folder, log=log, allow_config_change=allow_config_change,
+                     share=share)
 
 
 def run_units(units: dict, finish: Callable[[dict], dict], *, kind: str, outcome: str,
               folder: RunFolder, log: Callable[[str], None],
-              allow_config_change: bool) -> dict:
+              allow_config_change: bool, share: bool = False) -> dict | None:
     """Trains (or reads, when its summary.json exists) the units {key: (name, settings,
     folder)} in order, then returns `finish({key: summary})`. Units left to train whose
     settings differ only in the fold train side by side, `parallel.folds_side_by_side` at a
     time (`train.train_folds`). A signal stops before the next group (Preempted naming its
     first unit) or, once the last one has ended, after `finish`; `kind` ('fold', 'unit')
-    and `outcome` (what `finish` writes) word the message."""
+    and `outcome` (what `finish` writes) word the message.
+
+    A unit is trained under its folder's lock (`runlock`). With `share` (several processes
+    on one workdir, `--share_workdir`) a unit another process holds is left to it: this
+    process trains the others, again while a pass over the units finds one to train (a
+    unit whose process ended unfinished is taken over and resumes), and calls `finish`
+    only when every unit is done (the last process to finish writes `outcome`); else it
+    returns None. Without `share` a held unit is an error (WorkdirLocked)."""
     summaries = {}
     with StopRequest() as stop:  # a signal between two groups stops before the next
-        for group in _groups(units, summaries, log):
-            name = units[group[0]][0]
-            if stop.requested():
-                raise Preempted(f"stopped by {stop.signal_name} before {name}: the {kind}s "
-                                "before it are done; run the same command again to go on")
-            names = " and ".join(units[key][0] for key in group)
-            where = ", ".join(units[key][2].root for key in group)
-            log(f"{names}: training in {where}" + (" (side by side)" if len(group) > 1
-                                                   else ""))
-            trained = train_folds([units[key][1:] for key in group], log=log,
-                                  allow_config_change=allow_config_change)
-            summaries.update(zip(group, trained))
+        busy = {}
+        while True:
+            trained = False
+            for group, locks in _groups(units, summaries, busy, log, share):
+                try:
+                    name = units[group[0]][0]
+                    if stop.requested():
+                        raise Preempted(f"stopped by {stop.signal_name} before {name}: the "
+                                        f"{kind}s before it are done; run the same command "
+                                        "again to go on")
+                    names = " and ".join(units[key][0] for key in group)
+                    where = ", ".join(units[key][2].root for key in group)
+                    log(f"{names}: training in {where}" + (" (side by side)" if len(group) > 1
+                                                           else ""))
+                    summaries.update(zip(group, train_folds(
+                        [units[key][1:] for key in group], log=log,
+                        allow_config_change=allow_config_change)))
+                    trained = True
+                finally:
+                    for lock in locks:
+                        lock.release()
+            if not busy or not trained:
+                break
+        if busy:
+            log(f"{len(busy)} {kind}(s) are being trained by other processes: "
+                + "; ".join(f"{units[key][0]} ({holder})" for key, holder in busy.items())
+                + f". This process is done; the last process to finish writes {outcome} in "
+                f"{folder.root}")
+            return None
         result = finish({key: summaries[key] for key in units})
     if stop.requested():
         raise Preempted(f"stopped by {stop.signal_name} after the last {kind}: every {kind} "
@@ -102,24 +128,44 @@ def run_units(units: dict, finish: Callable[[dict], dict], *, kind: str, outcome
     return result
 
 
-def _groups(units: dict, summaries: dict, log: Callable[[str], None]):
-    """The keys of the units left to train, in groups trained side by side: consecutive
-    units whose settings are equal but for the fold, up to `parallel.folds_side_by_side`
-    of them. A unit whose summary.json exists is read into `summaries` instead."""
-    group, program = [], None
-    for key, (name, settings, unit_folder) in units.items():
-        done = unit_folder.summary
-        if os.path.exists(done):
-            log(f"{name}: done earlier ({done})")
-            with open(done) as f:
-                summaries[key] = json.load(f)
-            continue
-        same = settings.with_fold(0)
-        if group and (same != program
-                      or len(group) == settings.parallel.folds_side_by_side):
-            yield group
-            group = []
-        group.append(key)
-        program = same
-    if group:
-        yield group
+def _groups(units: dict, summaries: dict, busy: dict, log: Callable[[str], None],
+            share: bool):
+    """The units left to train, in groups trained side by side, each with the locks of its
+    units' folders (held; the caller releases them): consecutive units whose settings are
+    equal but for the fold, up to `parallel.folds_side_by_side` of them. A unit whose
+    summary.json exists is read into `summaries` instead; one whose folder another process
+    holds is put in `busy` {key: holder} (`share`) or raises WorkdirLocked."""
+    group, locks, program, lock = [], [], None, None
+    busy.clear()
+    try:
+        for key, (name, settings, unit_folder) in units.items():
+            if key in summaries:
+                continue
+            lock = unit_folder.lock("train", enabled=jax.process_index() == 0)
+            if share:
+                holder = lock.try_acquire()
+                if holder is not None:
+                    busy[key] = holder
+                    continue
+            else:
+                lock.acquire()
+            done = unit_folder.summary
+            if os.path.exists(done):  # also one another process finished while we looked
+                lock.release()
+                log(f"{name}: done earlier ({done})")
+                with open(done) as f:
+                    summaries[key] = json.load(f)
+                continue
+            same = settings.with_fold(0)
+            if group and (same != program
+                          or len(group) == settings.parallel.folds_side_by_side):
+                yield group, locks
+                group, locks = [], []
+            group.append(key)
+            locks.append(lock)
+            program, lock = same, None
+        if group:
+            yield group, locks
+    finally:  # units claimed but not handed out (the caller failed): their locks go
+        for claimed in filter(None, [*locks, lock]):
+            claimed.release()

@@ -1,7 +1,8 @@
 """What each `--mode` does with a run's settings and its run folder.
 
-prepare, train, cv and table write the run folder and hold its lock (process 0); eval, predict and
-export read a trained run and write only their own results.
+prepare, train, cv and table write the run folder and hold its lock (process 0; cv and table
+processes started with `--share_workdir` hold it together); eval, predict and export read a
+trained run and write only their own results.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ MODES = ("prepare", "train", "eval", "cv", "table", "predict", "export")
 
 
 def run(mode: str, settings: Settings, folder: RunFolder,
-        allow_config_change: bool = False) -> None:
-    """Runs `mode` (one of MODES) on `folder`."""
+        allow_config_change: bool = False, share_workdir: bool = False) -> None:
+    """Runs `mode` (one of MODES) on `folder`; `share_workdir` (cv, table): together with
+    the other processes started so on it, each unit trained by one of them."""
     # Imported here so that a bad flag or config fails before JAX starts.
     import jax
 
@@ -32,13 +34,15 @@ def run(mode: str, settings: Settings, folder: RunFolder,
         inference.export(folder.root, teacher=settings.export.teacher,
                          checkpoint=settings.export.checkpoint)
     else:
-        with folder.lock(mode, enabled=jax.process_index() == 0):
+        with folder.lock(mode, enabled=jax.process_index() == 0, shared=share_workdir):
             if mode == "prepare":
                 prepare.prepare(settings, folder.root)
             elif mode == "train":
                 train.train_and_evaluate(settings, folder,
                                          allow_config_change=allow_config_change)
             elif mode == "cv":
-                cv.run_cv(settings, folder, allow_config_change=allow_config_change)
+                cv.run_cv(settings, folder, allow_config_change=allow_config_change,
+                          share=share_workdir)
             else:
-                table.run_table(settings, folder, allow_config_change=allow_config_change)
+                table.run_table(settings, folder, allow_config_change=allow_config_change,
+                                share=share_workdir)

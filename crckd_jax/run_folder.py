@@ -87,9 +87,10 @@ class RunFolder:
         """The run folder of cv fold `k` (its data: this folder's)."""
         return RunFolder(self.path(f"fold_{k}"), data_dir=self.data_dir)
 
-    def lock(self, mode: str, enabled: bool = True) -> WorkdirLock:
-        """The lock held while `mode` writes this folder (`enabled`: process 0)."""
-        return WorkdirLock(self.root, mode, enabled=enabled)
+    def lock(self, mode: str, enabled: bool = True, shared: bool = False) -> WorkdirLock:
+        """The lock held while `mode` writes this folder (`enabled`: process 0; `shared`:
+        with the other processes of `--share_workdir`)."""
+        return WorkdirLock(self.root, mode, enabled=enabled, shared=shared)
 
     def has_checkpoints(self) -> bool:
         return os.path.isdir(self.checkpoints) and any(
@@ -166,7 +167,7 @@ class RunFolder:
 
 
 def _write_atomically(path: str, text: str) -> str:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # processes sharing a workdir may write one file
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -64,9 +64,10 @@ def units(settings: Settings) -> list[Unit]:
 
 
 def run_table(settings: Settings, folder: RunFolder, log: Callable[[str], None] = print,
-              allow_config_change: bool = False) -> dict:
+              allow_config_change: bool = False, share: bool = False) -> dict | None:
     """Trains (or reads) every unit, then writes the table files; returns table.json's
-    content. `settings` pass `config.require_initialisation`."""
+    content. `settings` pass `config.require_initialisation`. `share`: with other
+    processes (`cv.run_units`; None when another process is left to write the table)."""
     runs = {unit: (f"{unit.rung} seed {unit.seed} fold {unit.fold}",
                    unit.settings(settings), unit.folder(folder)) for unit in units(settings)}
 
@@ -77,7 +78,7 @@ def run_table(settings: Settings, folder: RunFolder, log: Callable[[str], None] 
         return table
 
     return run_units(runs, tabulate, kind="unit", outcome="the table", folder=folder, log=log,
-                     allow_config_change=allow_config_change)
+                     allow_config_change=allow_config_change, share=share)
 
 
 def _finite(values: list) -> list[float]:

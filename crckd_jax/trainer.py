@@ -13,7 +13,7 @@ import grain
 import jax
 import numpy as np
 
-from crckd_jax import builder, metrics, xla_options
+from crckd_jax import builder, metrics, runlock, xla_options
 from crckd_jax.builder import DataDescription, Run
 from crckd_jax.checkpoint import restore_read_only
 from crckd_jax.data import pipeline, prepare
@@ -28,13 +28,18 @@ def load_data(settings: Settings, data_dir: str, log: Callable[[str], None],
     source changed since it was prepared (`prepare.stale_reason`); without
     `prepare_missing`, the prepared set as it is (DataError naming the folder if none).
 
-    With several processes (sharing `data_dir`) process 0 prepares, the others wait.
+    With several processes (sharing `data_dir`) process 0 prepares, the others wait; so do
+    the processes of `--share_workdir`.
     """
     if prepare_missing and jax.process_index() == 0:
-        reason = prepare.stale_reason(settings, data_dir)
-        if reason:
-            log(f"preparing the data set: {reason}")
-            prepare.prepare(settings, data_dir, log=log)
+        # processes sharing a cv or table workdir: one prepares, the others wait
+        with runlock.exclusive(os.path.join(data_dir, "data", "prepare.lock"),
+                               f"waiting for another process preparing the data set in "
+                               f"{data_dir}", log):
+            reason = prepare.stale_reason(settings, data_dir)
+            if reason:
+                log(f"preparing the data set: {reason}")
+                prepare.prepare(settings, data_dir, log=log)
     if prepare_missing and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -171,7 +171,7 @@ def test_checkpoint_errors_are_one_error_line(tmp_path, monkeypatch, capsys):
     config = importlib.import_module("crckd_jax.configs.demo").get_config("tiny")
     with config.unlocked():
         config.model.pretrained = str(weights)
-    monkeypatch.setattr(modes, "run", lambda mode, settings, folder, allow: load_state_dict(
+    monkeypatch.setattr(modes, "run", lambda mode, settings, folder, allow, share: load_state_dict(
         config.model.pretrained))
     with pytest.raises(SystemExit) as info:
         cli.execute("train", config, str(tmp_path / "w"), tracebacks=False)

@@ -312,7 +312,7 @@ def test_failures_end_with_one_line_and_their_exit_code(tmp_path, monkeypatch, c
     # With tracebacks (CRCKD_TRACEBACK=1, --verbosity=1): the traceback first, then the same
     # last line and exit status.
     for (error, code), tracebacks in itertools.product(cases, (False, True)):
-        def raising(mode, settings, folder, allow, error=error):
+        def raising(mode, settings, folder, allow, share, error=error):
             raise error
         monkeypatch.setattr(modes, "run", raising)
         with pytest.raises(SystemExit) as info:

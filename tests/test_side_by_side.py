@@ -176,12 +176,18 @@ def test_units_are_grouped_by_rung_up_to_the_setting(tmp_path):
     done = [u for u in units if u.rung == "baseline" and u.fold == 1][0]
     os.makedirs(units[done][2].root)
     pathlib.Path(units[done][2].summary).write_text('{"final": null}')
-    summaries, logs = {}, []
-    groups = [[(u.rung, u.fold) for u in group]
-              for group in cv._groups(units, summaries, logs.append)]
+    summaries, busy, logs = {}, {}, []
+    groups = []
+    for group, locks in cv._groups(units, summaries, busy, logs.append, share=False):
+        groups.append([(u.rung, u.fold) for u in group])
+        assert [lock.path for lock in locks] == [
+            os.path.join(units[u][2].root, "run.lock") for u in group]
+        for lock in locks:
+            lock.release()
     assert groups == [[("baseline", 0), ("baseline", 2)], [("crckd", 0), ("crckd", 1)],
                       [("crckd", 2)]]
     assert summaries == {done: {"final": None}} and "baseline fold 1: done earlier" in logs[0]
+    assert not busy
 
 
 def test_cv_side_by_side_compiles_one_stacked_step(tmp_path):

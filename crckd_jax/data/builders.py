@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 from tqdm import tqdm
 
+from crckd_jax import runlock
 from crckd_jax.data import sources
 from crckd_jax.errors import DataError
 
@@ -198,24 +198,12 @@ _CLASSES = {
 PREPARE_LOCK = ".crckd-prepare.lock"  # in the TFDS folder: one build at a time
 
 
-@contextlib.contextmanager
 def _build_lock(data_dir: str, log):
-    """Holds an exclusive lock on `data_dir`/PREPARE_LOCK (an advisory `flock`, released
-    when the process ends however it ends): runs sharing one `data.tfds_dir` build one at a
-    time, and a later one finds the data set finished and reuses it instead of writing the
-    same folder at the same time."""
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, PREPARE_LOCK)
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another run preparing a data set in {data_dir} ({path})")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """An exclusive lock on `data_dir`/PREPARE_LOCK while a data set is built: runs sharing
+    one `data.tfds_dir` build one at a time, and a later one finds the data set finished and
+    reuses it instead of writing the same folder at the same time."""
+    return runlock.exclusive(os.path.join(data_dir, PREPARE_LOCK),
+                             f"waiting for another run preparing a data set in {data_dir}", log)
 
 
 def build(config: SourceConfig, root: str, data_dir: str, log=print) -> str:

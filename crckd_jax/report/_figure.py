@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -40,11 +41,18 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save(fig: Figure, path) -> pathlib.Path:
-    """Write ``fig`` as a PNG at ``path`` (parents created), release it, return the path."""
+    """Write ``fig`` as a PNG at ``path`` (parents created; atomically: a complete file or
+    the previous one, also when processes sharing a workdir write it), release it, return
+    the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        fig.savefig(path, dpi=DPI, facecolor="white")
+        fig.savefig(tmp, dpi=DPI, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         fig.clear()
     return path
