@@ -3,7 +3,8 @@ would launch on it per step, measured without the accelerator.
 
     python benchmarks/deviceless.py --target h200 [--program train_step,eval_step]
         [--model densenet121] [--image-size 224] [--batch-size 64] [--dtype bfloat16]
-        [--memory bank] [--kernels auto|cpu|standard] [--folds K] [--hlo-dir DIR]
+        [--memory bank] [--kernels auto|cpu|standard] [--folds K [--fold-axis-size G]]
+        [--hlo-dir DIR]
 
 The program is the one the trainer runs: `crckd_jax.builder.build_run` (the call
 `Trainer.build` makes), compiled through its `DataParallel` for the target's devices.
@@ -13,7 +14,8 @@ without autotuning (kernel choices may differ somewhat from a real device; fusio
 buffers are XLA's). `cpu` compiles for this machine (a check of the report itself).
 `--folds K` compiles the train step of K folds trained side by side as one program, as
 `parallel.folds_side_by_side=K` trains them (`Run.folds_train_step`: the step `jax.vmap`ped
-over states and class weights stacked on a leading fold axis and the K folds' batches).
+over states and class weights stacked on a leading fold axis and the K folds' batches);
+`--fold-axis-size G` splits them over G groups of the devices (`parallel.fold_axis_size`).
 
 Per program: kernels per step by kind, bytes moved per step (XLA's cost analysis where it
 answers, else operands plus results of every kernel, an upper bound; the line says which),
@@ -109,10 +111,15 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=15, help="kinds of kernels listed")
     p.add_argument("--folds", type=int, default=1,
                    help="train step: K folds side by side (parallel.folds_side_by_side)")
+    p.add_argument("--fold-axis-size", type=int, default=1,
+                   help="with --folds: the folds split over this many groups of the devices "
+                        "(parallel.fold_axis_size); --batch-size stays per chip and fold")
     p.add_argument("--hlo-dir", default=None, help="write each optimized program here")
     args = p.parse_args(argv)
     if args.folds < 1:
         p.error("--folds takes a positive count")
+    if args.fold_axis_size < 1 or args.folds % args.fold_axis_size:
+        p.error("--fold-axis-size takes a divisor of --folds")
     args.programs = [x.strip() for x in args.program.split(",") if x.strip()]
     unknown = [x for x in args.programs if x not in PROGRAMS]
     if unknown:
@@ -151,8 +158,11 @@ def build(args, devices):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from step_time import benchmark_settings, class_counts
 
-    settings = benchmark_settings(args, batch_size=args.batch_size * len(devices),
+    groups = args.fold_axis_size
+    settings = benchmark_settings(args, batch_size=args.batch_size * len(devices) // groups,
                                   dtype=args.dtype, memory=args.memory, backend=args.parallel)
+    settings = dataclasses.replace(settings, parallel=dataclasses.replace(
+        settings.parallel, folds_side_by_side=args.folds, fold_axis_size=groups))
     data = builder.DataDescription.from_counts(class_counts(args.num_items))
     return builder.build_run(settings, data, kernels=args.kernels, devices=devices)
 
@@ -168,10 +178,13 @@ def lower(run, program: str, folds: int = 1):
     if folds == 1:
         return run.train_step.lower(state, batch, class_weight)
 
-    def stacked(x):  # the fold axis first (after pmap's device axis), laid out as one fold's
+    layout = run.parallel.fold_sharding(folds)
+
+    def stacked(x):  # the fold axis first (after pmap's device axis), laid out as trained
         if run.parallel.backend == "pmap":
             return jax.ShapeDtypeStruct((x.shape[0], folds, *x.shape[1:]), x.dtype)
-        return jax.ShapeDtypeStruct((folds, *x.shape), x.dtype, sharding=x.sharding)
+        return jax.ShapeDtypeStruct((folds, *x.shape), x.dtype,
+                                    sharding=layout or x.sharding)
 
     state, class_weight = jax.tree.map(stacked, (state, class_weight))
     return run.folds_train_step.lower(state, (batch,) * folds, class_weight)
@@ -211,7 +224,10 @@ def report(args, target: Target, run, program: str) -> dict:
     floor_ms = max(hbm_ms, link_ms, compute_ms)
     allreduce = stats.collective_bytes_by_kind.get("all-reduce", 0)
     folds = args.folds if program == "train_step" else 1
-    print(f"\n{program}{f' of {folds} folds side by side' if folds > 1 else ''} for "
+    groups = run.parallel.fold_groups if run.parallel.folds_split(folds) else 1
+    side = (f" of {folds} folds side by side" + (f" in {groups} fold groups" if groups > 1
+                                                 else "")) if folds > 1 else ""
+    print(f"\n{program}{side} for "
           f"{target.name} {target.topology} ({n} chips, "
           f"{args.parallel}): {stats.num_kernels} kernels per step, {hbm / _GIB:.2f} GiB "
           f"moved per chip ({estimator}; {stats.sliced_bytes / _GIB:.2f} GiB with sliced "

@@ -75,7 +75,8 @@ class Run:
     compiled for every device (`DataParallel`), called with `step_class_weight`;
     folds_train_step(states, batches, class_weights): K folds' steps as one program, the
     states and class weights stacked on a leading fold axis [K, ...], `batches` a tuple of
-    K batches, metrics [K] (`jax.vmap` of the same per-device step);
+    K batches, metrics [K] (`jax.vmap` of the same per-device step; split over the fold
+    groups of `parallel.fold_axis_size`: `DataParallel.compile_side_by_side`);
     eval_step[use_teacher](state, {'image'}) -> per-example 'probs' [B, C], 'features'
     [B, F]. class_weight: [C] float32, the fold's class weights (an input of the step, so
     that the folds of a data set share its executable).
@@ -148,12 +149,14 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
     """The run of `settings` on data described by `data`, compiled for `devices` (default:
     every device of every process). `kernels`: the model's layer implementations
     (`crckd_jax.models.kernels`). ConfigError when the batch does not fit the devices."""
-    parallel = DataParallel(settings.parallel.backend, devices)
+    devices = list(devices if devices is not None else jax.devices())
+    _check_device_layout(settings, len(devices),
+                         len({d.process_index for d in devices}))
+    parallel = DataParallel(settings.parallel.backend, devices,
+                            settings.parallel.fold_axis_size)
     # 'auto' resolved for the devices compiled for (not the default backend: a program
     # compiled here for an accelerator this machine lacks gets the accelerator's layers).
     kernels = resolve_kernels(kernels, parallel.mesh.devices.flat[0].platform)
-    _check_batch_layout(settings.train.batch_size, settings.model.bn_group_size,
-                        parallel.num_devices)
     networks = Networks(network(settings, data.num_classes, kernels),
                         embed_dim=settings.memory.embed_dim)
     train = settings.train
@@ -187,10 +190,6 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
             new_state, out = train_fn(state, batch, class_weight)
         return new_state, {**out, "learning_rate": current_learning_rate(new_state.opt_state)}
 
-    def train_side_by_side(states, batches, class_weights):
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
-        return jax.vmap(train_with_lr)(states, stacked, class_weights)
-
     def eval_fn(state, batch, use_teacher):
         with matmul_precision(precision):
             return eval_step(state, batch, model=networks.network, use_teacher=use_teacher)
@@ -202,7 +201,7 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
     class_weight = np.asarray(losses.class_weights(data.class_counts), np.float32)
     return Run(settings, data, networks, optimizer, parallel, steps_per_epoch, total_steps,
                create_state, parallel.compile(train_with_lr, replicated_args=1),
-               parallel.compile(train_side_by_side, replicated_args=1), compiled_eval,
+               parallel.compile_side_by_side(train_with_lr), compiled_eval,
                class_weight)
 
 
@@ -211,8 +210,7 @@ def check_before_data(settings: Settings, num_devices: int | None = None) -> Non
     splits over the devices (default: all) and into BatchNorm groups, and
     `model.pretrained` loads and fits the backbone (ConfigError or CheckpointError naming
     the key or the file)."""
-    _check_batch_layout(settings.train.batch_size, settings.model.bn_group_size,
-                        num_devices or jax.device_count())
+    _check_device_layout(settings, num_devices or jax.device_count(), jax.process_count())
     if settings.model.pretrained not in ("", "none"):
         net, size = network(settings, num_classes=2), settings.data.image_size
         template = jax.eval_shape(lambda: net.init(
@@ -221,15 +219,27 @@ def check_before_data(settings: Settings, num_devices: int | None = None) -> Non
                         name=f"model {settings.model.name}")
 
 
-def _check_batch_layout(batch: int, group: int, num_devices: int) -> None:
-    if batch % num_devices:
+def _check_device_layout(settings: Settings, num_devices: int, num_processes: int) -> None:
+    """ConfigError naming the key when the devices cannot form the fold groups or a batch
+    cannot be split over the devices of one (all devices without fold groups)."""
+    groups = settings.parallel.fold_axis_size
+    if num_devices % groups or (groups > 1 and num_processes > 1):
+        raise ConfigError(
+            f"config key 'parallel.fold_axis_size' is {groups}: expected a divisor of the "
+            f"{num_devices} devices of one process (several processes: --share_workdir, see "
+            "docs/usage.md)")
+    batch, group = settings.train.batch_size, settings.model.bn_group_size
+    devices = num_devices // groups
+    where = f"{devices} devices" + (f" of a fold group ({num_devices} / {groups})"
+                                    if groups > 1 else "")
+    if batch % devices:
         raise ConfigError(f"config key 'train.batch_size' is {batch}: expected a multiple of "
-                          f"the {num_devices} devices")
-    per_device = batch // num_devices
+                          f"the {where}")
+    per_device = batch // devices
     if group and per_device % group:
         raise ConfigError(
             f"config key 'model.bn_group_size' is {group}: expected a divisor of the "
-            f"per-device batch ({batch} / {num_devices} devices = {per_device}); BatchNorm "
+            f"per-device batch ({batch} / {where} = {per_device}); BatchNorm "
             "groups cannot span devices")
 
 

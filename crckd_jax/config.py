@@ -101,6 +101,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "with parallel.sync_batch_norm=True (groups are per device; synchronised "
             "statistics span all devices)"
         )
+    groups = flat["parallel.fold_axis_size"]
+    if groups > 1 and flat["parallel.backend"] != "shard_map":
+        raise ConfigError(
+            f"config key 'parallel.fold_axis_size' is {groups}: expected 1 with "
+            f"parallel.backend={flat['parallel.backend']!r} (the fold axis is a shard_map "
+            "mesh axis)")
+    if flat["parallel.folds_side_by_side"] % groups:
+        raise ConfigError(
+            f"config key 'parallel.fold_axis_size' is {groups}: expected a divisor of "
+            f"parallel.folds_side_by_side={flat['parallel.folds_side_by_side']} (each group "
+            "of devices trains the same number of folds)")
     if flat["data.source"] == "csv" and not flat["data.dir"]:
         raise ConfigError(
             "config key 'data.dir' is '': expected the folder of the CSV for " "data.source='csv'"

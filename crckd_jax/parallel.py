@@ -1,10 +1,16 @@
-"""Data parallelism over a 1-D device mesh: one per-device step, two compilers.
+"""Data parallelism over a device mesh: one per-device step, two compilers.
 
 The step functions of `step.py` are written per device with collectives over the axis
 `AXIS`. `DataParallel` compiles such a function either with `jax.jit` + `jax.shard_map`
 over a `Mesh` of all devices of all processes (the default), or with `jax.pmap` over the
 same devices (each process feeding its own), and moves the state and batches in and out in
 the matching layout. The state is replicated; the global batch is split across devices.
+
+Folds side by side (`compile_side_by_side`) vmap the step over folds stacked on a leading
+axis. With `fold_groups` G > 1 (shard_map, one process) the mesh is 2-D, `FOLD_AXIS` x
+`AXIS`: G groups of devices, each training K / G of the K folds, data-parallel over its own
+devices (the step's collectives span `AXIS` only, so within a group); a one-fold program
+runs the same on every group.
 
 Layout of a global batch of B rows over P processes with D devices each (mesh order is
 process-major): process p provides rows [p * B/P, (p + 1) * B/P) (see `data.pipeline`), and
@@ -25,23 +31,28 @@ from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from crckd_jax.settings import PARALLEL_BACKENDS
 
 AXIS = "data"
+FOLD_AXIS = "fold"
 
 
-def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named `AXIS` over `devices` (default: all devices of all processes).
+def data_mesh(devices=None, fold_groups: int = 1) -> Mesh:
+    """A 1-D mesh named `AXIS` over `devices` (default: all devices of all processes), or
+    with `fold_groups` G > 1 a 2-D mesh (`FOLD_AXIS`: G, `AXIS`: devices / G).
 
     Devices are ordered by process (stable within a process), so each process's devices
     hold one contiguous block of the global batch.
     """
     devices = list(devices if devices is not None else jax.devices())
     devices.sort(key=lambda d: d.process_index)
-    return Mesh(np.asarray(devices), (AXIS,))
+    if fold_groups == 1:
+        return Mesh(np.asarray(devices), (AXIS,))
+    return Mesh(np.asarray(devices).reshape(fold_groups, -1), (FOLD_AXIS, AXIS))
 
 
 class DataParallel:
@@ -51,12 +62,15 @@ class DataParallel:
     `sharded_outputs` is False, or per-example arrays [B_device, ...] when True (eval).
     """
 
-    def __init__(self, backend: str = "shard_map", devices=None):
+    def __init__(self, backend: str = "shard_map", devices=None, fold_groups: int = 1):
         if backend not in PARALLEL_BACKENDS:
             raise ValueError(
                 f"parallel.backend must be one of {PARALLEL_BACKENDS}, got {backend!r}")
+        if fold_groups > 1 and backend != "shard_map":
+            raise ValueError("fold groups need the shard_map backend")
         self.backend = backend
-        self.mesh = data_mesh(devices)
+        self.fold_groups = fold_groups
+        self.mesh = data_mesh(devices, fold_groups)
         self.local_devices = [d for d in self.mesh.devices.flat
                               if d.process_index == jax.process_index()]
         counts = {}
@@ -72,6 +86,11 @@ class DataParallel:
     @property
     def num_devices(self) -> int:
         return self.mesh.size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """The devices one batch is split over (all, or those of one fold group)."""
+        return self.mesh.shape[AXIS]
 
     @property
     def num_local_devices(self) -> int:
@@ -97,12 +116,46 @@ class DataParallel:
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=donate)
 
-    def compile_state_fn(self, fn: Callable) -> Callable:
+    def compile_side_by_side(self, fold_step: Callable) -> Callable:
+        """The per-device step of one fold, `fold_step(state, batch, class_weight) ->
+        (state, outputs)`, compiled for K folds as one program: `(states, batches,
+        class_weights) -> (states, outputs)`, states and class weights stacked on a leading
+        fold axis [K, ...] (laid out as `fold_sharding` says), `batches` a tuple of K
+        batches (`put_batch`), outputs [K, ...]. With fold groups and K a multiple of them
+        the folds are split over the groups (outputs too); else every device takes part in
+        every fold (outputs replicated)."""
+
+        everywhere = self.compile(_stacking_batches(jax.vmap(fold_step)), replicated_args=1)
+        if self.fold_groups == 1:
+            return everywhere
+        # Each group takes its folds' slice of the stacked batches (put on every group),
+        # states and class weights: no data crosses groups in the step.
+        per_group = jax.shard_map(
+            jax.vmap(fold_step), mesh=self.mesh,
+            in_specs=(P(FOLD_AXIS), P(FOLD_AXIS, AXIS), P(FOLD_AXIS)),
+            out_specs=P(FOLD_AXIS), check_vma=False)
+        # The outputs stay split over the groups (the host reads them every few steps).
+        in_groups = jax.jit(_stacking_batches(per_group, NamedSharding(self.mesh, P(None, AXIS))),
+                            donate_argnums=(0,))
+        return _ByFoldCount(self.folds_split, in_groups, everywhere)
+
+    def folds_split(self, folds: int) -> bool:
+        """Whether `folds` folds side by side are split over the fold groups."""
+        return self.fold_groups > 1 and folds % self.fold_groups == 0
+
+    def fold_sharding(self, folds: int) -> NamedSharding | None:
+        """The layout of `folds` stacked fold states in `compile_side_by_side`'s program:
+        split over the fold groups, or (None) the backend's replicated layout."""
+        return NamedSharding(self.mesh, P(FOLD_AXIS)) if self.folds_split(folds) else None
+
+    def compile_state_fn(self, fn: Callable, out_sharding: NamedSharding | None = None
+                         ) -> Callable:
         """`fn(state) -> pytree of states` (no collectives) compiled for the state's layout:
-        replicated arrays in and out (`shard_map`), or once per device (`pmap`)."""
+        replicated arrays in and out (`shard_map`; `out_sharding` instead, e.g.
+        `fold_sharding`), or once per device (`pmap`)."""
         if self.backend == "pmap":
             return jax.pmap(fn, axis_name=AXIS, devices=list(self.mesh.devices.flat))
-        return jax.jit(fn, out_shardings=self.replicated)
+        return jax.jit(fn, out_shardings=out_sharding or self.replicated)
 
     # --- state -----------------------------------------------------------------------
 
@@ -219,3 +272,32 @@ class DataParallel:
         if jax.process_count() == 1:
             return jax.tree.map(np.asarray, outputs)
         return multihost_utils.process_allgather(outputs, tiled=True)
+
+
+def _stacking_batches(step: Callable, layout: NamedSharding | None = None) -> Callable:
+    """`step(states, stacked batch, class_weights)` taking a tuple of K batches instead,
+    stacked on a leading fold axis inside the program (laid out as `layout`: where the
+    batches already are, so that no device sends its batch elsewhere)."""
+
+    def train_side_by_side(states, batches, class_weights):
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        if layout is not None:
+            stacked = jax.lax.with_sharding_constraint(stacked, layout)
+        return step(states, stacked, class_weights)
+
+    return train_side_by_side
+
+
+class _ByFoldCount:
+    """Calls (or lowers) `split` when `is_split(K)` for K = the number of batches, else
+    `everywhere`."""
+
+    def __init__(self, is_split: Callable[[int], bool], split: Callable,
+                 everywhere: Callable):
+        self._pick = lambda batches: split if is_split(len(batches)) else everywhere
+
+    def __call__(self, states, batches, class_weights):
+        return self._pick(batches)(states, batches, class_weights)
+
+    def lower(self, states, batches, class_weights):
+        return self._pick(batches).lower(states, batches, class_weights)

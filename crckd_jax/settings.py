@@ -194,6 +194,11 @@ class ParallelSettings:
     folds_side_by_side: int = _s(1, _int(1),
         "--mode cv and table: this many folds of a rung trained as one program (states "
         "stacked on a fold axis, jax.vmap); 1 = one fold after another")
+    fold_axis_size: int = _s(1, _int(1),
+        "folds side by side on several devices: the devices form this many groups (the "
+        "mesh's 'fold' axis), each training folds_side_by_side / this many of the folds, "
+        "data-parallel over its own devices (shard_map, one process); 1 = every device takes "
+        "a slice of every fold's batch")
 
 
 @dataclasses.dataclass(frozen=True)

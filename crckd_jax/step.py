@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from crckd_jax import augment, losses, teacher
-from crckd_jax.collectives import of_first_device, psum, psum_flat
+from crckd_jax.collectives import of_first_device, pmean, psum, psum_flat
 from crckd_jax.distillation import ContrastConfig, ccd_crp
 from crckd_jax.models.densenet import CRCKDNet
 from crckd_jax.models.networks import Networks
@@ -171,7 +171,7 @@ def train_step(
         # Per-device BatchNorm statistics (unless the model synchronises them) leave
         # per-device running statistics; their mean (or the first device's) keeps the
         # state replicated.
-        combine = of_first_device if config.running_stats_of_first_device else jax.lax.pmean
+        combine = of_first_device if config.running_stats_of_first_device else pmean
         batch_stats = combine(batch_stats, axis)
         ema_batch_stats = combine(ema_batch_stats, axis)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -83,6 +83,11 @@ def train_folds(runs: list[tuple[Settings, RunFolder]], log: Callable[[str], Non
             for fold in group:
                 fold.start(start, log)
             lanes = _Lanes(group)
+            parallel = lanes.run.parallel
+            if parallel.fold_groups > 1 and not parallel.folds_split(len(group)):
+                log(f"{', '.join(f.name or 'the run' for f in group)}: not a multiple of the "
+                    f"{parallel.fold_groups} fold groups of devices (parallel.fold_axis_size), "
+                    "so every group trains them, the same work on each")
             with StopRequest() as stop:
                 state, last_tests = _train_loop(lanes, lanes.initial_state(), start, stop)
                 for fold in group:
@@ -222,7 +227,8 @@ def _common_start(folds: list[_Fold], log: Callable[[str], None]) -> int:
 class _Lanes:
     """The folds of one `train_folds` call stepped together: one fold alone (the run's
     step, its state as it is), or K side by side (`Run.folds_train_step`, the states
-    stacked on a leading fold axis [K, ...])."""
+    stacked on a leading fold axis [K, ...], split over the fold groups where there are
+    some)."""
 
     def __init__(self, folds: list[_Fold]):
         self.folds = folds
@@ -235,7 +241,8 @@ class _Lanes:
             self.class_weight = parallel.put_state(
                 np.stack([fold.trainer.run.class_weight for fold in folds]))
             self._stack = parallel.compile_state_fn(
-                lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+                lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
+                parallel.fold_sharding(k))
             self._unstack = parallel.compile_state_fn(
                 lambda state: [jax.tree.map(lambda x: x[i], state) for i in range(k)])
         else:

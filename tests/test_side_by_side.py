@@ -234,16 +234,58 @@ def test_folds_of_different_epoch_lengths_train_in_groups_of_equal_length():
     assert len(logs) == 1
 
 
-@pytest.mark.slow
-def test_side_by_side_on_two_devices_equals_one_device(tmp_path):
-    """2 folds side by side on 2 fake CPU devices (shard_map and pmap, BatchNorm statistics
-    synchronised) against the same on 1 device, 3 steps: losses within rtol 1e-5 and the
-    parameters within the 1-vs-N tolerance of tests/test_parallel.py (1e-3 of
-    max(max |b|, 1e-2) per leaf)."""
+FOLD_GROUP_COLLECTIVES = """
+import collections, importlib, json, re, jax
+from crckd_jax import builder
+from crckd_jax.config import to_settings
+config = importlib.import_module("crckd_jax.configs.demo").get_config("tiny")
+counts = {}
+for groups in (1, 2):
+    with config.unlocked():
+        config.parallel.folds_side_by_side = 2
+        config.parallel.fold_axis_size = groups
+        config.train.batch_size = 8
+    run = builder.build_run(to_settings(config),
+                            builder.DataDescription.from_counts([10, 8, 6, 5, 4, 4, 3]))
+    state, batch, weight = run.abstract_train_inputs()
+    layout = run.parallel.fold_sharding(2)
+    stacked = lambda x: jax.ShapeDtypeStruct((2, *x.shape), x.dtype,
+                                             sharding=layout or x.sharding)
+    states, weights = jax.tree.map(stacked, (state, weight))
+    text = run.folds_train_step.lower(states, (batch, batch), weights).compile().as_text()
+    counts[groups] = collections.Counter(re.findall(
+        r"\\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+        r"(?:-start)?\\(", text))
+print(json.dumps(counts))
+"""
+
+
+def test_folds_split_over_fold_groups_of_one_device_exchange_nothing():
+    """`parallel.fold_axis_size=2` on 2 devices: each device trains its own fold, and the
+    compiled step of the 2 folds has no collective at all (neither gradients nor batches
+    cross devices); without fold groups the same 2 folds all-reduce their gradients."""
     import subprocess
     import sys
 
-    def cv_run(name, devices, backend):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run([sys.executable, "-c", FOLD_GROUP_COLLECTIVES], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.splitlines()[-1])
+    assert counts["2"] == {}, counts
+    assert counts["1"].get("all-reduce", 0) >= 1, counts
+
+
+@pytest.mark.slow
+def test_side_by_side_on_two_devices_equals_one_device(tmp_path):
+    """2 folds side by side on 2 fake CPU devices (shard_map, pmap, and the 2 folds split
+    over 2 fold groups of one device; BatchNorm statistics synchronised) against the same
+    on 1 device, 3 steps: losses within rtol 1e-5 and the parameters within the 1-vs-N
+    tolerance of tests/test_parallel.py (1e-3 of max(max |b|, 1e-2) per leaf)."""
+    import subprocess
+    import sys
+
+    def cv_run(name, devices, backend, *flags):
         env = dict(os.environ,
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         done = subprocess.run(
@@ -253,14 +295,17 @@ def test_side_by_side_on_two_devices_equals_one_device(tmp_path):
              "--config.parallel.folds_side_by_side=2", f"--config.parallel.backend={backend}",
              "--config.parallel.sync_batch_norm=true", "--config.train.batch_size=8",
              "--config.train.epochs=1", "--config.train.steps_per_epoch=3",
-             "--config.train.log_every_steps=1", "--config.train.write_report=false"],
+             "--config.train.log_every_steps=1", "--config.train.write_report=false",
+             *flags],
             capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
         return tmp_path / name
 
     one = cv_run("one", 1, "shard_map")
-    for name, backend in (("two_shard_map", "shard_map"), ("two_pmap", "pmap")):
-        two = cv_run(name, 2, backend)
+    for name, backend, *flags in (("two_shard_map", "shard_map"), ("two_pmap", "pmap"),
+                                  ("two_fold_groups", "shard_map",
+                                   "--config.parallel.fold_axis_size=2")):
+        two = cv_run(name, 2, backend, *flags)
         for k in FOLDS:
             for ra, rb in zip(train_losses(one / f"fold_{k}"), train_losses(two / f"fold_{k}")):
                 for key in LOSS_KEYS:
