@@ -156,7 +156,8 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
                             settings.parallel.fold_axis_size)
     # 'auto' resolved for the devices compiled for (not the default backend: a program
     # compiled here for an accelerator this machine lacks gets the accelerator's layers).
-    kernels = resolve_kernels(kernels, parallel.mesh.devices.flat[0].platform)
+    platform = parallel.mesh.devices.flat[0].platform
+    kernels = resolve_kernels(kernels, platform)
     networks = Networks(network(settings, data.num_classes, kernels),
                         embed_dim=settings.memory.embed_dim)
     train = settings.train
@@ -199,10 +200,15 @@ def build_run(settings: Settings, data: DataDescription, *, kernels: str = "auto
                                   donate_state=False, sharded_outputs=True)
         for teacher in (False, True)}
     class_weight = np.asarray(losses.class_weights(data.class_counts), np.float32)
+    # On a GPU the train step does not update the state in place: donated, its parameters
+    # were copied before their update (283 of the H200 step's 3,545 kernels, at the same
+    # bytes: docs/performance.md); the second copy of the state costs ~0.1 GB there.
+    donate = platform != "gpu"
     return Run(settings, data, networks, optimizer, parallel, steps_per_epoch, total_steps,
-               create_state, parallel.compile(train_with_lr, replicated_args=1),
-               parallel.compile_side_by_side(train_with_lr), compiled_eval,
-               class_weight)
+               create_state,
+               parallel.compile(train_with_lr, replicated_args=1, donate_state=donate),
+               parallel.compile_side_by_side(train_with_lr, donate_state=donate),
+               compiled_eval, class_weight)
 
 
 def check_before_data(settings: Settings, num_devices: int | None = None) -> None:
@@ -261,7 +267,7 @@ def _with_pretrained(state: TrainState, model: CRCKDNet, path: str) -> TrainStat
     load = lambda params, stats: import_densenet(  # noqa: E731
         state_dict, {"params": params, "batch_stats": stats}, name=f"model {model.config}")
     student = load(state.params["student"], state.batch_stats)
-    # Copied: both imports may wrap the same checkpoint arrays, and the step donates the
+    # Copied: both imports may wrap the same checkpoint arrays, and the step may donate the
     # state (a buffer shared by two leaves would be donated twice).
     teacher = jax.tree.map(jnp.copy, load(state.ema_params, state.ema_batch_stats))
     return state.replace(

@@ -116,16 +116,18 @@ class DataParallel:
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=donate)
 
-    def compile_side_by_side(self, fold_step: Callable) -> Callable:
+    def compile_side_by_side(self, fold_step: Callable, donate_state: bool = True
+                             ) -> Callable:
         """The per-device step of one fold, `fold_step(state, batch, class_weight) ->
         (state, outputs)`, compiled for K folds as one program: `(states, batches,
         class_weights) -> (states, outputs)`, states and class weights stacked on a leading
         fold axis [K, ...] (laid out as `fold_sharding` says), `batches` a tuple of K
         batches (`put_batch`), outputs [K, ...]. With fold groups and K a multiple of them
         the folds are split over the groups (outputs too); else every device takes part in
-        every fold (outputs replicated)."""
+        every fold (outputs replicated). `donate_state`: as in `compile`."""
 
-        everywhere = self.compile(_stacking_batches(jax.vmap(fold_step)), replicated_args=1)
+        everywhere = self.compile(_stacking_batches(jax.vmap(fold_step)), replicated_args=1,
+                                  donate_state=donate_state)
         if self.fold_groups == 1:
             return everywhere
         # Each group takes its folds' slice of the stacked batches (put on every group),
@@ -136,7 +138,7 @@ class DataParallel:
             out_specs=P(FOLD_AXIS), check_vma=False)
         # The outputs stay split over the groups (the host reads them every few steps).
         in_groups = jax.jit(_stacking_batches(per_group, NamedSharding(self.mesh, P(None, AXIS))),
-                            donate_argnums=(0,))
+                            donate_argnums=(0,) if donate_state else ())
         return _ByFoldCount(self.folds_split, in_groups, everywhere)
 
     def folds_split(self, folds: int) -> bool:
