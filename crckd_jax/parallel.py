@@ -88,11 +88,6 @@ class DataParallel:
         return self.mesh.size
 
     @property
-    def data_parallel_size(self) -> int:
-        """The devices one batch is split over (all, or those of one fold group)."""
-        return self.mesh.shape[AXIS]
-
-    @property
     def num_local_devices(self) -> int:
         return len(self.local_devices)
 

@@ -61,14 +61,12 @@ class WorkdirLock:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
             return holder
-        text = (f"host {socket.gethostname()} pid {os.getpid()} mode {self.mode}"
-                f"{' (shared)' if self.shared else ''} "
-                f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n").encode()
-        os.pwrite(fd, text, 0)  # shared holders: the newest one's description
-        os.ftruncate(fd, len(text))
+        # shared holders: the newest one's description
+        _describe(fd, f"mode {self.mode}{' (shared)' if self.shared else ''} "
+                      f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
         self._fd = fd
         return None
 
@@ -99,12 +97,21 @@ def exclusive(path: str, waiting: str, log: Callable[[str], None]):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            log(f"{waiting} (lock {path}, held by {holder})")
+            log(f"{waiting} (lock {path}, held by {_holder(fd)})")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        text = f"host {socket.gethostname()} pid {os.getpid()}\n".encode()
-        os.pwrite(fd, text, 0)
-        os.ftruncate(fd, len(text))
+        _describe(fd)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """The description the lock file `fd` holds (its holder's, `_describe`)."""
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _describe(fd: int, details: str = "") -> None:
+    """Writes this process (host, pid, `details`) as the holder of the lock file `fd`."""
+    text = f"host {socket.gethostname()} pid {os.getpid()}{' ' if details else ''}{details}\n"
+    os.pwrite(fd, text.encode(), 0)
+    os.ftruncate(fd, len(text.encode()))
