@@ -150,6 +150,31 @@ def test_batch_norm_hand_written_gradient_equals_autodiff(monkeypatch, group_siz
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_norm_sums_are_one_reduction_on_a_gpu_and_two_elsewhere():
+    """`sum_pair` lowers to one variadic reduction for an NVIDIA GPU and to two sums for the CPU,
+    the TPU and ROCm; both give the sums (the CPU's bit for bit those of `jnp.sum`)."""
+    from jax import export
+
+    from crckd_jax.models import batch_norm
+
+    a = np.random.default_rng(3).normal(size=(6, 50, 7)).astype(np.float32) + 4.0
+    pair = functools.partial(batch_norm.sum_pair, axes=(0, 1))
+    expected = (a.astype(np.float64).sum((0, 1)), np.square(a.astype(np.float64)).sum((0, 1)))
+    for sums in (jax.jit(pair)(a, a * a),
+                 jax.jit(functools.partial(batch_norm._sums_in_one_reduction, axes=(0, 1)))(
+                     a, a * a)):
+        for got, want in zip(sums, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+    for got, want in zip(jax.jit(pair)(a, a * a), (jnp.sum(a, (0, 1)), jnp.sum(a * a, (0, 1))),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    spec = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    for platform, reductions in (("cpu", 2), ("cuda", 1), ("rocm", 2), ("tpu", 2)):
+        text = export.export(jax.jit(pair), platforms=[platform])(spec, spec).mlir_module()
+        assert text.count("stablehlo.reduce(") == reductions, platform
+
+
 def test_batch_norm_takes_known_statistics():
     """Statistics passed in (of parts of a concatenation, computed apart) give the same
     output, gradients and running statistics as those the layer computes itself."""

@@ -15,26 +15,28 @@ Differences from ``flax.linen.BatchNorm`` that matter for checkpoint and trainin
   padding of a partial batch): each group's statistics are over its unmasked items only.
 
 Statistics (`batch_statistics`) are one pass over the data: the sums of ``x - K`` and
-``(x - K)^2`` per channel, with ``K`` one value of the batch itself (of the first unmasked
-item; the mean of those over the devices of ``axis_name``). Shifted this way the variance
-keeps its digits when ``|mean| >> std``, where ``E[x^2] - E[x]^2`` loses them all in
-float32, and both sums come from one read of the input (one fused reduction on a GPU) instead
-of the two that a mean-then-deviations variance needs. With ``axis_name`` the sums are one
-``lax.psum`` of per-device sums, so ``N`` devices with synchronised statistics compute the
-same numbers as one device holding the global batch, up to summation order.
+``(x - K)^2`` per channel, with ``K`` one value of the batch itself (of the first unmasked item;
+the mean of those over the devices of ``axis_name``). Shifted this way the variance keeps
+its digits when ``|mean| >> std``, where ``E[x^2] - E[x]^2`` loses them all in float32, and
+both sums come from one read of the input (one variadic reduction on an NVIDIA GPU:
+`sum_pair`) instead of the two that a mean-then-deviations variance needs. With
+``axis_name`` the sums are one ``lax.psum`` of per-device sums, so ``N`` devices with
+synchronised statistics compute the same numbers as one device holding the global batch, up
+to summation order.
 
 Statistics are separate from the normalisation (`normalize`), so a layer whose input is a
 concatenation of tensors whose statistics are already known takes them instead of reading
 its input again (DenseNet's dense layers: `crckd_jax.models.densenet`): per-channel batch
-statistics do not depend on who consumes the channel. Training-mode gradients are written
-by hand for both parts: `normalize` needs two reductions of the incoming gradient and one
+statistics do not depend on who consumes the channel. Training-mode gradients are written by
+hand for both parts: `normalize` needs two reductions of the incoming gradient and one
 elementwise pass, `batch_moments` one elementwise pass per tensor, after the cotangents of
 all its consumers are summed (vectors of C). Compiled for an H200, DenseNet-121's train step
 (224 px, batch 64, bfloat16) went from 3,735 kernels, 49.4 GiB moved (42.1 GiB counting
 sliced operands as read) and 2.75 GiB of temporaries with per-layer two-pass statistics to
-3,545, 46.7 (34.7) and 2.56 (`benchmarks/deviceless.py`, docs/performance.md). The
-``*_autodiff`` variants are the same forward passes differentiated by JAX, the reference
-the tests check the hand-written gradients against.
+3,545, 46.7 (34.7) and 2.56; the pairs of sums as one reduction each took the step (no
+longer donating its state) from 3,262 kernels to 2,874 (`benchmarks/deviceless.py`,
+docs/performance.md). The ``*_autodiff`` variants are the same forward passes differentiated
+by JAX, the reference the tests check the hand-written gradients against.
 """
 
 from __future__ import annotations
@@ -102,6 +104,30 @@ def batch_statistics(x: jnp.ndarray, mask: jnp.ndarray | None = None,
     return Statistics(mean, sq_dev_sum, divisor, count)
 
 
+def sum_pair(a: jnp.ndarray, b: jnp.ndarray, axes: tuple[int, ...]):
+    """(sum of a, sum of b) over `axes` (non-negative) of two float32 arrays of one shape.
+
+    On an NVIDIA GPU one variadic reduction (`_sums_in_one_reduction`): one pass over both, one
+    kernel per stage of the reduction, where XLA does not always fuse two sums of one input
+    into one kernel. Elsewhere two sums: XLA's CPU backend vectorises a reduction of one array
+    but emits a variadic one as a sequential loop, slower and less accurate in float32; TPU and
+    ROCm are not measured. Chosen by the platform the program is lowered for
+    (`lax.platform_dependent`), so a deviceless compile for a GPU gets the GPU's.
+    """
+    return lax.platform_dependent(
+        a, b, cuda=functools.partial(_sums_in_one_reduction, axes=axes),
+        default=functools.partial(_sums_apart, axes=axes))
+
+
+def _sums_apart(a, b, axes):
+    return jnp.sum(a, axis=axes), jnp.sum(b, axis=axes)
+
+
+def _sums_in_one_reduction(a, b, axes):
+    zero = jnp.zeros((), a.dtype)
+    return lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), axes)
+
+
 def _moments(groups, weights, axis_name):
     """(mean, sq_dev_sum, divisor, count, weights used, shift) of groups [G, n, P, C]
     with weights [G, n] of 0/1; a group without any weight 1 uses all its items."""
@@ -115,8 +141,7 @@ def _moments(groups, weights, axis_name):
                   axis_name)  # [G, C]
     centred = x32 - shift[:, None, None]
     w = weights[:, :, None, None]
-    sums = psum((jnp.sum(w * centred, axis=(1, 2)), jnp.sum(w * jnp.square(centred),
-                                                            axis=(1, 2))), axis_name)
+    sums = psum(sum_pair(w * centred, w * jnp.square(centred), (1, 2)), axis_name)
     offset = sums[0] / divisor[:, None]  # mean - shift
     sq_dev_sum = jnp.maximum(sums[1] - sums[0] * offset, 0.0)
     return shift + offset, sq_dev_sum, divisor, count, weights
@@ -190,8 +215,7 @@ def _normalize_bwd(epsilon, dtype, residuals, dy):
     dy = dy.reshape(num_groups, -1, x.shape[-1]).astype(jnp.float32)
     centred = x.reshape(dy.shape).astype(jnp.float32) - statistics.mean[:, None]
     inv = lax.rsqrt(statistics.sq_dev_sum / statistics.divisor[:, None] + epsilon)  # [G, C]
-    d_bias = jnp.sum(dy, axis=1)  # [G, C]
-    d_centred = jnp.sum(dy * centred, axis=1)
+    d_bias, d_centred = sum_pair(dy, dy * centred, (1,))  # [G, C] each
     dx = (dy * (scale * inv)[:, None]).reshape(x.shape).astype(x.dtype)
     d_statistics = Statistics(
         mean=-(scale * inv) * d_bias,
