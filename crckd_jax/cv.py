@@ -3,7 +3,8 @@
 Fold k trains in `<workdir>/fold_<k>/` on the data set prepared once in `<workdir>`. A fold
 whose `summary.json` exists is done and is not run again; an interrupted fold resumes from
 its checkpoints. `cv_summary.json` and `cv_summary.md` hold the mean and standard deviation
-(population, ddof 0) of every metric across folds, for each view of `summary.summarise`.
+(population, ddof 0) of every metric across the folds where it is finite, and their number,
+for each view of `summary.summarise` (`summary.mean_std`).
 The folds run one compiled train step (built again for each fold, found in the persistent
 compilation cache): nothing fold-dependent is a constant of it (`builder.DataDescription`).
 With `parallel.folds_side_by_side=K`, K folds at a time train as one program
@@ -17,25 +18,24 @@ import os
 from typing import Callable
 
 import jax
-import numpy as np
 
 from crckd_jax.errors import Preempted
 from crckd_jax.metrics import METRIC_KEYS
 from crckd_jax.preemption import StopRequest
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.settings import Settings
-from crckd_jax.summary import SUMMARY_VIEWS
+from crckd_jax.summary import SUMMARY_VIEWS, mean_std
 from crckd_jax.train import train_folds
 
 
 def aggregate(summaries: dict[int, dict]) -> dict:
-    """{view: {metric: {"mean", "std"}} | None, "folds": [...]} across fold summaries."""
+    """{view: {metric: {"mean", "std", "n"}} | None, "folds": [...]} across fold summaries
+    (`summary.mean_std`)."""
     out = {"folds": sorted(summaries)}
     for view in SUMMARY_VIEWS:
         rows = [s[view] for s in summaries.values() if s.get(view)]
-        out[view] = None if not rows else {
-            k: {"mean": float(np.mean([r[k] for r in rows])),
-                "std": float(np.std([r[k] for r in rows]))} for k in METRIC_KEYS}
+        out[view] = None if not rows else {k: mean_std([r[k] for r in rows])
+                                           for k in METRIC_KEYS}
     return out
 
 
@@ -48,7 +48,9 @@ def markdown(result: dict) -> str:
                       else "not available", ""]
             continue
         lines += ["", "| metric | mean | std |", "|---|---|---|"]
-        lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in result[view].items()]
+        for k, v in result[view].items():
+            lines.append(f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" if v["n"]
+                         else f"| {k} | n/a | n/a |")
         lines.append("")
     return "\n".join(lines)
 

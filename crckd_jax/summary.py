@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from crckd_jax.metrics import METRIC_KEYS
@@ -34,3 +36,18 @@ def summarise(records: list[dict], model: str = "student") -> dict:
         match = [r for r in test if r["epoch"] == best["epoch"]]
         view["best_val"] = {**pick(match[0]), "epoch": best["epoch"]}
     return view
+
+
+def finite(values: list) -> list[float]:
+    """The values that are numbers and finite (None, NaN and infinities left out)."""
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def mean_std(values: list) -> dict:
+    """{"mean", "std" (population, ddof 0), "n"} of the finite values, as the cross-validation
+    summary and the table report a metric across runs; mean and std None when none is finite
+    (e.g. a summary written before a metric was recorded)."""
+    kept = finite(values)
+    if not kept:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(kept)), "std": float(np.std(kept)), "n": len(kept)}

@@ -17,12 +17,10 @@ only read. At the end, per rung over all its units (population std, ddof 0):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Callable
 
 import jax
-import numpy as np
 
 from crckd_jax import protocols
 from crckd_jax.cv import run_units
@@ -30,7 +28,7 @@ from crckd_jax.metrics import METRIC_KEYS
 from crckd_jax.run_folder import RunFolder
 from crckd_jax.separation import SEPARATION_KEYS
 from crckd_jax.settings import Settings
-from crckd_jax.summary import MEAN_VIEW
+from crckd_jax.summary import MEAN_VIEW, finite, mean_std
 
 TABLE_VIEWS = ("final", MEAN_VIEW)  # the views of the run summaries the table reports
 FIGURE_FILE = "table.png"
@@ -81,19 +79,6 @@ def run_table(settings: Settings, folder: RunFolder, log: Callable[[str], None] 
                      allow_config_change=allow_config_change, share=share)
 
 
-def _finite(values: list) -> list[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
-
-
-def _cell(values: list) -> dict:
-    """mean, std (ddof 0) and n of the finite values (mean and std None when there is none:
-    e.g. a summary written before the embeddings' separation was recorded)."""
-    finite = _finite(values)
-    if not finite:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "n": len(finite)}
-
-
 def _unit_values(summary: dict) -> dict[str, float | None]:
     """A unit's final-view metrics and embedding separation, by key."""
     return {**{k: (summary.get("final") or {}).get(k) for k in METRIC_KEYS},
@@ -111,9 +96,9 @@ def aggregate(summaries: dict[Unit, dict], folder: RunFolder) -> dict:
                           "folder": os.path.relpath(u.folder(folder).root, folder.root)}
                          for u in mine]}
         for view in TABLE_VIEWS:
-            row[view] = {k: _cell([(s.get(view) or {}).get(k) for s in mine.values()])
+            row[view] = {k: mean_std([(s.get(view) or {}).get(k) for s in mine.values()])
                          for k in METRIC_KEYS}
-        row["embedding"] = {k: _cell([(s.get("embedding") or {}).get(k)
+        row["embedding"] = {k: mean_std([(s.get("embedding") or {}).get(k)
                                       for s in mine.values()]) for k in SEPARATION_KEYS}
         rows[rung] = row
     return {"rungs": rungs, "seeds": sorted({u.seed for u in summaries}),
@@ -165,7 +150,7 @@ def write(table: dict, summaries: dict[Unit, dict], folder: RunFolder,
     text = markdown(table)
     folder.write_text("table.md", text)
     per_unit = {u: _unit_values(s) for u, s in summaries.items()}
-    values = {rung: {k: _finite([v[k] for u, v in per_unit.items() if u.rung == rung])
+    values = {rung: {k: finite([v[k] for u, v in per_unit.items() if u.rung == rung])
                      for k in METRIC_KEYS + SEPARATION_KEYS} for rung in table["rungs"]}
     plot_table(values, folder.path(FIGURE_FILE))
     log(text)

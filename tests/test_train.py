@@ -283,6 +283,26 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert step == 2
 
 
+def test_cv_summary_counts_the_finite_values_and_leaves_the_others_out():
+    """A metric that is not finite in a fold (a diverged run's NaN) is left out of that
+    metric's mean and std, its `n` says how many folds remain, and one finite in no fold is
+    n/a in the markdown."""
+    from crckd_jax import cv
+    from crckd_jax.metrics import METRIC_KEYS
+
+    def views(bacc, auc):
+        final = {**dict.fromkeys(METRIC_KEYS, 0.5), "bacc": bacc, "auc_ovr": auc}
+        return {"final": final, "mean_last_11": final, "best_val": None}
+
+    result = cv.aggregate({0: views(0.6, float("nan")), 1: views(float("nan"), None),
+                           2: views(0.8, float("inf"))})
+    assert result["final"]["bacc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 2})
+    assert result["final"]["auc_ovr"] == {"mean": None, "std": None, "n": 0}
+    assert result["final"]["f1"] == pytest.approx({"mean": 0.5, "std": 0.0, "n": 3})
+    text = cv.markdown(result)
+    assert "| bacc | 0.7000 | 0.1000 |" in text and "| auc_ovr | n/a | n/a |" in text
+
+
 def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, trained):
     """Fold 0 is done (a summary.json of its own: the trained run's), fold 1 is trained on
     its own fold; the cross-validation summary is the mean and std over both."""
@@ -298,7 +318,7 @@ def test_cv_trains_the_folds_not_done_and_summarises_all(tmp_path, trained):
     assert result["folds"] == [0, 1]
     pair = [done_summary["final"]["bacc"], trained_1["final"]["bacc"]]
     assert result["final"]["bacc"] == pytest.approx(
-        {"mean": np.mean(pair), "std": np.std(pair)}, rel=1e-12)
+        {"mean": np.mean(pair), "std": np.std(pair), "n": 2}, rel=1e-12)
     assert "| bacc |" in (tmp_path / "cv_summary.md").read_text()
 
 
