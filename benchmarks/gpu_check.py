@@ -25,6 +25,9 @@ and, on request (--parts), after them:
              against the CPU-tuned ones (crckd_jax.models.kernels) on this backend
   startup    benchmarks/startup.py: seconds to the first train step, cold and warm cache
   step_b32   as step_b64 at batch 32
+  folds      benchmarks/fold_stack.py: 5 folds' train steps side by side (the program of
+             `parallel.folds_side_by_side=5`) against one fold's, DenseNet-121, bfloat16,
+             64 per fold, queue memory with P = 20, K = 4096; images/s of both
 
 On a fresh H200 the first compile of the DenseNet-121 step took over 150 s (XLA autotunes
 each convolution; the autotuning results go to the persistent cache, WORKDIR/jax_cache,
@@ -71,6 +74,7 @@ class Settings:
     trainer_overrides: tuple[str, ...]
     trainer_warmup_records: int  # train records left out of the trainer's images/s
     loop_args: tuple[str, ...]  # train_loop.py --real-step flags (model, size, batch, ...)
+    folds_args: tuple[str, ...]  # fold_stack.py flags
     demo_config: str
     demo_overrides: tuple[str, ...]
     limits: dict  # part -> seconds
@@ -95,9 +99,14 @@ def gpu_settings() -> Settings:
                    "--dtype", "bfloat16", "--steps", "100", "--log-every", "20",
                    "--num-images", "256", "--num-positives", "20", "--num-negatives", "4096",
                    "--queue-size", "585"),
+        folds_args=("--model", "densenet121", "--image-size", "224", "--batch-size", "64",
+                    "--folds", "5", "--dtype", "bfloat16", "--memory", "queue",
+                    "--num-items", "2929", "--num-positives", "20", "--num-negatives", "4096",
+                    "--steps", "5", "--rounds", "3"),
         demo_config="configs/demo.py", demo_overrides=("--config.train.epochs=1",),
         limits={"wheels": 60, "env": 60, "step_b64": 270, "loop": 130, "demo": 60,
-                "trainer": 200, "kernels": 200, "startup": 200, "step_b32": 200})
+                "trainer": 200, "kernels": 200, "startup": 200, "step_b32": 200,
+                "folds": 360})
 
 
 def tiny_settings() -> Settings:
@@ -114,13 +123,18 @@ def tiny_settings() -> Settings:
         loop_args=("--model", "densenet_tiny", "--image-size", "32", "--batch-size", "8",
                    "--dtype", "bfloat16", "--steps", "4", "--log-every", "2",
                    "--num-images", "64"),
+        folds_args=("--model", "densenet_tiny", "--image-size", "32", "--batch-size", "8",
+                    "--folds", "2", "--dtype", "bfloat16", "--memory", "queue",
+                    "--num-items", "64", "--num-positives", "2", "--num-negatives", "16",
+                    "--steps", "2", "--rounds", "1"),
         demo_config="configs/demo.py:tiny", demo_overrides=(),
         limits={"wheels": 60, "env": 60, "step_b64": 400, "loop": 300, "demo": 300,
-                "trainer": 300, "kernels": 400, "startup": 400, "step_b32": 400})
+                "trainer": 300, "kernels": 400, "startup": 400, "step_b32": 400,
+                "folds": 400})
 
 
 PARTS = ("wheels", "env", "step_b64", "loop", "demo", "trainer", "kernels", "startup",
-         "step_b32")
+         "step_b32", "folds")
 DEFAULT_PARTS = PARTS[:5]
 MIN_USEFUL_S = 20  # a part with less time left than this is skipped
 
@@ -490,6 +504,15 @@ def part_loop(ctx) -> dict:
     return result
 
 
+def part_folds(ctx) -> dict:
+    cmd = [ctx.args.python, "benchmarks/fold_stack.py", *ctx.settings.folds_args]
+    env = {**ctx.env, "JAX_COMPILATION_CACHE_DIR": ctx.cache}
+    log = ctx.log("folds")
+    result = run_part(cmd, log, ctx.limit("folds"), env=env)
+    result["figures"] = _result_line(log)
+    return result
+
+
 def part_kernels(ctx) -> dict:
     s = ctx.settings
     out_json = os.path.join(ctx.out, "kernels.json")
@@ -649,6 +672,13 @@ def summary_text(summary: dict) -> str:
                    f"{_f(loop.get('step_img_s'), 0, 1)} img/s, ratio {_f(loop['ratio'], 0, 3)}; "
                    f"host CPU {_f(loop.get('trainer_cpu_ms_per_image'), 0, 2)} ms per "
                    "trained image (trainer process, all threads)")
+    folds = parts.get("folds", {}).get("figures", {})
+    if "ratio" in folds:
+        out.append("")
+        out.append(f"folds side by side: {folds['folds']:.0f} folds "
+                   f"{_f(folds.get('stacked_img_s'), 0, 1)} img/s (all folds together), one "
+                   f"fold {_f(folds.get('one_img_s'), 0, 1)} img/s, ratio "
+                   f"{_f(folds['ratio'], 0, 2)}")
     start = parts.get("startup", {}).get("figures", {})
     if "cold_s" in start:
         out.append("")
@@ -690,6 +720,7 @@ def main(argv=None):
         "trainer": part_trainer, "demo": part_demo, "loop": part_loop,
         "kernels": part_kernels, "startup": part_startup,
         "step_b32": lambda c: part_step(c, "step_b32", settings.batches[1]),
+        "folds": part_folds,
     }
 
     def write():

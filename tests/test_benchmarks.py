@@ -251,8 +251,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                                                                                   "cpu"]
     assert parts["startup"]["figures"]["cold_s"] > 0
     assert 0 <= parts["demo"]["figures"]["summary"]["final"]["bacc"] <= 1
+    folds = parts["folds"]["figures"]
+    assert folds["folds"] == 2 and folds["one_img_s"] > 0 and folds["stacked_img_s"] > 0
     text = (out / "summary.txt").read_text()
     assert "step_b64: step benchmark" in text and "loop (one process" in text
+    assert "folds side by side: 2 folds" in text
 
 
 def test_the_step_benchmark_times_the_program_the_trainer_runs(monkeypatch):
