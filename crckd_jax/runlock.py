@@ -113,5 +113,6 @@ def _holder(fd: int) -> str:
 def _describe(fd: int, details: str = "") -> None:
     """Writes this process (host, pid, `details`) as the holder of the lock file `fd`."""
     text = f"host {socket.gethostname()} pid {os.getpid()}{' ' if details else ''}{details}\n"
-    os.pwrite(fd, text.encode(), 0)
-    os.ftruncate(fd, len(text.encode()))
+    data = text.encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))

@@ -99,7 +99,7 @@ def aggregate(summaries: dict[Unit, dict], folder: RunFolder) -> dict:
             row[view] = {k: mean_std([(s.get(view) or {}).get(k) for s in mine.values()])
                          for k in METRIC_KEYS}
         row["embedding"] = {k: mean_std([(s.get("embedding") or {}).get(k)
-                                      for s in mine.values()]) for k in SEPARATION_KEYS}
+                                         for s in mine.values()]) for k in SEPARATION_KEYS}
         rows[rung] = row
     return {"rungs": rungs, "seeds": sorted({u.seed for u in summaries}),
             "folds": sorted({u.fold for u in summaries}), "rows": rows}
