@@ -4,6 +4,7 @@
         [--memory bank|queue] [--dtype float32|bfloat16] [--kernels auto|cpu|standard]
         [--xla-options default|none] [--steps 3] [--rounds 3] [--warmup 2]
         [--compare-torch [--torch-python PATH] [--torch-amp] [--torch-channels-last]]
+        [--compare-authors REPO [--torch-python PATH]]
         [--variants 'KEY=VALUE,...;KEY=VALUE,...' [--schedule interleaved|sequential]]
         [--profile DIR] [--compilation-cache DIR] [--json FILE]
 
@@ -24,6 +25,11 @@ torch process warms up while JAX compiles, then the two are timed in interleaved
 (--steps JAX steps, then --steps torch steps, --rounds times), so that both see the same
 machine load; per-round ratios are printed as well.
 
+With --compare-authors REPO (a checkout of github.com/hathawayxxh/CRCKD), the authors' own
+training iteration joins the rounds the same way, on the same batches
+(`benchmarks/authors_iteration.py`: their `train_CRCKD.py` run unchanged on the CPU, its
+loop body timed) for every variant with the bank memory in float32 (their setting).
+
 Variants. --variants times several settings in one process, e.g.
 `--variants 'xla=default;xla=onednn'` (the XLA options of `crckd_jax.xla_options` against
 its oneDNN choice, the same step compiled twice) or
@@ -43,7 +49,8 @@ ones (for a dedicated accelerator). Torch partners are shared by variants with t
 batch and torch mode.
 
 The last line is `RESULT jax_img_s=<x>`, or with --compare-torch
-`RESULT jax_img_s=<x> torch_img_s=<y> ratio=<x/y>`; with several variants, one line
+`RESULT jax_img_s=<x> torch_img_s=<y> ratio=<x/y>`, with --compare-authors also
+`authors_img_s=<z> ratio_authors=<x/z>`; with several variants, one line
 `RESULT variant=<label> ...` per variant.
 """
 
@@ -124,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-channels-last", action="store_true",
                    help="torch side in channels_last memory format")
     p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--compare-authors", default=None, metavar="REPO",
+                   help="checkout of github.com/hathawayxxh/CRCKD: time the authors' own "
+                        "iteration too (bank float32 variants; in --torch-python)")
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
     return p.parse_args(argv)
 
@@ -448,6 +458,25 @@ def setup_jax(args, variant: Variant, train_labels, np_batches):
     return info, run, finish
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat, in clock ticks), None where there is
+    none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def stolen_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Share of the CPU time between two `cpu_times()` that the hypervisor gave to other
+    machines (steal: user nice system idle iowait irq softirq steal)."""
+    if not before or not after:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    return delta[7] / sum(delta) if sum(delta) > 0 else None
+
+
 def torch_python(args) -> str | None:
     if args.torch_python:
         return args.torch_python
@@ -460,9 +489,11 @@ def torch_python(args) -> str | None:
 
 
 class TorchServer:
-    """benchmarks/torch_reference.py --serve in a subprocess, fed the same batches."""
+    """benchmarks/torch_reference.py (or authors_iteration.py) --serve in a subprocess,
+    fed the same batches."""
 
-    def __init__(self, args, train_labels, np_batches, threads, python, amp: bool):
+    def __init__(self, args, train_labels, np_batches, threads, python, amp: bool,
+                 authors_repo: str | None = None):
         import numpy as np
 
         self.tmp = tempfile.TemporaryDirectory()
@@ -471,19 +502,22 @@ class TorchServer:
         for i, b in enumerate(np_batches):
             arrays.update({f"{k}_{i}": v for k, v in b.items() if k != "image"})
         np.savez(npz, **arrays)
-        cmd = [python, os.path.join(ROOT, "benchmarks", "torch_reference.py"),
-               "--inputs", npz, "--serve", "--model", args.model,
-               "--warmup", str(args.warmup),
-               "--num-positives", str(args.num_positives),
-               "--num-negatives", str(args.num_negatives),
-               "--embed-dim", str(args.embed_dim), "--seed", str(args.seed),
-               "--threads", str(threads)]
-        if amp:
-            cmd.append("--amp")
-        if args.torch_channels_last:
-            cmd.append("--channels-last")
-        if args.torch_device:
-            cmd += ["--device", args.torch_device]
+        common = ["--inputs", npz, "--serve", "--warmup", str(args.warmup),
+                  "--num-positives", str(args.num_positives),
+                  "--num-negatives", str(args.num_negatives), "--seed", str(args.seed),
+                  "--threads", str(threads)]
+        if authors_repo:
+            cmd = [python, os.path.join(ROOT, "benchmarks", "authors_iteration.py"),
+                   "--repo", authors_repo, *common]
+        else:
+            cmd = [python, os.path.join(ROOT, "benchmarks", "torch_reference.py"), *common,
+                   "--model", args.model, "--embed-dim", str(args.embed_dim)]
+            if amp:
+                cmd.append("--amp")
+            if args.torch_channels_last:
+                cmd.append("--channels-last")
+            if args.torch_device:
+                cmd += ["--device", args.torch_device]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.info = None
@@ -531,12 +565,13 @@ class Runner:
         self.args, self.variants, self.threads = args, variants, threads
         self.inputs = {}  # batch size -> (train labels, numpy batches)
         self.torch: dict[tuple[int, str], TorchServer] = {}
+        self.authors: dict[int, TorchServer] = {}  # batch size -> the authors' iteration
         self.jax: dict[Variant, tuple] = {}  # variant -> (run, finish)
         self.results: dict[Variant, dict] = {v: {"label": v.label,
                                                  "spec": dataclasses.asdict(v)}
                                              for v in variants}
         self.python = None
-        if any(v.torch != "off" for v in variants):
+        if any(v.torch != "off" for v in variants) or args.compare_authors:
             self.python = torch_python(args)
             if self.python is None:
                 print("torch comparison skipped: this interpreter cannot import torch and "
@@ -560,6 +595,22 @@ class Runner:
                                           self.python, amp=variant.torch == "amp")
         return self.torch[key]
 
+    def authors_partner(self, variant: Variant) -> TorchServer | None:
+        """The authors' iteration at the variant's batch size, for bank float32 variants
+        with --compare-authors (started on first use)."""
+        if (not self.args.compare_authors or self.python is None
+                or (variant.memory, variant.dtype) != ("bank", "float32")):
+            return None
+        if variant.batch_size not in self.authors:
+            labels, batches = self.batches(variant.batch_size)
+            self.authors[variant.batch_size] = TorchServer(
+                self.args, labels, batches, self.threads, self.python, amp=False,
+                authors_repo=self.args.compare_authors)
+        return self.authors[variant.batch_size]
+
+    def servers(self):
+        return [*self.torch.values(), *self.authors.values()]
+
     def setup(self, variant: Variant):
         if self.args.skip_jax:
             return
@@ -575,9 +626,9 @@ class Runner:
         """--rounds rounds: --steps steps of each variant, then of each torch partner."""
         partners = []
         for v in variants:
-            server = self.partner(v)
-            if server is not None and server not in partners:
-                partners.append(server)
+            for server in (self.partner(v), self.authors_partner(v)):
+                if server is not None and server not in partners:
+                    partners.append(server)
         for server in partners:
             info = server.ready()
             print(f"torch {info['device']} (torch {info['torch']}, {info['mode']}, batch "
@@ -591,18 +642,21 @@ class Runner:
                 torch_round[server] = server.run(self.args.steps)
             for v in variants:
                 jt = jax_round.get(v, [])
-                tt = torch_round.get(self.partner(v), [])
                 self.results[v].setdefault("jax_step_s", []).extend(jt)
-                self.results[v].setdefault("torch_step_s", []).extend(tt)
                 msg = f"round {r + 1}/{self.args.rounds} {v.label}:"
                 if jt:
                     msg += " jax " + " ".join(f"{t:.3f}" for t in jt) + " s"
-                if tt:
-                    msg += "  torch " + " ".join(f"{t:.3f}" for t in tt) + " s"
-                if jt and tt:
-                    ratio = statistics.median(tt) / statistics.median(jt)
-                    self.results[v].setdefault("round_ratios", []).append(ratio)
-                    msg += f"  ratio {ratio:.3f}"
+                for name, server in (("torch", self.partner(v)),
+                                     ("authors", self.authors_partner(v))):
+                    tt = torch_round.get(server, [])
+                    self.results[v].setdefault(f"{name}_step_s", []).extend(tt)
+                    if tt:
+                        msg += f"  {name} " + " ".join(f"{t:.3f}" for t in tt) + " s"
+                    if jt and tt:
+                        ratio = statistics.median(tt) / statistics.median(jt)
+                        key = "round_ratios" if name == "torch" else "round_ratios_authors"
+                        self.results[v].setdefault(key, []).append(ratio)
+                        msg += f"  ratio {ratio:.3f}"
                 print(msg, flush=True)
 
     def collect(self, variant: Variant, profile_dir=None):
@@ -632,22 +686,30 @@ class Runner:
             jr["profile"] = {"total_ms_per_step": total, "source": source,
                              "top_ops": [{"op": n, "ms_per_step": ms, "share": sh,
                                           "calls_per_step": c} for n, ms, sh, c in rows]}
-        server = self.partner(variant)
-        torch_times = res.pop("torch_step_s", [])
-        if server is not None and torch_times:
-            res["torch"] = server.result(torch_times, variant.batch_size)
-            tr = res["torch"]
-            print(f"torch {variant.label}: median {tr['median_step_s']:.3f} s = "
+        for name, server in (("torch", self.partner(variant)),
+                             ("authors", self.authors_partner(variant))):
+            times = res.pop(f"{name}_step_s", [])
+            if server is None or not times:
+                continue
+            res[name] = server.result(times, variant.batch_size)
+            tr = res[name]
+            print(f"{name} {variant.label}: median {tr['median_step_s']:.3f} s = "
                   f"{tr['img_s']:.2f} img/s, loss {tr['loss']:.4f}; host peak RSS "
                   f"{tr.get('host_peak_mb', float('nan')):.0f} MB, device peak "
                   f"{tr.get('device_peak_mb') or float('nan'):.0f} MB", flush=True)
             if "jax" in res and "img_s" in res["jax"]:
-                res["ratio"] = res["jax"]["img_s"] / tr["img_s"]
+                res["ratio" if name == "torch" else "ratio_authors"] = (
+                    res["jax"]["img_s"] / tr["img_s"])
 
     def close_partners(self, keep_keys=()):
-        """Ends the torch servers except those of `keep_keys` ((batch, torch) pairs)."""
+        """Ends the torch servers except those of `keep_keys` ((batch, torch) pairs; the
+        authors' iteration of a kept batch size stays up too)."""
         for key, server in self.torch.items():
             if key not in keep_keys:
+                server.finish()
+        kept_batches = {batch for batch, _ in keep_keys}
+        for batch, server in self.authors.items():
+            if batch not in kept_batches:
                 server.finish()
 
     def result_line(self, variant: Variant, single: bool) -> str:
@@ -659,12 +721,20 @@ class Runner:
             line += f" torch_img_s={res['torch']['img_s']:.3f}"
         if "ratio" in res:
             line += f" ratio={res['ratio']:.3f}"
+        if "authors" in res:
+            line += f" authors_img_s={res['authors']['img_s']:.3f}"
+        if "ratio_authors" in res:
+            line += f" ratio_authors={res['ratio_authors']:.3f}"
         return line
 
 
 def main(argv=None):
     args = parse_args(argv)
     variants = parse_variants(args)
+    if args.compare_authors and not os.path.isfile(
+            os.path.join(args.compare_authors, "train_CRCKD.py")):
+        raise SystemExit(f"error: --compare-authors {args.compare_authors}: no train_CRCKD.py "
+                         "there; expected a checkout of github.com/hathawayxxh/CRCKD")
     threads = args.threads or len(os.sched_getaffinity(0))
     # XLA compiler options are given per executable (setup_jax), so variants may differ;
     # XLA_FLAGS is left as the environment has it.
@@ -678,6 +748,7 @@ def main(argv=None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     load_before = os.getloadavg()
+    cpu_before = cpu_times()
     print(f"# {args.model} {args.image_size}px P={args.num_positives} K={args.num_negatives} "
           f"N={args.num_items} threads={threads} schedule={args.schedule}; variants: "
           + "; ".join(f"{v.label} torch={v.torch}" for v in variants), flush=True)
@@ -688,9 +759,10 @@ def main(argv=None):
         if not args.json:
             return
         result = {"args": vars(args), "loadavg": [load_before, os.getloadavg()],
+                  "stolen_share": stolen_share(cpu_before, cpu_times()),
                   "variants": [runner.results[v] for v in variants]}
         first = runner.results[variants[0]]
-        for key in ("jax", "torch", "ratio", "round_ratios"):
+        for key in ("jax", "torch", "ratio", "round_ratios", "authors", "ratio_authors"):
             if key in first:
                 result[key] = first[key]
         with open(args.json + ".tmp", "w") as f:
@@ -701,6 +773,7 @@ def main(argv=None):
         if args.schedule == "interleaved":
             for v in variants:
                 runner.partner(v)  # torch servers warm up while JAX compiles
+                runner.authors_partner(v)
             for v in variants:
                 runner.setup(v)
             runner.rounds(variants)
@@ -711,6 +784,7 @@ def main(argv=None):
             for i, v in enumerate(variants):
                 later = {(w.batch_size, w.torch) for w in variants[i + 1:]}
                 runner.partner(v)
+                runner.authors_partner(v)
                 runner.setup(v)
                 runner.rounds([v])
                 runner.close_partners(keep_keys=later)
@@ -718,7 +792,7 @@ def main(argv=None):
                 write_json()
                 print(runner.result_line(v, single), flush=True)
     finally:
-        for server in runner.torch.values():
+        for server in runner.servers():
             if server.proc.poll() is None:
                 server.proc.kill()
 
@@ -726,14 +800,25 @@ def main(argv=None):
     print(f"load average (1, 5, 15 min) before {load_before[0]:.1f} {load_before[1]:.1f} "
           f"{load_before[2]:.1f}, after {load_after[0]:.1f} {load_after[1]:.1f} "
           f"{load_after[2]:.1f} on {os.cpu_count()} cores", flush=True)
+    stolen = stolen_share(cpu_before, cpu_times())
+    if stolen is not None:
+        print(f"CPU time taken by the hypervisor for other machines (steal) during the run: "
+              f"{100 * stolen:.1f} %", flush=True)
+        if stolen > 0.05:
+            print("WARNING: the virtual machine lost over 5 % of its CPU time to steal; "
+                  "timings vary from step to step, trust medians over several rounds",
+                  flush=True)
     if max(load_before[0], load_after[0]) > threads + 0.5:
         print("WARNING: other processes loaded the machine during the run; CPU timings "
               "(torch's OpenMP pool above all) are then not representative", flush=True)
     for v in variants:
         res = runner.results[v]
-        if "ratio" in res:
-            print(f"{v.label}: ratio of medians {res['ratio']:.3f}; per-round ratios "
-                  + " ".join(f"{x:.3f}" for x in res.get("round_ratios", [])), flush=True)
+        for key, rounds, partner in (("ratio", "round_ratios", "torch"),
+                                     ("ratio_authors", "round_ratios_authors", "authors")):
+            if key in res:
+                print(f"{v.label}: ratio of medians against {partner} {res[key]:.3f}; "
+                      "per-round ratios " + " ".join(f"{x:.3f}" for x in res.get(rounds, [])),
+                      flush=True)
     if not single:
         base = runner.results[variants[0]].get("jax", {}).get("img_s")
         for v in variants[1:]:

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import authors_iteration  # noqa: E402
 import gpu_check  # noqa: E402
 import startup  # noqa: E402
 import step_time  # noqa: E402
@@ -70,6 +72,39 @@ def test_variants_default_to_the_flags_and_pair_torch_with_bank_only():
 def test_bad_variants_are_rejected(spec, message, capsys):
     with pytest.raises(SystemExit, match=message):
         step_time.parse_variants(step_time.parse_args(["--variants", spec]))
+
+
+def test_the_authors_comparison_needs_a_checkout_of_their_code(tmp_path):
+    with pytest.raises(SystemExit, match="no train_CRCKD.py there"):
+        step_time.main(["--compare-authors", str(tmp_path)])
+
+
+def test_the_authors_iteration_gets_contrast_indices_drawn_as_their_data_set_draws_them():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+    by_class = [np.flatnonzero(labels == c) for c in range(3)]
+    batch = np.array([0, 2, 1])
+    idx = authors_iteration.contrast_indices(batch, by_class, 2, 50,
+                                             np.random.default_rng(0))
+    assert idx.shape == (3, 52) and idx.dtype == np.int64
+    for y, row in zip(batch, idx):
+        positives, negatives = row[:2], row[2:]
+        assert len(set(positives)) == 2 and set(labels[positives]) == {y}
+        assert y not in set(labels[negatives])
+
+
+def test_the_share_of_cpu_time_stolen_by_the_hypervisor():
+    before = [100, 0, 50, 800, 10, 0, 0, 40]
+    after = [190, 0, 60, 900, 10, 0, 0, 90]  # 250 ticks, 50 of them stolen
+    assert step_time.stolen_share(before, after) == pytest.approx(0.2)
+    assert step_time.stolen_share(None, after) is None
+    assert step_time.stolen_share(before, before) is None
+
+
+def test_the_authors_data_set_reads_the_labels_from_split_csvs(tmp_path):
+    authors_iteration.write_split_csvs(str(tmp_path), np.array([2, 0, 4]), num_test=2)
+    train = (tmp_path / "split1_train.csv").read_text().splitlines()
+    assert train == ["id_code,diagnosis", "item00000,2", "item00001,0", "item00002,4"]
+    assert len((tmp_path / "split1_test.csv").read_text().splitlines()) == 3
 
 
 def _xspace(planes: str):
