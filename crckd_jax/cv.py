@@ -97,7 +97,8 @@ def run_units(units: dict, finish: Callable[[dict], dict], *, kind: str, outcome
         busy = {}
         while True:
             trained = False
-            for group, locks in _groups(units, summaries, busy, log, share):
+            for group, locks in _groups(units, summaries, busy, log, share,
+                                        allow_config_change):
                 try:
                     name = units[group[0]][0]
                     if stop.requested():
@@ -131,13 +132,17 @@ def run_units(units: dict, finish: Callable[[dict], dict], *, kind: str, outcome
 
 
 def _groups(units: dict, summaries: dict, busy: dict, log: Callable[[str], None],
-            share: bool):
+            share: bool, allow_config_change: bool):
     """The units left to train, in groups trained side by side, each with the locks of its
     units' folders (held; the caller releases them): consecutive units whose settings are
     equal but for the fold, up to `parallel.folds_side_by_side` of them. A unit whose
     summary.json exists is read into `summaries` instead; one whose folder another process
-    holds is put in `busy` {key: holder} (`share`) or raises WorkdirLocked."""
+    holds is put in `busy` {key: holder} (`share`) or raises WorkdirLocked. A finished or
+    held unit started with other settings (its config.json) raises ConfigChanged, or with
+    `allow_config_change` is taken as it is, with a warning: a summary is not reused, nor
+    another process's unit waited for, under settings it was not trained with."""
     group, locks, program, lock = [], [], None, None
+    checked = set(busy)  # the units held in the last pass, their settings checked then
     busy.clear()
     try:
         for key, (name, settings, unit_folder) in units.items():
@@ -147,12 +152,17 @@ def _groups(units: dict, summaries: dict, busy: dict, log: Callable[[str], None]
             if share:
                 holder = lock.try_acquire()
                 if holder is not None:
+                    if key not in checked:
+                        unit_folder.check_settings(settings, allow_config_change, log,
+                                                   going_on=f"leaving {name} to its holder")
                     busy[key] = holder
                     continue
             else:
                 lock.acquire()
             done = unit_folder.summary
             if os.path.exists(done):  # also one another process finished while we looked
+                unit_folder.check_settings(settings, allow_config_change, log,
+                                           going_on=f"reusing {name}")
                 lock.release()
                 log(f"{name}: done earlier ({done})")
                 with open(done) as f:

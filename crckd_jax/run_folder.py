@@ -122,15 +122,20 @@ class RunFolder:
 
     def check_resumable(self, settings: Settings, allow: bool,
                         log: Callable[[str], None]) -> None:
-        """ConfigChanged when the folder has checkpoints and either no config.json (nothing
-        to check the settings against) or one whose computation-changing keys (all but
-        RESUME_FREE_KEYS) differ from `settings`, listing each key with its old and new
-        value; with `allow`, a warning instead. Without config.json the config stored in
-        the newest readable checkpoint is the reference, with a warning."""
-        if not self.has_checkpoints():
-            return
+        """`check_settings` when the folder has checkpoints (a run to resume)."""
+        if self.has_checkpoints():
+            self.check_settings(settings, allow, log)
+
+    def check_settings(self, settings: Settings, allow: bool, log: Callable[[str], None],
+                       going_on: str = "resuming") -> None:
+        """ConfigChanged when the settings this folder's run was started with differ from
+        `settings` in computation-changing keys (all but RESUME_FREE_KEYS), listing each
+        key with its old and new value, or when the folder holds checkpoints but no config
+        to check against; with `allow`, a warning that says what goes on (`going_on`)
+        instead. The run's settings are config.json's or, without it, those stored in the
+        newest readable checkpoint, with a warning. A folder with neither passes."""
         old, source = self.read_config(), self.config_file
-        if old is None:
+        if old is None and self.has_checkpoints():
             from crckd_jax.checkpoint import saved_config  # orbax: only when needed
 
             stored = saved_config(self.checkpoints)
@@ -139,15 +144,17 @@ class RunFolder:
                 source = f"the config stored in checkpoint step {step}"
                 log(f"warning: {self.config_file} is missing; the settings are checked "
                     f"against {source}")
-        if old is None:
-            if not allow:
+            elif not allow:
                 raise ConfigChanged(
                     f"{self.root} holds checkpoints but no {CONFIG_FILE}, and none of them "
                     "has a readable stored config, so the settings cannot be checked against "
                     "the run's: put the run's config.json back, "
-                    "use a new --workdir, or pass --allow_config_change to resume with "
+                    "use a new --workdir, or pass --allow_config_change to go on with "
                     "these settings")
-            log(f"warning: resuming without the run's {CONFIG_FILE} (--allow_config_change)")
+            else:
+                log(f"warning: {going_on} without the run's {CONFIG_FILE} "
+                    "(--allow_config_change)")
+        if old is None:
             return
         before, after = flatten(old), flatten(settings.to_dict())
         changes = [(k, before.get(k, _ABSENT), after.get(k, _ABSENT))
@@ -157,7 +164,8 @@ class RunFolder:
             return
         listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
         if allow:
-            log(f"warning: resuming with a changed config (--allow_config_change): {listing}")
+            log(f"warning: {going_on} with a changed config (--allow_config_change): "
+                f"{listing}")
             return
         raise ConfigChanged(
             f"the config differs from the one this run was started with "

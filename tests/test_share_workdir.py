@@ -102,6 +102,52 @@ def test_a_unit_freed_during_the_pass_is_trained_in_a_second_pass(tmp_path, monk
     assert trained == [1, 0] and result["folds"] == [0, 1]
 
 
+def _started_elsewhere(folder: RunFolder, fold: int, settings, finished: bool) -> None:
+    """Fold `fold`'s folder as another run left it: its config.json, and its summary.json
+    when `finished`."""
+    unit = folder.fold(fold)
+    os.makedirs(unit.root, exist_ok=True)
+    unit.write_config(settings.with_fold(fold))
+    if finished:
+        unit.write_json("summary.json", {v: None for v in ("final", "mean_last_11",
+                                                           "best_val")})
+
+
+def test_a_unit_started_with_other_settings_is_neither_reused_nor_waited_for(
+        tmp_path, monkeypatch):
+    """Fold 0 finished and fold 1 held by a run started with another max_lr (their
+    config.json): the cv stops at fold 0, or with only fold 1 at fold 1, with ConfigChanged
+    naming the unit's config and the key, before training anything; with
+    allow_config_change, fold 0 is reused and fold 1 left to its holder, each with one
+    warning. A single process run again on the workdir stops the same way."""
+    trained, logs = [], []
+    monkeypatch.setattr(cv, "train_folds", fake_training(trained))
+    settings, folder = to_settings(tiny_config()), RunFolder(str(tmp_path))
+    config = tiny_config()
+    with config.unlocked():
+        config.optim.max_lr = 2 * settings.optim.max_lr
+    elsewhere = to_settings(config)
+    _started_elsewhere(folder, 1, elsewhere, finished=False)
+    with WorkdirLock(folder.fold(1).root, "train"):
+        with pytest.raises(errors.ConfigChanged,
+                           match=rf"\({folder.fold(1).config_file}\) in 1 key\(s\).*optim.max_lr"):
+            cv.run_cv(settings, folder, log=logs.append, share=True)
+        assert trained == []
+        _started_elsewhere(folder, 0, elsewhere, finished=True)
+        with pytest.raises(errors.ConfigChanged, match=rf"\({folder.fold(0).config_file}\)"):
+            cv.run_cv(settings, folder, log=logs.append, share=True)
+        assert trained == []
+        assert cv.run_cv(settings, folder, log=logs.append, share=True,
+                         allow_config_change=True) is None
+    assert trained == [2]
+    with pytest.raises(errors.ConfigChanged, match=rf"\({folder.fold(0).config_file}\)"):
+        cv.run_cv(settings, folder, log=logs.append)  # one process, run again: the same
+    warnings = [line for line in logs if line.startswith("warning:")]
+    assert [w.split(" (--allow")[0] for w in warnings] == [
+        "warning: reusing fold 0 with a changed config",
+        "warning: leaving fold 1 to its holder with a changed config"]
+
+
 def test_share_workdir_is_refused_outside_cv_and_table(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), "--config", "demo:tiny", "--workdir",

@@ -178,7 +178,8 @@ def test_units_are_grouped_by_rung_up_to_the_setting(tmp_path):
     pathlib.Path(units[done][2].summary).write_text('{"final": null}')
     summaries, busy, logs = {}, {}, []
     groups = []
-    for group, locks in cv._groups(units, summaries, busy, logs.append, share=False):
+    for group, locks in cv._groups(units, summaries, busy, logs.append, share=False,
+                                   allow_config_change=False):
         groups.append([(u.rung, u.fold) for u in group])
         assert [lock.path for lock in locks] == [
             os.path.join(units[u][2].root, "run.lock") for u in group]
