@@ -4,14 +4,16 @@ would launch on it per step, measured without the accelerator.
     python benchmarks/deviceless.py --target h200 [--program train_step,eval_step]
         [--model densenet121] [--image-size 224] [--batch-size 64] [--dtype bfloat16]
         [--memory bank] [--kernels auto|cpu|standard] [--folds K [--fold-axis-size G]]
-        [--hlo-dir DIR]
+        [--hlo-dir DIR] [--fusion-autotuner off|on]
 
 The program is the one the trainer runs: `crckd_jax.builder.build_run` (the call
 `Trainer.build` makes), compiled through its `DataParallel` for the target's devices.
 Targets `h100` and `h200` need the CUDA plugin (`pip install ".[cuda13]"`, about 4 GB of
 wheels; no GPU or driver): XLA compiles for the GPU described by the target's device info,
 without autotuning (kernel choices may differ somewhat from a real device; fusions and
-buffers are XLA's). `cpu` compiles for this machine (a check of the report itself).
+buffers are XLA's). XLA's fusion autotuner is off by default here (`--fusion-autotuner`):
+without a device it compiles every fusion's candidates and keeps XLA's defaults, so the
+program is the same instruction for instruction, compiled in half the time. `cpu` compiles for this machine (a check of the report itself).
 `--folds K` compiles the train step of K folds trained side by side as one program, as
 `parallel.folds_side_by_side=K` trains them (`Run.folds_train_step`: the step `jax.vmap`ped
 over states and class weights stacked on a leading fold axis and the K folds' batches);
@@ -115,6 +117,11 @@ def parse_args(argv=None):
                    help="with --folds: the folds split over this many groups of the devices "
                         "(parallel.fold_axis_size); --batch-size stays per chip and fold")
     p.add_argument("--hlo-dir", default=None, help="write each optimized program here")
+    p.add_argument("--fusion-autotuner", choices=("off", "on"), default="off",
+                   help="GPU targets: XLA's fusion autotuner (config-assigner), which "
+                        "without a device cannot measure and keeps XLA's defaults: the "
+                        "program is the same either way, 'on' compiles 2-3 minutes longer "
+                        "on 2 cores (docs/performance.md)")
     args = p.parse_args(argv)
     if args.folds < 1:
         p.error("--folds takes a positive count")
@@ -190,13 +197,21 @@ def lower(run, program: str, folds: int = 1):
     return run.folds_train_step.lower(state, (batch,) * folds, class_weight)
 
 
+def compiler_options(args, target: Target) -> dict:
+    """XLA options of the report's compiles: on GPU targets, the fusion autotuner as
+    --fusion-autotuner says (XLA's default: on)."""
+    if target.platform != "cuda" or args.fusion_autotuner == "on":
+        return {}
+    return {"xla_gpu_experimental_enable_fusion_autotuner": False}
+
+
 def report(args, target: Target, run, program: str) -> dict:
     """Compiles `program` and prints its kernels, bytes, collectives and RESULT line."""
     import hlo_report
 
     lowered = lower(run, program, args.folds if program == "train_step" else 1)
     start = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options(args, target))
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
     if args.hlo_dir:
@@ -276,7 +291,8 @@ def main(argv=None) -> list[dict]:
     print(f"{args.model}, {args.image_size} px, {args.batch_size} per chip x {len(devices)} "
           f"chips, {args.dtype}, {layers} layers, {args.memory} memory, "
           f"P = {args.num_positives}, K = {args.num_negatives}; for {target.name} "
-          f"{target.topology}", flush=True)
+          f"{target.topology}" + (f", fusion autotuner {args.fusion_autotuner}"
+                                  if target.platform == "cuda" else ""), flush=True)
     return [report(args, target, run, program) for program in args.programs]
 
 

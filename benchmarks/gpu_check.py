@@ -28,6 +28,10 @@ and, on request (--parts), after them:
   folds      benchmarks/fold_stack.py: 5 folds' train steps side by side (the program of
              `parallel.folds_side_by_side=5`) against one fold's, DenseNet-121, bfloat16,
              64 per fold, queue memory with P = 20, K = 4096; images/s of both
+  autotuner  step_time.py, the step_b64 bfloat16 row twice, each in its own process with
+             an empty compilation cache: with XLA's fusion autotuner (its default) and
+             without (--xla_gpu_experimental_enable_fusion_autotuner=false); compile
+             seconds and images/s of both
 
 On a fresh H200 the first compile of the DenseNet-121 step took over 150 s (XLA autotunes
 each convolution; the autotuning results go to the persistent cache, WORKDIR/jax_cache,
@@ -106,7 +110,7 @@ def gpu_settings() -> Settings:
         demo_config="configs/demo.py", demo_overrides=("--config.train.epochs=1",),
         limits={"wheels": 60, "env": 60, "step_b64": 270, "loop": 130, "demo": 60,
                 "trainer": 200, "kernels": 200, "startup": 200, "step_b32": 200,
-                "folds": 360})
+                "folds": 360, "autotuner": 480})
 
 
 def tiny_settings() -> Settings:
@@ -130,11 +134,11 @@ def tiny_settings() -> Settings:
         demo_config="configs/demo.py:tiny", demo_overrides=(),
         limits={"wheels": 60, "env": 60, "step_b64": 400, "loop": 300, "demo": 300,
                 "trainer": 300, "kernels": 400, "startup": 400, "step_b32": 400,
-                "folds": 400})
+                "folds": 400, "autotuner": 400})
 
 
 PARTS = ("wheels", "env", "step_b64", "loop", "demo", "trainer", "kernels", "startup",
-         "step_b32", "folds")
+         "step_b32", "folds", "autotuner")
 DEFAULT_PARTS = PARTS[:5]
 MIN_USEFUL_S = 20  # a part with less time left than this is skipped
 
@@ -513,6 +517,41 @@ def part_folds(ctx) -> dict:
     return result
 
 
+FUSION_AUTOTUNER_OFF = "--xla_gpu_experimental_enable_fusion_autotuner=false"
+
+
+def part_autotuner(ctx) -> dict:
+    """The step compiled with XLA's fusion autotuner and without, each in a fresh process
+    with an empty compilation cache (so that each compile autotunes as a first one does)."""
+    s = ctx.settings
+    variant = f"batch={s.batches[0]},dtype=bfloat16,memory=bank,augment=host,torch=off"
+    result = {"status": "ok", "seconds": 0.0, "figures": {}}
+    for setting, flag in (("on", ""), ("off", FUSION_AUTOTUNER_OFF)):
+        cache = os.path.join(ctx.work, f"jax_cache_autotuner_{setting}")
+        shutil.rmtree(cache, ignore_errors=True)
+        out_json = os.path.join(ctx.out, f"autotuner_{setting}.json")
+        env = {**ctx.env,
+               "XLA_FLAGS": " ".join(filter(None, (ctx.env.get("XLA_FLAGS"), flag)))}
+        cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
+               "--image-size", str(s.image_size), *s.step_args, "--variants", variant,
+               "--json", out_json, "--compilation-cache", cache]
+        limit = ctx.limit("autotuner") - result["seconds"]
+        if setting == "on":
+            limit /= 2
+        run = run_part(cmd, ctx.log(f"autotuner_{setting}"), limit, env=env)
+        result["seconds"] = round(result["seconds"] + run["seconds"], 1)
+        result["limit_s"] = round(ctx.settings.limits["autotuner"])
+        if run["status"] != "ok":
+            result.update(status=run["status"], note=f"fusion autotuner {setting}: see "
+                          f"autotuner_{setting}.log")
+            break
+        rows = step_figures(out_json, torch_available=False)["variants"]
+        if rows:
+            result["figures"][setting] = {"img_s": rows[0].get("jax_img_s"),
+                                          "compile_s": rows[0].get("jax_compile_s")}
+    return result
+
+
 def part_kernels(ctx) -> dict:
     s = ctx.settings
     out_json = os.path.join(ctx.out, "kernels.json")
@@ -679,6 +718,12 @@ def summary_text(summary: dict) -> str:
                    f"{_f(folds.get('stacked_img_s'), 0, 1)} img/s (all folds together), one "
                    f"fold {_f(folds.get('one_img_s'), 0, 1)} img/s, ratio "
                    f"{_f(folds['ratio'], 0, 2)}")
+    tuner = parts.get("autotuner", {}).get("figures", {})
+    if tuner:
+        out.append("")
+        out.append("fusion autotuner (fresh cache each): " + "; ".join(
+            f"{setting}: compile {_f(f.get('compile_s'), 0, 1)} s, "
+            f"{_f(f.get('img_s'), 0, 1)} img/s" for setting, f in tuner.items()))
     start = parts.get("startup", {}).get("figures", {})
     if "cold_s" in start:
         out.append("")
@@ -720,7 +765,7 @@ def main(argv=None):
         "trainer": part_trainer, "demo": part_demo, "loop": part_loop,
         "kernels": part_kernels, "startup": part_startup,
         "step_b32": lambda c: part_step(c, "step_b32", settings.batches[1]),
-        "folds": part_folds,
+        "folds": part_folds, "autotuner": part_autotuner,
     }
 
     def write():

@@ -288,9 +288,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert 0 <= parts["demo"]["figures"]["summary"]["final"]["bacc"] <= 1
     folds = parts["folds"]["figures"]
     assert folds["folds"] == 2 and folds["one_img_s"] > 0 and folds["stacked_img_s"] > 0
+    tuner = parts["autotuner"]["figures"]
+    assert set(tuner) == {"on", "off"}
+    assert all(f["img_s"] > 0 and f["compile_s"] > 0 for f in tuner.values())
     text = (out / "summary.txt").read_text()
     assert "step_b64: step benchmark" in text and "loop (one process" in text
     assert "folds side by side: 2 folds" in text
+    assert "fusion autotuner (fresh cache each): on: compile" in text
 
 
 def test_the_step_benchmark_times_the_program_the_trainer_runs(monkeypatch):
@@ -381,6 +385,19 @@ ENTRY %main (x: f32[64,128], y: f32[64,32]) -> f32[64,32] {
     assert stats.num_kernels == 1
     assert stats.hbm_bytes == (64 * 128 + 2 * 64 * 32) * 4
     assert stats.sliced_bytes == (64 * 32 + 2 * 64 * 32) * 4
+
+
+def test_deviceless_gpu_compiles_skip_the_fusion_autotuner_unless_asked():
+    """Without a device XLA's fusion autotuner only re-compiles candidates and keeps the
+    defaults (the same program); the report leaves it out on GPU targets unless asked."""
+    import deviceless
+
+    off = {"xla_gpu_experimental_enable_fusion_autotuner": False}
+    h200, cpu = deviceless.TARGETS["h200"], deviceless.TARGETS["cpu"]
+    assert deviceless.compiler_options(deviceless.parse_args([]), h200) == off
+    on = deviceless.parse_args(["--fusion-autotuner", "on"])
+    assert deviceless.compiler_options(on, h200) == {}
+    assert deviceless.compiler_options(deviceless.parse_args([]), cpu) == {}
 
 
 def test_deviceless_report_compiles_the_trainers_programs(capsys):
