@@ -13,7 +13,8 @@ wheels; no GPU or driver): XLA compiles for the GPU described by the target's de
 without autotuning (kernel choices may differ somewhat from a real device; fusions and
 buffers are XLA's). XLA's fusion autotuner is off by default here (`--fusion-autotuner`):
 without a device it compiles every fusion's candidates and keeps XLA's defaults, so the
-program is the same instruction for instruction, compiled in half the time. `cpu` compiles for this machine (a check of the report itself).
+program is the same instruction for instruction, compiled in half the time. `cpu` compiles
+for this machine (a check of the report itself).
 `--folds K` compiles the train step of K folds trained side by side as one program, as
 `parallel.folds_side_by_side=K` trains them (`Run.folds_train_step`: the step `jax.vmap`ped
 over states and class weights stacked on a leading fold axis and the K folds' batches);

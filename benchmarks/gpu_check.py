@@ -525,7 +525,8 @@ def part_autotuner(ctx) -> dict:
     with an empty compilation cache (so that each compile autotunes as a first one does)."""
     s = ctx.settings
     variant = f"batch={s.batches[0]},dtype=bfloat16,memory=bank,augment=host,torch=off"
-    result = {"status": "ok", "seconds": 0.0, "figures": {}}
+    result = {"status": "ok", "seconds": 0.0, "limit_s": round(s.limits["autotuner"]),
+              "figures": {}}
     for setting, flag in (("on", ""), ("off", FUSION_AUTOTUNER_OFF)):
         cache = os.path.join(ctx.work, f"jax_cache_autotuner_{setting}")
         shutil.rmtree(cache, ignore_errors=True)
@@ -540,7 +541,6 @@ def part_autotuner(ctx) -> dict:
             limit /= 2
         run = run_part(cmd, ctx.log(f"autotuner_{setting}"), limit, env=env)
         result["seconds"] = round(result["seconds"] + run["seconds"], 1)
-        result["limit_s"] = round(ctx.settings.limits["autotuner"])
         if run["status"] != "ok":
             result.update(status=run["status"], note=f"fusion autotuner {setting}: see "
                           f"autotuner_{setting}.log")

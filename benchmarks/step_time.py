@@ -488,6 +488,12 @@ def torch_python(args) -> str | None:
         return None
 
 
+# A partner's result keys: the JAX step's ratio to it (its img/s over the partner's) and
+# the per-round ratios.
+PARTNER_KEYS = {"torch": ("ratio", "round_ratios"),
+                "authors": ("ratio_authors", "round_ratios_authors")}
+
+
 class TorchServer:
     """benchmarks/torch_reference.py (or authors_iteration.py) --serve in a subprocess,
     fed the same batches."""
@@ -611,6 +617,10 @@ class Runner:
     def servers(self):
         return [*self.torch.values(), *self.authors.values()]
 
+    def named_partners(self, variant: Variant) -> list[tuple[str, TorchServer | None]]:
+        """The variant's partners by name (PARTNER_KEYS), None where it has none."""
+        return [("torch", self.partner(variant)), ("authors", self.authors_partner(variant))]
+
     def setup(self, variant: Variant):
         if self.args.skip_jax:
             return
@@ -626,7 +636,7 @@ class Runner:
         """--rounds rounds: --steps steps of each variant, then of each torch partner."""
         partners = []
         for v in variants:
-            for server in (self.partner(v), self.authors_partner(v)):
+            for _, server in self.named_partners(v):
                 if server is not None and server not in partners:
                     partners.append(server)
         for server in partners:
@@ -646,16 +656,15 @@ class Runner:
                 msg = f"round {r + 1}/{self.args.rounds} {v.label}:"
                 if jt:
                     msg += " jax " + " ".join(f"{t:.3f}" for t in jt) + " s"
-                for name, server in (("torch", self.partner(v)),
-                                     ("authors", self.authors_partner(v))):
+                for name, server in self.named_partners(v):
                     tt = torch_round.get(server, [])
                     self.results[v].setdefault(f"{name}_step_s", []).extend(tt)
                     if tt:
                         msg += f"  {name} " + " ".join(f"{t:.3f}" for t in tt) + " s"
                     if jt and tt:
                         ratio = statistics.median(tt) / statistics.median(jt)
-                        key = "round_ratios" if name == "torch" else "round_ratios_authors"
-                        self.results[v].setdefault(key, []).append(ratio)
+                        rounds_key = PARTNER_KEYS[name][1]
+                        self.results[v].setdefault(rounds_key, []).append(ratio)
                         msg += f"  ratio {ratio:.3f}"
                 print(msg, flush=True)
 
@@ -686,8 +695,7 @@ class Runner:
             jr["profile"] = {"total_ms_per_step": total, "source": source,
                              "top_ops": [{"op": n, "ms_per_step": ms, "share": sh,
                                           "calls_per_step": c} for n, ms, sh, c in rows]}
-        for name, server in (("torch", self.partner(variant)),
-                             ("authors", self.authors_partner(variant))):
+        for name, server in self.named_partners(variant):
             times = res.pop(f"{name}_step_s", [])
             if server is None or not times:
                 continue
@@ -698,8 +706,7 @@ class Runner:
                   f"{tr.get('host_peak_mb', float('nan')):.0f} MB, device peak "
                   f"{tr.get('device_peak_mb') or float('nan'):.0f} MB", flush=True)
             if "jax" in res and "img_s" in res["jax"]:
-                res["ratio" if name == "torch" else "ratio_authors"] = (
-                    res["jax"]["img_s"] / tr["img_s"])
+                res[PARTNER_KEYS[name][0]] = res["jax"]["img_s"] / tr["img_s"]
 
     def close_partners(self, keep_keys=()):
         """Ends the torch servers except those of `keep_keys` ((batch, torch) pairs; the
@@ -735,6 +742,9 @@ def main(argv=None):
             os.path.join(args.compare_authors, "train_CRCKD.py")):
         raise SystemExit(f"error: --compare-authors {args.compare_authors}: no train_CRCKD.py "
                          "there; expected a checkout of github.com/hathawayxxh/CRCKD")
+    if args.compare_authors and args.model != "densenet121":
+        raise SystemExit(f"error: --compare-authors times the authors' DenseNet-121; "
+                         f"--model {args.model} would compare another network")
     threads = args.threads or len(os.sched_getaffinity(0))
     # XLA compiler options are given per executable (setup_jax), so variants may differ;
     # XLA_FLAGS is left as the environment has it.
@@ -813,8 +823,7 @@ def main(argv=None):
               "(torch's OpenMP pool above all) are then not representative", flush=True)
     for v in variants:
         res = runner.results[v]
-        for key, rounds, partner in (("ratio", "round_ratios", "torch"),
-                                     ("ratio_authors", "round_ratios_authors", "authors")):
+        for partner, (key, rounds) in PARTNER_KEYS.items():
             if key in res:
                 print(f"{v.label}: ratio of medians against {partner} {res[key]:.3f}; "
                       "per-round ratios " + " ".join(f"{x:.3f}" for x in res.get(rounds, [])),

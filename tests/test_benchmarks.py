@@ -77,6 +77,9 @@ def test_bad_variants_are_rejected(spec, message, capsys):
 def test_the_authors_comparison_needs_a_checkout_of_their_code(tmp_path):
     with pytest.raises(SystemExit, match="no train_CRCKD.py there"):
         step_time.main(["--compare-authors", str(tmp_path)])
+    (tmp_path / "train_CRCKD.py").write_text("")
+    with pytest.raises(SystemExit, match="--model densenet_tiny would compare another"):
+        step_time.main(["--compare-authors", str(tmp_path), "--model", "densenet_tiny"])
 
 
 def test_the_authors_iteration_gets_contrast_indices_drawn_as_their_data_set_draws_them():
