@@ -23,7 +23,8 @@ over states and class weights stacked on a leading fold axis and the K folds' ba
 Per program: kernels per step by kind, bytes moved per step (XLA's cost analysis where it
 answers, else operands plus results of every kernel, an upper bound; the line says which),
 beside it the tighter estimate with the operands a fusion only slices counted as far as it
-reads them (`hlo_report`), temporaries, the floor time of the bytes at the target's memory
+reads them (`hlo_report`), kernels by phase (differentiated forward pass, backward pass, no
+gradient; by top-level module), temporaries, the floor time of the bytes at the target's memory
 bandwidth, the compile time. The last line per program: `RESULT target=<t> program=<p>
 folds=<k> kernels=<n> hbm_gib=<x> sliced_gib=<x> temp_gib=<y> floor_ms=<z> compile_s=<s>` (and more
 fields)
@@ -255,6 +256,8 @@ def report(args, target: Target, run, program: str) -> dict:
           + ")")
     for kind, count in stats.kernels.most_common(args.top):
         print(f"  {count:6d}  {kind}")
+    print("  by phase (op names): " + ", ".join(
+        f"{phase} {count}" for phase, count in stats.kernels_by_phase.most_common()))
     for kind, count in stats.collectives.items():
         print(f"  collective {kind}: {count} ops, "
               f"{stats.collective_bytes_by_kind[kind] / _GIB:.3f} GiB per chip")
@@ -265,7 +268,7 @@ def report(args, target: Target, run, program: str) -> dict:
               "allreduce_gib": allreduce / _GIB,
               "allgather_gib": stats.collective_bytes_by_kind.get("all-gather", 0) / _GIB,
               "tflop": flop / 1e12, "compute_ms": compute_ms, "floor_ms": floor_ms,
-              "compile_s": compile_s}
+              "compile_s": compile_s, "kernels_by_phase": dict(stats.kernels_by_phase)}
     print(f"RESULT target={args.target} program={program} folds={folds} compiled=1 "
           f"kernels={stats.num_kernels} hbm_gib={hbm / _GIB:.2f} "
           f"sliced_gib={stats.sliced_bytes / _GIB:.2f} temp_gib={temp / _GIB:.2f} "

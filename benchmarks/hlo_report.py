@@ -14,6 +14,10 @@ computation keeps through its elementwise ops and slices (a loop fusion computes
 those): DenseNet's backward pass sums, for every part of a dense
 block's concatenation, slices of each later layer's input gradient, which the upper bound
 counts in full once per part.
+Kernels are also counted by the part of the step they belong to (`phase`), read from the
+op name JAX records on each instruction: the differentiated forward pass (`jvp(...)`), the
+backward pass (`transpose(jvp(...))`) and the rest (no gradient: a forward pass whose
+gradient is not taken, the optimizer), each by the top-level Flax module the op is in.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+# The scope after `jit(<name>)/` in an op name: transpose(jvp(Module)), jvp(Module), Module.
+_SCOPE = re.compile(r'op_name="[^"/;]*/(transpose\()?(jvp\()?([A-Za-z_]\w*)?')
 
 
 def shape_bytes(shape: str) -> float:
@@ -54,13 +60,15 @@ def shape_bytes(shape: str) -> float:
 class ProgramStats:
     """kernels: launches by kind; hbm_bytes: operands + results of all kernels (upper bound);
     sliced_bytes: the same with a fusion's operands counted as far as its slices read them;
-    collectives: collective ops by kind; collective_bytes_by_kind: their results' bytes."""
+    collectives: collective ops by kind; collective_bytes_by_kind: their results' bytes;
+    kernels_by_phase: launches by `phase`."""
 
     kernels: collections.Counter
     hbm_bytes: float
     sliced_bytes: float
     collectives: collections.Counter
     collective_bytes_by_kind: collections.Counter
+    kernels_by_phase: collections.Counter
 
     @property
     def num_kernels(self) -> int:
@@ -96,6 +104,19 @@ def _kind(name: str, opcode: str, rest: str) -> str:
     if opcode == "fusion":
         return re.sub(r"(\.\d+|_\d+)+$", "", name)
     return opcode
+
+
+def phase(rest: str) -> str:
+    """The part of a differentiated program an instruction (the text after its opcode)
+    belongs to, from its op name: 'forward <Module>' (inside `jvp`), 'backward <Module>'
+    (inside `transpose(jvp(...))`) or 'no gradient <Module>'; the module is the top-level
+    Flax module the op is in, '-' for none (e.g. the optimizer's updates)."""
+    match = _SCOPE.search(rest)
+    if not match:
+        return "no gradient -"
+    transpose, jvp, scope = match.groups()
+    stage = "backward" if transpose else "forward" if jvp else "no gradient"
+    return f"{stage} {scope if scope and scope[0].isupper() else '-'}"
 
 
 # Ops that compute each output element from the same element of their operands (a loop
@@ -147,8 +168,9 @@ def _parameter_fractions(lines: list[str]) -> dict[int, float]:
 def program_stats(text: str) -> ProgramStats:
     """The kernels, bytes and collectives of one optimized HLO module (`compiled.as_text()`)."""
     computations = _computations(text)
-    kernels, collectives, collective_bytes = (collections.Counter(), collections.Counter(),
-                                              collections.Counter())
+    kernels, collectives, collective_bytes, phases = (
+        collections.Counter(), collections.Counter(), collections.Counter(),
+        collections.Counter())
     hbm = sliced = 0.0
     pending, seen = [computations["__entry__"][0]], set()
     while pending:
@@ -177,9 +199,10 @@ def program_stats(text: str) -> ProgramStats:
             operands = re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])
             sizes = [shape_bytes(shapes.get(o, "")) for o in operands]
             kernels[_kind(name, opcode, rest)] += 1
+            phases[phase(rest)] += 1
             hbm += shape_bytes(shape) + sum(sizes)
             fused = re.search(r"calls=%([\w.-]+)", rest) if opcode == "fusion" else None
             read = _parameter_fractions(computations.get(fused.group(1), [])) if fused else {}
             sliced += shape_bytes(shape) + sum(size * read.get(i, 1.0)
                                                for i, size in enumerate(sizes))
-    return ProgramStats(kernels, hbm, sliced, collectives, collective_bytes)
+    return ProgramStats(kernels, hbm, sliced, collectives, collective_bytes, phases)

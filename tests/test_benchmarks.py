@@ -363,6 +363,41 @@ def test_program_stats_count_kernels_in_loop_bodies_and_the_bytes_they_move():
     assert stats.sliced_bytes <= stats.hbm_bytes
 
 
+def test_kernels_are_counted_by_the_phase_of_the_step_they_belong_to():
+    """The differentiated forward pass, the backward pass, a forward pass without gradient
+    and the update outside any module are told apart by the op names JAX records."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import hlo_report
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(16)(jnp.sin(x)))
+
+    net = Net()
+    x = jnp.ones((8, 16))
+    params = net.init(jax.random.key(0), x)
+
+    def step(params, teacher, x):
+        target = net.apply(teacher, x)
+        loss = lambda p: jnp.sum((net.apply(p, x) - target) ** 2)
+        grads = jax.grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    text = jax.jit(step).lower(params, params, x).compile().as_text()
+    stats = hlo_report.program_stats(text)
+    assert sum(stats.kernels_by_phase.values()) == stats.num_kernels
+    for phase in ("forward Net", "backward Net", "no gradient Net", "no gradient -"):
+        assert stats.kernels_by_phase[phase] >= 1, stats.kernels_by_phase
+    assert hlo_report.phase('fusion(%a), metadata={op_name="jit(s)/transpose(jvp(Net))/x"}'
+                            ) == "backward Net"
+    assert hlo_report.phase('fusion(%a), metadata={op_name="jit(s)/jvp()/add"}') == "forward -"
+    assert hlo_report.phase("fusion(%a), kind=kLoop") == "no gradient -"
+
+
 def test_sliced_bytes_count_what_a_fusion_reads_of_an_operand_it_slices():
     """A fusion that scales an operand and keeps a quarter of it reads a quarter (the
     tighter estimate); the upper bound counts the whole operand."""
