@@ -32,6 +32,10 @@ and, on request (--parts), after them:
              an empty compilation cache: with XLA's fusion autotuner (its default) and
              without (--xla_gpu_experimental_enable_fusion_autotuner=false); compile
              seconds and images/s of both
+  kernel_time  step_time.py, the step_b64 bfloat16 row without XLA's command buffers
+             (--xla_gpu_enable_command_buffer=), profiled: every kernel is then its own
+             event, so the profile splits the device time per step by kernel kind (with
+             command buffers most of it is one CUDA-graph event); images/s without CUDA graphs
 
 On a fresh H200 the first compile of the DenseNet-121 step took over 150 s (XLA autotunes
 each convolution; the autotuning results go to the persistent cache, WORKDIR/jax_cache,
@@ -110,7 +114,7 @@ def gpu_settings() -> Settings:
         demo_config="configs/demo.py", demo_overrides=("--config.train.epochs=1",),
         limits={"wheels": 60, "env": 60, "step_b64": 270, "loop": 130, "demo": 60,
                 "trainer": 200, "kernels": 200, "startup": 200, "step_b32": 200,
-                "folds": 360, "autotuner": 480})
+                "folds": 360, "autotuner": 480, "kernel_time": 300})
 
 
 def tiny_settings() -> Settings:
@@ -134,11 +138,11 @@ def tiny_settings() -> Settings:
         demo_config="configs/demo.py:tiny", demo_overrides=(),
         limits={"wheels": 60, "env": 60, "step_b64": 400, "loop": 300, "demo": 300,
                 "trainer": 300, "kernels": 400, "startup": 400, "step_b32": 400,
-                "folds": 400, "autotuner": 400})
+                "folds": 400, "autotuner": 400, "kernel_time": 400})
 
 
 PARTS = ("wheels", "env", "step_b64", "loop", "demo", "trainer", "kernels", "startup",
-         "step_b32", "folds", "autotuner")
+         "step_b32", "folds", "autotuner", "kernel_time")
 DEFAULT_PARTS = PARTS[:5]
 MIN_USEFUL_S = 20  # a part with less time left than this is skipped
 
@@ -552,6 +556,26 @@ def part_autotuner(ctx) -> dict:
     return result
 
 
+COMMAND_BUFFERS_OFF = "--xla_gpu_enable_command_buffer="
+
+
+def part_kernel_time(ctx) -> dict:
+    """The step profiled without command buffers: device time per step by kernel kind."""
+    s = ctx.settings
+    out_json = os.path.join(ctx.out, "kernel_time.json")
+    trace = os.path.join(ctx.work, "trace_kernel_time")
+    shutil.rmtree(trace, ignore_errors=True)
+    variant = f"batch={s.batches[0]},dtype=bfloat16,memory=bank,augment=host,torch=off"
+    cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
+           "--image-size", str(s.image_size), *s.step_args, "--variants", variant,
+           "--profile", trace, "--json", out_json, "--compilation-cache", ctx.cache]
+    env = {**ctx.env, "XLA_FLAGS": " ".join(filter(None, (ctx.env.get("XLA_FLAGS"),
+                                                           COMMAND_BUFFERS_OFF)))}
+    result = run_part(cmd, ctx.log("kernel_time"), ctx.limit("kernel_time"), env=env)
+    result["figures"] = step_figures(out_json)
+    return result
+
+
 def part_kernels(ctx) -> dict:
     s = ctx.settings
     out_json = os.path.join(ctx.out, "kernels.json")
@@ -664,7 +688,7 @@ def summary_text(summary: dict) -> str:
         if env.get("import_errors"):
             out.append("import errors: " + "; ".join(env["import_errors"]))
         out.append(f"torch: {env.get('torch')}")
-    for name in ("step_b64", "kernels", "step_b32"):
+    for name in ("step_b64", "kernels", "step_b32", "kernel_time"):
         fig = parts.get(name, {}).get("figures", {})
         if not fig.get("variants"):
             continue
@@ -765,7 +789,7 @@ def main(argv=None):
         "trainer": part_trainer, "demo": part_demo, "loop": part_loop,
         "kernels": part_kernels, "startup": part_startup,
         "step_b32": lambda c: part_step(c, "step_b32", settings.batches[1]),
-        "folds": part_folds, "autotuner": part_autotuner,
+        "folds": part_folds, "autotuner": part_autotuner, "kernel_time": part_kernel_time,
     }
 
     def write():
