@@ -39,8 +39,8 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
-# The scope after `jit(<name>)/` in an op name: transpose(jvp(Module)), jvp(Module), Module.
-_SCOPE = re.compile(r'op_name="[^"/;]*/(transpose\()?(jvp\()?([A-Za-z_]\w*)?')
+# The first scope after `jit(<name>)/` in an op name, e.g. `vmap(transpose(jvp(Module)))`.
+_SCOPE = re.compile(r'op_name="[^"/;]*/([^"/;]*)')
 
 
 def shape_bytes(shape: str) -> float:
@@ -109,14 +109,15 @@ def _kind(name: str, opcode: str, rest: str) -> str:
 def phase(rest: str) -> str:
     """The part of a differentiated program an instruction (the text after its opcode)
     belongs to, from its op name: 'forward <Module>' (inside `jvp`), 'backward <Module>'
-    (inside `transpose(jvp(...))`) or 'no gradient <Module>'; the module is the top-level
-    Flax module the op is in, '-' for none (e.g. the optimizer's updates)."""
+    (inside `transpose(jvp(...))`) or 'no gradient <Module>', also under other
+    transformations such as `vmap`; the module is the top-level Flax module the op is in,
+    '-' for none (e.g. the optimizer's updates)."""
     match = _SCOPE.search(rest)
-    if not match:
-        return "no gradient -"
-    transpose, jvp, scope = match.groups()
-    stage = "backward" if transpose else "forward" if jvp else "no gradient"
-    return f"{stage} {scope if scope and scope[0].isupper() else '-'}"
+    scope = match.group(1) if match else ""
+    stage = ("backward" if "transpose(" in scope else "forward" if "jvp(" in scope
+             else "no gradient")
+    module = re.sub(r"^(\w+\()*", "", scope).rstrip(")")
+    return f"{stage} {module if module[:1].isupper() else '-'}"
 
 
 # Ops that compute each output element from the same element of their operands (a loop

@@ -395,6 +395,10 @@ def test_kernels_are_counted_by_the_phase_of_the_step_they_belong_to():
     assert hlo_report.phase('fusion(%a), metadata={op_name="jit(s)/transpose(jvp(Net))/x"}'
                             ) == "backward Net"
     assert hlo_report.phase('fusion(%a), metadata={op_name="jit(s)/jvp()/add"}') == "forward -"
+    assert hlo_report.phase('fusion(%a), metadata={op_name="jit(s)/vmap(transpose(jvp(Net)))/'
+                            'x"}') == "backward Net"
+    assert hlo_report.phase('fusion(%a), metadata={op_name="jit(s)/mul;jit(s)/shard_map"}'
+                            ) == "no gradient -"
     assert hlo_report.phase("fusion(%a), kind=kLoop") == "no gradient -"
 
 
