@@ -368,8 +368,19 @@ def probe_torch(ctx) -> str | None:
     return python if proc.returncode == 0 else None
 
 
-def part_step(ctx, name, batch) -> dict:
+def step_time_cmd(ctx, *args) -> list[str]:
+    """benchmarks/step_time.py with the check's model, image size and step counts."""
     s = ctx.settings
+    return [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
+            "--image-size", str(s.image_size), *s.step_args, *args]
+
+
+def with_xla_flag(env: dict, flag: str) -> dict:
+    """`env` with `flag` added to its XLA_FLAGS (none added for an empty flag)."""
+    return {**env, "XLA_FLAGS": " ".join(filter(None, (env.get("XLA_FLAGS"), flag)))}
+
+
+def part_step(ctx, name, batch) -> dict:
     if not ctx.torch_probed:
         ctx.torch_python, ctx.torch_probed = probe_torch(ctx), True
     out_json = os.path.join(ctx.out, f"{name}.json")
@@ -379,10 +390,9 @@ def part_step(ctx, name, batch) -> dict:
     if ctx.torch_python is None:  # no torch: the JAX rows only
         variants = variants.replace("torch=amp", "torch=off").replace("torch=float32",
                                                                          "torch=off")
-    cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
-           "--image-size", str(s.image_size), *s.step_args, "--schedule", "sequential",
-           "--memory", "bank", "--augment", "host", "--variants", variants, "--profile", trace, "--json", out_json,
-           "--compilation-cache", ctx.cache]
+    cmd = step_time_cmd(ctx, "--schedule", "sequential", "--memory", "bank", "--augment",
+                        "host", "--variants", variants, "--profile", trace, "--json", out_json,
+                        "--compilation-cache", ctx.cache)
     if ctx.torch_python:
         cmd += ["--torch-python", ctx.torch_python]
     env = dict(ctx.env)
@@ -524,26 +534,29 @@ def part_folds(ctx) -> dict:
 FUSION_AUTOTUNER_OFF = "--xla_gpu_experimental_enable_fusion_autotuner=false"
 
 
+def step_b64_bfloat16(s: Settings) -> str:
+    """The step_b64 part's bfloat16 row as a step_time.py variant, without torch."""
+    return f"batch={s.batches[0]},dtype=bfloat16,memory=bank,augment=host,torch=off"
+
+
 def part_autotuner(ctx) -> dict:
     """The step compiled with XLA's fusion autotuner and without, each in a fresh process
     with an empty compilation cache (so that each compile autotunes as a first one does)."""
     s = ctx.settings
-    variant = f"batch={s.batches[0]},dtype=bfloat16,memory=bank,augment=host,torch=off"
+    variant = step_b64_bfloat16(s)
     result = {"status": "ok", "seconds": 0.0, "limit_s": round(s.limits["autotuner"]),
               "figures": {}}
     for setting, flag in (("on", ""), ("off", FUSION_AUTOTUNER_OFF)):
         cache = os.path.join(ctx.work, f"jax_cache_autotuner_{setting}")
         shutil.rmtree(cache, ignore_errors=True)
         out_json = os.path.join(ctx.out, f"autotuner_{setting}.json")
-        env = {**ctx.env,
-               "XLA_FLAGS": " ".join(filter(None, (ctx.env.get("XLA_FLAGS"), flag)))}
-        cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
-               "--image-size", str(s.image_size), *s.step_args, "--variants", variant,
-               "--json", out_json, "--compilation-cache", cache]
+        cmd = step_time_cmd(ctx, "--variants", variant, "--json", out_json,
+                            "--compilation-cache", cache)
         limit = ctx.limit("autotuner") - result["seconds"]
         if setting == "on":
             limit /= 2
-        run = run_part(cmd, ctx.log(f"autotuner_{setting}"), limit, env=env)
+        run = run_part(cmd, ctx.log(f"autotuner_{setting}"), limit,
+                       env=with_xla_flag(ctx.env, flag))
         result["seconds"] = round(result["seconds"] + run["seconds"], 1)
         if run["status"] != "ok":
             result.update(status=run["status"], note=f"fusion autotuner {setting}: see "
@@ -561,17 +574,14 @@ COMMAND_BUFFERS_OFF = "--xla_gpu_enable_command_buffer="
 
 def part_kernel_time(ctx) -> dict:
     """The step profiled without command buffers: device time per step by kernel kind."""
-    s = ctx.settings
     out_json = os.path.join(ctx.out, "kernel_time.json")
     trace = os.path.join(ctx.work, "trace_kernel_time")
     shutil.rmtree(trace, ignore_errors=True)
-    variant = f"batch={s.batches[0]},dtype=bfloat16,memory=bank,augment=host,torch=off"
-    cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
-           "--image-size", str(s.image_size), *s.step_args, "--variants", variant,
-           "--profile", trace, "--json", out_json, "--compilation-cache", ctx.cache]
-    env = {**ctx.env, "XLA_FLAGS": " ".join(filter(None, (ctx.env.get("XLA_FLAGS"),
-                                                           COMMAND_BUFFERS_OFF)))}
-    result = run_part(cmd, ctx.log("kernel_time"), ctx.limit("kernel_time"), env=env)
+    variant = step_b64_bfloat16(ctx.settings)
+    cmd = step_time_cmd(ctx, "--variants", variant, "--profile", trace, "--json", out_json,
+                        "--compilation-cache", ctx.cache)
+    result = run_part(cmd, ctx.log("kernel_time"), ctx.limit("kernel_time"),
+                      env=with_xla_flag(ctx.env, COMMAND_BUFFERS_OFF))
     result["figures"] = step_figures(out_json)
     return result
 
@@ -582,9 +592,8 @@ def part_kernels(ctx) -> dict:
     batch = s.batches[0]
     variants = ";".join(f"batch={batch},dtype=bfloat16,memory=queue,augment=device,"
                         f"kernels={k},torch=off" for k in ("standard", "cpu"))
-    cmd = [ctx.args.python, "benchmarks/step_time.py", "--model", s.model,
-           "--image-size", str(s.image_size), *s.step_args, "--schedule", "interleaved",
-           "--variants", variants, "--json", out_json, "--compilation-cache", ctx.cache]
+    cmd = step_time_cmd(ctx, "--schedule", "interleaved", "--variants", variants,
+                        "--json", out_json, "--compilation-cache", ctx.cache)
     result = run_part(cmd, ctx.log("kernels"), ctx.limit("kernels"), env=ctx.env)
     result["figures"] = step_figures(out_json, torch_available=False)
     return result
